@@ -1,0 +1,198 @@
+"""Domain errors and their one mapping to google.rpc.Status.
+
+Domain code raises these (no grpc imports needed in domain modules); the server
+interceptor turns them into a status with an ErrorInfo (reason from
+mlmesh.common.v1.ErrorReason, domain `mlmesh.<area>`, metadata holding every
+variable in the message) plus BadRequest / RetryInfo / QuotaFailure details
+where they apply (AIP-193).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from mlmesh.common.v1 import errors_pb2
+
+Reason = errors_pb2.ErrorReason
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: its dotted path and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One exhausted quota: whose (subject) and what was exceeded."""
+
+    subject: str
+    description: str
+
+
+@dataclass
+class MlmeshError(Exception):
+    """Base of every error a service maps to a gRPC status.
+
+    ``metadata`` must hold every variable that appears in ``message``.
+    """
+
+    message: str
+    reason: int = Reason.ERROR_REASON_INTERNAL
+    metadata: dict[str, str] = field(default_factory=dict)
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+        self.metadata = {k: str(v) for k, v in self.metadata.items()}
+
+    def extra_details(self) -> list[object]:
+        return []
+
+
+class InvalidArgument(MlmeshError):
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None,
+                 **metadata: object) -> None:
+        super().__init__(message, Reason.ERROR_REASON_INVALID_ARGUMENT,
+                         {k: str(v) for k, v in metadata.items()}, grpc.StatusCode.INVALID_ARGUMENT)
+        self.violations = violations or []
+
+    @classmethod
+    def field(cls, field_path: str, description: str) -> InvalidArgument:
+        return cls(f"{field_path}: {description}", [FieldViolation(field_path, description)],
+                   field=field_path)
+
+    def extra_details(self) -> list[object]:
+        if not self.violations:
+            return []
+        return [error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in self.violations
+        ])]
+
+
+class NotFound(MlmeshError):
+    def __init__(self, resource_type: str, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"{resource_type} {name!r} not found",
+                         Reason.ERROR_REASON_NOT_FOUND,
+                         {"resource_type": resource_type, "name": name}, grpc.StatusCode.NOT_FOUND)
+
+
+class AlreadyExists(MlmeshError):
+    def __init__(self, resource_type: str, name: str) -> None:
+        super().__init__(f"{resource_type} {name!r} already exists",
+                         Reason.ERROR_REASON_ALREADY_EXISTS,
+                         {"resource_type": resource_type, "name": name},
+                         grpc.StatusCode.ALREADY_EXISTS)
+
+
+class FailedPrecondition(MlmeshError):
+    def __init__(self, message: str, **metadata: object) -> None:
+        super().__init__(message, Reason.ERROR_REASON_FAILED_PRECONDITION,
+                         {k: str(v) for k, v in metadata.items()},
+                         grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class Aborted(MlmeshError):
+    """A concurrent change or a cut-off stream: the caller may retry the whole call."""
+
+    def __init__(self, message: str, reason: int = Reason.ERROR_REASON_CONCURRENT_MODIFICATION,
+                 **metadata: object) -> None:
+        super().__init__(message, reason, {k: str(v) for k, v in metadata.items()},
+                         grpc.StatusCode.ABORTED)
+
+
+class DataLoss(MlmeshError):
+    def __init__(self, message: str, reason: int = Reason.ERROR_REASON_CHECKSUM_MISMATCH,
+                 **metadata: object) -> None:
+        super().__init__(message, reason, {k: str(v) for k, v in metadata.items()},
+                         grpc.StatusCode.DATA_LOSS)
+
+
+class Unavailable(MlmeshError):
+    """A dependency is down; RetryInfo tells the caller when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, **metadata: object) -> None:
+        super().__init__(message, Reason.ERROR_REASON_BACKEND_UNAVAILABLE,
+                         {k: str(v) for k, v in metadata.items()}, grpc.StatusCode.UNAVAILABLE)
+        self.retry_after_s = retry_after_s
+
+    def extra_details(self) -> list[object]:
+        return [_retry_info(self.retry_after_s)]
+
+
+class ResourceExhausted(MlmeshError):
+    def __init__(self, message: str, violations: list[QuotaViolation], retry_after_s: float,
+                 **metadata: object) -> None:
+        super().__init__(message, Reason.ERROR_REASON_QUOTA_EXCEEDED,
+                         {k: str(v) for k, v in metadata.items()},
+                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.violations = violations
+        self.retry_after_s = retry_after_s
+
+    def extra_details(self) -> list[object]:
+        quota = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+            for v in self.violations
+        ])
+        return [quota, _retry_info(self.retry_after_s)]
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def to_status(error: MlmeshError, domain: str) -> grpc.Status:
+    """Builds the grpc.Status (with grpc-status-details-bin) for a domain error."""
+    info = error_details_pb2.ErrorInfo(
+        reason=Reason.Name(error.reason).removeprefix("ERROR_REASON_"),
+        domain=domain,
+        metadata=error.metadata,
+    )
+    details = []
+    for message in [info, *error.extra_details()]:
+        packed = any_pb2.Any()
+        packed.Pack(message)  # type: ignore[arg-type]
+        details.append(packed)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message,
+                               details=details)
+    return rpc_status.to_status(status)
+
+
+@dataclass
+class ErrorDetails:
+    """What a client can read from a failed call's status (for tests and SDK)."""
+
+    code: grpc.StatusCode
+    message: str
+    error_info: error_details_pb2.ErrorInfo | None = None
+    bad_request: error_details_pb2.BadRequest | None = None
+    retry_info: error_details_pb2.RetryInfo | None = None
+    quota_failure: error_details_pb2.QuotaFailure | None = None
+
+
+def details_of(error: grpc.RpcError) -> ErrorDetails:
+    """Unpacks the google.rpc details of a failed call."""
+    result = ErrorDetails(code=error.code(), message=error.details() or "")  # type: ignore[attr-defined]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return result
+    for packed in status.details:
+        for attr, cls in (("error_info", error_details_pb2.ErrorInfo),
+                          ("bad_request", error_details_pb2.BadRequest),
+                          ("retry_info", error_details_pb2.RetryInfo),
+                          ("quota_failure", error_details_pb2.QuotaFailure)):
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                setattr(result, attr, message)
+    return result

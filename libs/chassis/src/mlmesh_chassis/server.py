@@ -1,0 +1,117 @@
+"""Server bootstrap: the one start-up and shutdown sequence of every service.
+
+config -> clients -> grpc.aio.server(interceptors) -> servicers + health (every
+full service name and "") + reflection -> bind (port 0 allowed) -> start ->
+SERVING. SIGTERM/SIGINT: NOT_SERVING (Envoy's health checks drain us) -> a
+short drain -> server.stop(grace) -> close clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from mlmesh_chassis.config import ServiceSettings
+from mlmesh_chassis.interceptors import ServerInterceptor
+from mlmesh_chassis.logs import configure_logging
+from mlmesh_chassis.metrics import start_metrics_server
+from mlmesh_chassis.tracing import configure_tracing
+
+log = logging.getLogger("mlmesh.server")
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class ServiceHost:
+    """A started server: its ports, health servicer and shutdown hooks."""
+
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+    metrics_port: int | None
+    service_names: Sequence[str]
+    settings: ServiceSettings
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING, drain, stop with grace, then close clients."""
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.drain_seconds)
+        await self.server.stop(self.settings.grace_seconds)
+        for close in reversed(self.on_close):
+            with contextlib.suppress(Exception):
+                await close()
+        log.info("stopped")
+
+
+Register = Callable[[grpc.aio.Server], Sequence[str]]
+
+
+async def start_service(settings: ServiceSettings, register: Register, *,
+                        error_domain: str, serving: bool = True) -> ServiceHost:
+    """Builds, binds and starts a server; ``register`` adds servicers and
+    returns their full service names. ``serving=False`` leaves health at
+    NOT_SERVING (for a service that must load something first)."""
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(settings.service_name, error_domain)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)],
+    )
+    names = list(register(server))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    metrics_port = (start_metrics_server(settings.host, settings.metrics_port)
+                    if settings.metrics_port >= 0 else None)
+    await server.start()
+    host = ServiceHost(server, health, port, metrics_port, names, settings)
+    await host.set_serving(serving)
+    if settings.port_file:
+        tmp = settings.port_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port,
+                                   "pid": os.getpid()}))
+        tmp.replace(settings.port_file)
+    log.info("serving", extra={"port": port, "metrics_port": metrics_port,
+                               "services": names})
+    return host
+
+
+async def run_until_signalled(host: ServiceHost) -> None:
+    """Waits for SIGTERM/SIGINT, then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received; draining")
+    await host.shutdown()
+
+
+def bootstrap(settings: ServiceSettings) -> None:
+    """Logging and tracing for a service process (call first in main)."""
+    configure_logging(settings.service_name, settings.log_level)
+    configure_tracing(settings.service_name, settings.otel_exporter)
+    log.info("starting", extra={"settings": settings.public_dict()})
