@@ -15,7 +15,6 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from mlmesh.common.v1 import errors_pb2
 
 Reason = errors_pb2.ErrorReason
@@ -58,70 +57,103 @@ class MlmeshError(Exception):
 
 
 class InvalidArgument(MlmeshError):
-    def __init__(self, message: str, violations: list[FieldViolation] | None = None,
-                 **metadata: object) -> None:
-        super().__init__(message, Reason.ERROR_REASON_INVALID_ARGUMENT,
-                         {k: str(v) for k, v in metadata.items()}, grpc.StatusCode.INVALID_ARGUMENT)
+    def __init__(
+        self, message: str, violations: list[FieldViolation] | None = None, **metadata: object
+    ) -> None:
+        super().__init__(
+            message,
+            Reason.ERROR_REASON_INVALID_ARGUMENT,
+            {k: str(v) for k, v in metadata.items()},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
         self.violations = violations or []
 
     @classmethod
     def field(cls, field_path: str, description: str) -> InvalidArgument:
-        return cls(f"{field_path}: {description}", [FieldViolation(field_path, description)],
-                   field=field_path)
+        return cls(
+            f"{field_path}: {description}",
+            [FieldViolation(field_path, description)],
+            field=field_path,
+        )
 
     def extra_details(self) -> list[object]:
         if not self.violations:
             return []
-        return [error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in self.violations
-        ])]
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
 
 
 class NotFound(MlmeshError):
     def __init__(self, resource_type: str, name: str, message: str | None = None) -> None:
-        super().__init__(message or f"{resource_type} {name!r} not found",
-                         Reason.ERROR_REASON_NOT_FOUND,
-                         {"resource_type": resource_type, "name": name}, grpc.StatusCode.NOT_FOUND)
+        super().__init__(
+            message or f"{resource_type} {name!r} not found",
+            Reason.ERROR_REASON_NOT_FOUND,
+            {"resource_type": resource_type, "name": name},
+            grpc.StatusCode.NOT_FOUND,
+        )
 
 
 class AlreadyExists(MlmeshError):
     def __init__(self, resource_type: str, name: str) -> None:
-        super().__init__(f"{resource_type} {name!r} already exists",
-                         Reason.ERROR_REASON_ALREADY_EXISTS,
-                         {"resource_type": resource_type, "name": name},
-                         grpc.StatusCode.ALREADY_EXISTS)
+        super().__init__(
+            f"{resource_type} {name!r} already exists",
+            Reason.ERROR_REASON_ALREADY_EXISTS,
+            {"resource_type": resource_type, "name": name},
+            grpc.StatusCode.ALREADY_EXISTS,
+        )
 
 
 class FailedPrecondition(MlmeshError):
     def __init__(self, message: str, **metadata: object) -> None:
-        super().__init__(message, Reason.ERROR_REASON_FAILED_PRECONDITION,
-                         {k: str(v) for k, v in metadata.items()},
-                         grpc.StatusCode.FAILED_PRECONDITION)
+        super().__init__(
+            message,
+            Reason.ERROR_REASON_FAILED_PRECONDITION,
+            {k: str(v) for k, v in metadata.items()},
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
 
 
 class Aborted(MlmeshError):
     """A concurrent change or a cut-off stream: the caller may retry the whole call."""
 
-    def __init__(self, message: str, reason: int = Reason.ERROR_REASON_CONCURRENT_MODIFICATION,
-                 **metadata: object) -> None:
-        super().__init__(message, reason, {k: str(v) for k, v in metadata.items()},
-                         grpc.StatusCode.ABORTED)
+    def __init__(
+        self,
+        message: str,
+        reason: int = Reason.ERROR_REASON_CONCURRENT_MODIFICATION,
+        **metadata: object,
+    ) -> None:
+        super().__init__(
+            message, reason, {k: str(v) for k, v in metadata.items()}, grpc.StatusCode.ABORTED
+        )
 
 
 class DataLoss(MlmeshError):
-    def __init__(self, message: str, reason: int = Reason.ERROR_REASON_CHECKSUM_MISMATCH,
-                 **metadata: object) -> None:
-        super().__init__(message, reason, {k: str(v) for k, v in metadata.items()},
-                         grpc.StatusCode.DATA_LOSS)
+    def __init__(
+        self, message: str, reason: int = Reason.ERROR_REASON_CHECKSUM_MISMATCH, **metadata: object
+    ) -> None:
+        super().__init__(
+            message, reason, {k: str(v) for k, v in metadata.items()}, grpc.StatusCode.DATA_LOSS
+        )
 
 
 class Unavailable(MlmeshError):
     """A dependency is down; RetryInfo tells the caller when to try again."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0, **metadata: object) -> None:
-        super().__init__(message, Reason.ERROR_REASON_BACKEND_UNAVAILABLE,
-                         {k: str(v) for k, v in metadata.items()}, grpc.StatusCode.UNAVAILABLE)
+        super().__init__(
+            message,
+            Reason.ERROR_REASON_BACKEND_UNAVAILABLE,
+            {k: str(v) for k, v in metadata.items()},
+            grpc.StatusCode.UNAVAILABLE,
+        )
         self.retry_after_s = retry_after_s
 
     def extra_details(self) -> list[object]:
@@ -129,19 +161,31 @@ class Unavailable(MlmeshError):
 
 
 class ResourceExhausted(MlmeshError):
-    def __init__(self, message: str, violations: list[QuotaViolation], retry_after_s: float,
-                 **metadata: object) -> None:
-        super().__init__(message, Reason.ERROR_REASON_QUOTA_EXCEEDED,
-                         {k: str(v) for k, v in metadata.items()},
-                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+    def __init__(
+        self,
+        message: str,
+        violations: list[QuotaViolation],
+        retry_after_s: float,
+        **metadata: object,
+    ) -> None:
+        super().__init__(
+            message,
+            Reason.ERROR_REASON_QUOTA_EXCEEDED,
+            {k: str(v) for k, v in metadata.items()},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
         self.violations = violations
         self.retry_after_s = retry_after_s
 
     def extra_details(self) -> list[object]:
-        quota = error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
-            for v in self.violations
-        ])
+        quota = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=v.subject, description=v.description
+                )
+                for v in self.violations
+            ]
+        )
         return [quota, _retry_info(self.retry_after_s)]
 
 
@@ -163,8 +207,9 @@ def to_status(error: MlmeshError, domain: str) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(message)  # type: ignore[arg-type]
         details.append(packed)
-    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message,
-                               details=details)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+    )
     return rpc_status.to_status(status)
 
 
@@ -187,10 +232,12 @@ def details_of(error: grpc.RpcError) -> ErrorDetails:
     if status is None:
         return result
     for packed in status.details:
-        for attr, cls in (("error_info", error_details_pb2.ErrorInfo),
-                          ("bad_request", error_details_pb2.BadRequest),
-                          ("retry_info", error_details_pb2.RetryInfo),
-                          ("quota_failure", error_details_pb2.QuotaFailure)):
+        for attr, cls in (
+            ("error_info", error_details_pb2.ErrorInfo),
+            ("bad_request", error_details_pb2.BadRequest),
+            ("retry_info", error_details_pb2.RetryInfo),
+            ("quota_failure", error_details_pb2.QuotaFailure),
+        ):
             if packed.Is(cls.DESCRIPTOR):
                 message = cls()
                 packed.Unpack(message)

@@ -45,16 +45,21 @@ class _CallScope:
         self.method = method
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
-        carrier = {k: v for k, v in (context.invocation_metadata() or ())
-                   if isinstance(v, str)}
+        carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         request_id = carrier.get(REQUEST_ID_HEADER) or new_request_id()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         parent = propagate.extract(carrier)
         self.span = _tracer.start_span(
-            method, context=parent, kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": method.rsplit("/", 2)[-2],
-                        "rpc.method": method.rsplit("/", 1)[-1], "mlmesh.request_id": request_id},
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": method.rsplit("/", 2)[-2],
+                "rpc.method": method.rsplit("/", 1)[-1],
+                "mlmesh.request_id": request_id,
+            },
         )
         self.tokens = (
             request_id_var.set(request_id),
@@ -63,16 +68,19 @@ class _CallScope:
         )
         metrics.RPC_IN_FLIGHT.labels(service).inc()
 
-    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext,
-                   domain: str) -> None:
+    async def fail(
+        self, error: BaseException, context: grpc.aio.ServicerContext, domain: str
+    ) -> None:
         """Maps an exception to a status and aborts the call (always raises)."""
         if isinstance(error, MlmeshError):
             mapped = error
         else:
             log.exception("unhandled error in %s", self.method)
-            mapped = MlmeshError("internal error; see the server log for this request id",
-                                 Reason.ERROR_REASON_INTERNAL,
-                                 {"request_id": request_id_var.get()})
+            mapped = MlmeshError(
+                "internal error; see the server log for this request id",
+                Reason.ERROR_REASON_INTERNAL,
+                {"request_id": request_id_var.get()},
+            )
         status = to_status(mapped, domain)
         self.code = status.code
         if mapped.code is not grpc.StatusCode.INTERNAL:
@@ -118,8 +126,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, self.service, method, self.domain)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
-          domain: str) -> grpc.RpcMethodHandler:
+def _wrap(
+    handler: grpc.RpcMethodHandler, service: str, method: str, domain: str
+) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
@@ -139,14 +148,22 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
             finally:
                 scope.close(error)
 
-        factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                   else grpc.stream_unary_rpc_method_handler)
-        return factory(unary_response, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
-    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_response(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         scope = _CallScope(service, method, context)
         error: BaseException | None = None
         try:
@@ -163,10 +180,16 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
         finally:
             scope.close(error)
 
-    factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-               else grpc.stream_stream_rpc_method_handler)
-    return factory(stream_response, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(
+        stream_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
@@ -182,8 +205,9 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
     left = remaining_time()
     if left is not None:
         timeout = left if timeout is None else min(timeout, left)
-    return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials,
-                                      details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
 
 class _ClientInterceptor:
@@ -218,5 +242,9 @@ class StreamStreamPropagator(_ClientInterceptor, grpc.aio.StreamStreamClientInte
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Interceptors for every channel a service opens to a peer."""
-    return [UnaryUnaryPropagator(), UnaryStreamPropagator(), StreamUnaryPropagator(),
-            StreamStreamPropagator()]
+    return [
+        UnaryUnaryPropagator(),
+        UnaryStreamPropagator(),
+        StreamUnaryPropagator(),
+        StreamStreamPropagator(),
+    ]

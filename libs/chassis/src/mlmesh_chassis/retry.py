@@ -47,9 +47,14 @@ class _Wait:
         return float(self.backoff(state))
 
 
-async def call_idempotent(fn: Callable[[], Awaitable[T]], *, attempts: int = 4,
-                          initial_backoff: float = 0.05, max_backoff: float = 2.0,
-                          budget_s: float = 10.0) -> T:
+async def call_idempotent(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 4,
+    initial_backoff: float = 0.05,
+    max_backoff: float = 2.0,
+    budget_s: float = 10.0,
+) -> T:
     """Runs ``fn`` (an idempotent call) with the retry policy."""
     left = remaining_time()
     if left is not None:

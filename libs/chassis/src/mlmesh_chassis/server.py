@@ -45,8 +45,11 @@ class ServiceHost:
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -64,38 +67,47 @@ class ServiceHost:
 Register = Callable[[grpc.aio.Server], Sequence[str]]
 
 
-async def start_service(settings: ServiceSettings, register: Register, *,
-                        error_domain: str, serving: bool = True) -> ServiceHost:
+async def start_service(
+    settings: ServiceSettings, register: Register, *, error_domain: str, serving: bool = True
+) -> ServiceHost:
     """Builds, binds and starts a server; ``register`` adds servicers and
     returns their full service names. ``serving=False`` leaves health at
     NOT_SERVING (for a service that must load something first)."""
     server = grpc.aio.server(
         interceptors=[ServerInterceptor(settings.service_name, error_domain)],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     names = list(register(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
-    metrics_port = (start_metrics_server(settings.host, settings.metrics_port)
-                    if settings.metrics_port >= 0 else None)
+    metrics_port = (
+        start_metrics_server(settings.host, settings.metrics_port)
+        if settings.metrics_port >= 0
+        else None
+    )
     await server.start()
     host = ServiceHost(server, health, port, metrics_port, names, settings)
     await host.set_serving(serving)
     if settings.port_file:
         tmp = settings.port_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port,
-                                   "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
         tmp.replace(settings.port_file)
-    log.info("serving", extra={"port": port, "metrics_port": metrics_port,
-                               "services": names})
+    log.info("serving", extra={"port": port, "metrics_port": metrics_port, "services": names})
     return host
 
 

@@ -13,6 +13,8 @@ async def expect_error(awaitable, code: grpc.StatusCode) -> ErrorDetails:  # typ
         await awaitable
     except grpc.RpcError as exc:
         details = details_of(exc)
-        assert details.code == code, f"expected {code.name}, got {details.code.name}: {details.message}"
+        assert details.code == code, (
+            f"expected {code.name}, got {details.code.name}: {details.message}"
+        )
         return details
     raise AssertionError(f"expected {code.name}, but the call succeeded")

@@ -12,8 +12,9 @@ from opentelemetry.sdk.trace.export import (
 )
 
 
-def configure_tracing(service: str, exporter: str = "",
-                      extra_exporter: SpanExporter | None = None) -> TracerProvider:
+def configure_tracing(
+    service: str, exporter: str = "", extra_exporter: SpanExporter | None = None
+) -> TracerProvider:
     """Installs a tracer provider once per process.
 
     ``exporter``: "" keeps spans in-process (ids still flow into logs and to

@@ -1,0 +1,55 @@
+"""`mlmesh-run`: start the local mesh, print the address, stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from mlmesh_runner.supervisor import Mesh
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mlmesh-run", description=__doc__)
+    parser.add_argument("--state-dir", type=Path, default=Path(".mlmesh"),
+                        help="databases, artifacts, logs (default .mlmesh)")
+    parser.add_argument("--port", type=int, default=8080, help="Envoy listener (0: any)")
+    parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin (0: any)")
+    parser.add_argument("--host", default="127.0.0.1", help="Envoy listener address")
+    parser.add_argument("--envoy-concurrency", type=int, default=1)
+    parser.add_argument("--otlp", default="", help="OTLP collector host:port for Envoy traces")
+    return parser.parse_args()
+
+
+async def _run(args: argparse.Namespace) -> None:
+    otlp = None
+    if args.otlp:
+        host, port = args.otlp.rsplit(":", 1)
+        otlp = (host, int(port))
+    mesh = Mesh(args.state_dir, listen_port=args.port, admin_port=args.admin_port,
+                listen_host=args.host, envoy_concurrency=args.envoy_concurrency,
+                otlp_endpoint=otlp)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await mesh.start()
+        print(f"\nmlmesh is up: gRPC at {mesh.address} (Envoy admin http://{mesh.admin_address})",
+              flush=True)
+        print(f"try: grpcurl -plaintext {mesh.address} list", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        await stop.wait()
+    finally:
+        await mesh.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s runner %(message)s")
+    asyncio.run(_run(_parse()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""A small process supervisor for the local mesh.
+
+Starts every catalog service (port 0, ports reported through a port file),
+waits until each answers gRPC health SERVING, renders Envoy's config for the
+ports it got, starts Envoy, waits until Envoy sees every cluster healthy, and
+writes a ready file. A service that dies is restarted on the same port with
+backoff. ``stop()`` stops Envoy first, then the services in reverse order:
+SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mlmesh_runner.catalog import CATALOG, ServiceSpec
+from mlmesh_runner.envoy import Upstream, render
+
+log = logging.getLogger("mlmesh.runner")
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port_file: Path | None = None
+    process: asyncio.subprocess.Process | None = None
+    ports: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+
+    async def start(self) -> None:
+        if self.port_file:
+            self.port_file.unlink(missing_ok=True)
+        handle = self.log_path.open("ab")
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, env=self.env, stdout=handle, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        handle.close()
+        log.info("started %s (pid %s), log: %s", self.name, self.process.pid, self.log_path)
+
+    async def wait_port_file(self, timeout: float) -> dict[str, Any]:
+        assert self.port_file is not None and self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
+                                   f"see {self.log_path}:\n{_tail(self.log_path)}")
+            if self.port_file.exists():
+                self.ports = json.loads(self.port_file.read_text())
+                return self.ports
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not report its port in {timeout}s; "
+                           f"see {self.log_path}")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
+            log.warning("%s did not stop in %ss; killing it", self.name, grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+async def wait_healthy(port: int, service: str, timeout: float,
+                       child: Child | None = None) -> None:
+    """Polls grpc.health.v1 until ``service`` is SERVING."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if child and child.process and child.process.returncode is not None:
+                raise RuntimeError(f"{child.name} exited; see {child.log_path}:\n"
+                                   f"{_tail(child.log_path)}")
+            with contextlib.suppress(grpc.RpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                         timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{service} on port {port} not SERVING after {timeout}s")
+
+
+class Mesh:
+    """Envoy plus every catalog service, supervised."""
+
+    def __init__(self, state_dir: Path, *, listen_port: int = 8080, admin_port: int = 9901,
+                 listen_host: str = "127.0.0.1", envoy_concurrency: int = 1,
+                 otlp_endpoint: tuple[str, int] | None = None,
+                 catalog: list[ServiceSpec] | None = None) -> None:
+        self.state = state_dir.resolve()
+        self.listen_port = listen_port
+        self.admin_port = admin_port
+        self.listen_host = listen_host
+        self.envoy_concurrency = envoy_concurrency
+        self.otlp_endpoint = otlp_endpoint
+        self.catalog = catalog if catalog is not None else CATALOG
+        self.children: dict[str, Child] = {}
+        self.envoy: Child | None = None
+        self.address = ""
+        self.admin_address = ""
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> dict[str, Any]:
+        (self.state / "logs").mkdir(parents=True, exist_ok=True)
+        (self.state / "run").mkdir(parents=True, exist_ok=True)
+        for spec in self.catalog:
+            child = self._child(spec)
+            self.children[spec.name] = child
+            await child.start()
+            await child.wait_port_file(spec.start_timeout)
+            await wait_healthy(child.ports["port"], spec.services()[0].full_name,
+                               spec.start_timeout, child)
+            log.info("%s is SERVING on port %s", spec.name, child.ports["port"])
+        await self._start_envoy()
+        for spec in self.catalog:
+            self._watchers.append(asyncio.create_task(self._watch(spec)))
+        ready = self.describe()
+        (self.state / "ready.json").write_text(json.dumps(ready, indent=2))
+        return ready
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "admin": self.admin_address,
+            "services": {name: {**child.ports, "log": str(child.log_path)}
+                         for name, child in self.children.items()},
+            "envoy_log": str(self.state / "logs" / "envoy.log"),
+        }
+
+    def _child(self, spec: ServiceSpec, port: int = 0) -> Child:
+        port_file = self.state / "run" / f"{spec.name}.port.json"
+        env = {**spec.env(self.state), **os.environ,
+               f"{spec.env_prefix}PORT": str(port),
+               f"{spec.env_prefix}PORT_FILE": str(port_file),
+               "PYTHONUNBUFFERED": "1"}
+        return Child(spec.name, list(spec.command), env,
+                     self.state / "logs" / f"{spec.name}.log", port_file)
+
+    async def _start_envoy(self) -> None:
+        upstreams = [Upstream(spec.name, spec.services(),
+                              [("127.0.0.1", self.children[spec.name].ports["port"])])
+                     for spec in self.catalog]
+        config = render(upstreams, listen_host=self.listen_host, listen_port=self.listen_port,
+                        admin_port=self.admin_port, otlp_endpoint=self.otlp_endpoint)
+        config_path = self.state / "run" / "envoy.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        admin_file = self.state / "run" / "envoy.admin"
+        admin_file.unlink(missing_ok=True)
+        envoy_bin = str(Path(sys.executable).with_name("envoy"))
+        self.envoy = Child("envoy", [
+            envoy_bin, "-c", str(config_path), "--admin-address-path", str(admin_file),
+            "--use-dynamic-base-id", "--concurrency", str(self.envoy_concurrency),
+            "--log-level", "warn", "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
+        ], dict(os.environ), self.state / "logs" / "envoy.log")
+        await self.envoy.start()
+        deadline = time.monotonic() + 30
+        while not admin_file.exists() or not admin_file.read_text().strip():
+            if self.envoy.process and self.envoy.process.returncode is not None:
+                raise RuntimeError(f"envoy exited:\n{_tail(self.envoy.log_path)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("envoy did not start")
+            await asyncio.sleep(0.05)
+        self.admin_address = admin_file.read_text().strip()
+        listeners = await asyncio.to_thread(self._admin_json, "/listeners?format=json")
+        socket = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+        self.address = f"{socket['address']}:{socket['port_value']}"
+        await self._wait_clusters_healthy(deadline)
+        log.info("envoy is routing on %s (admin http://%s)", self.address, self.admin_address)
+
+    def _admin_json(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://{self.admin_address}{path}", timeout=2) as reply:
+            return json.loads(reply.read())
+
+    async def _wait_clusters_healthy(self, deadline: float) -> None:
+        names = {spec.name for spec in self.catalog}
+        while True:
+            clusters = await asyncio.to_thread(self._admin_json, "/clusters?format=json")
+            healthy = set()
+            for cluster in clusters.get("cluster_statuses", []):
+                statuses = cluster.get("host_statuses", [])
+                if statuses and all(s.get("health_status", {}).get("eds_health_status")
+                                    == "HEALTHY" and not s["health_status"].get(
+                                        "failed_active_health_check") for s in statuses):
+                    healthy.add(cluster["name"])
+            if names <= healthy:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"envoy clusters not healthy: {sorted(names - healthy)}")
+            await asyncio.sleep(0.1)
+
+    async def _watch(self, spec: ServiceSpec) -> None:
+        """Restarts a service that exits unexpectedly, on the same port."""
+        backoff = 0.5
+        while not self._stopping:
+            child = self.children[spec.name]
+            assert child.process is not None
+            code = await child.process.wait()
+            if self._stopping:
+                return
+            log.warning("%s exited with %s; restarting in %.1fs", spec.name, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            replacement = self._child(spec, port=child.ports["port"])
+            replacement.restarts = child.restarts + 1
+            self.children[spec.name] = replacement
+            await replacement.start()
+            try:
+                await replacement.wait_port_file(spec.start_timeout)
+                await wait_healthy(replacement.ports["port"], spec.services()[0].full_name,
+                                   spec.start_timeout, replacement)
+                backoff = 0.5
+                log.info("%s is back (restart %d)", spec.name, replacement.restarts)
+            except (RuntimeError, TimeoutError) as error:
+                log.error("%s restart failed: %s", spec.name, error)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        if self.envoy:
+            await self.envoy.stop(grace=5)
+        for child in reversed(list(self.children.values())):
+            await child.stop()
+        log.info("all stopped")

@@ -1,0 +1,31 @@
+"""build_server(settings): the registry's clients, servicer and server."""
+
+from __future__ import annotations
+
+from mlmesh.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from mlmesh_chassis.server import ServiceHost, start_service
+
+from mlmesh_registry.artifacts import ArtifactStore
+from mlmesh_registry.config import RegistrySettings
+from mlmesh_registry.db import Database
+from mlmesh_registry.servicer import RegistryServicer
+from mlmesh_registry.store import RegistryStore
+
+SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+
+async def build_server(settings: RegistrySettings) -> ServiceHost:
+    """Migrates the schema, opens the stores and starts serving."""
+    database = Database(settings.database_url, settings.database_connect_timeout)
+    await database.migrate()  # fails fast when the database is unreachable
+    artifacts = ArtifactStore(settings.artifact_url)
+    artifacts.sweep_partials()
+    servicer = RegistryServicer(RegistryStore(database), artifacts, settings)
+
+    def register(server) -> list[str]:  # type: ignore[no-untyped-def]
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    host = await start_service(settings, register, error_domain="mlmesh.registry")
+    host.on_close.append(database.close)
+    return host
