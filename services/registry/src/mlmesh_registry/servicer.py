@@ -3,6 +3,7 @@ domain errors and mapped to status by the chassis interceptor."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -105,7 +106,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             return rpc.UploadModelVersionResponse(model_version=version)
         finally:
             if not committed:  # errors, cancellation, a cut-off stream
-                await writer.discard()
+                # Shielded: a cancelled call's cleanup must finish even if the
+                # handler's task is cancelled again while it runs.
+                await asyncio.shield(writer.discard())
 
     async def _read_header(self, request_iterator) -> pb.ModelVersion:  # type: ignore[no-untyped-def]
         first = None

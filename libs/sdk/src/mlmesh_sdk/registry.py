@@ -1,0 +1,463 @@
+"""RegistryClient: the registry's RPCs as an async Python API.
+
+    async with RegistryClient("127.0.0.1:8080", api_key=key) as registry:
+        version = await registry.upload_folder("churn", "out/model", format="sklearn")
+        await registry.set_alias("churn", "champion", version.version)
+        await registry.download_folder("churn@champion", "serving/churn")
+
+Reads (resolve, lists, downloads) are retried on UNAVAILABLE through the
+chassis' retry policy; a retried download resumes where it stopped. Writes
+are not retried: an upload sent twice would be two versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+from mlmesh.common.v1.model_reference_pb2 import ModelReference
+from mlmesh.registry.v1 import model_pb2 as pb
+from mlmesh.registry.v1 import registry_service_pb2 as rpc
+from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
+from mlmesh_chassis.interceptors import client_interceptors
+from mlmesh_chassis.retry import call_idempotent
+
+from mlmesh_sdk.reference import format_reference, parse_reference
+from mlmesh_sdk.snapshot import (
+    environment_lock,
+    file_sha256,
+    pack_folder,
+    source_snapshot,
+    unpack_archive,
+)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# The registry accepts upload chunks of 1 byte to 4 MiB.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# A download is retried (each try resuming) this many times on UNAVAILABLE.
+DOWNLOAD_ATTEMPTS = 5
+
+T = TypeVar("T")
+Reference = str | ModelReference
+PathLike = str | os.PathLike[str]
+
+
+class DownloadError(Exception):
+    """A download that ended early or whose bytes are not the artifact's."""
+
+
+class DownloadIncompleteError(DownloadError):
+    """The stream ended before every byte arrived; the file is kept to resume."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """The downloaded file's sha256 or size differ from the version's; it was deleted."""
+
+
+def _reference(reference: Reference) -> ModelReference:
+    return parse_reference(reference) if isinstance(reference, str) else reference
+
+
+class RegistryClient:
+    """An async client of mlmesh.registry.v1.RegistryService.
+
+    ``timeout`` is the deadline of each unary call and the longest wait for
+    the next message of a download; uploads and downloads as a whole are
+    bounded by ``transfer_timeout`` (None: no bound, for artifacts of any size).
+    Use it as ``async with``: it owns its channel.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8080",
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        *,
+        transfer_timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.transfer_timeout = transfer_timeout
+        self._credentials = credentials
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: RegistryServiceStub | None = None
+
+    async def __aenter__(self) -> RegistryClient:
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.target, options=options, interceptors=client_interceptors()
+            )
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options=options, interceptors=client_interceptors()
+            )
+        self._stub = RegistryServiceStub(self._channel)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+
+    @property
+    def stub(self) -> RegistryServiceStub:
+        """The raw stub, for RPCs this client does not wrap."""
+        if self._stub is None:
+            raise RuntimeError("RegistryClient is not open; use `async with RegistryClient(...)`")
+        return self._stub
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata sent with every call (the API key, when set)."""
+        return self._metadata
+
+    async def _read(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        """A unary read, retried on UNAVAILABLE."""
+        return await call_idempotent(
+            lambda: method(request, timeout=self.timeout, metadata=self._metadata)
+        )
+
+    async def _write(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        return await method(request, timeout=self.timeout, metadata=self._metadata)
+
+    # uploads
+
+    async def upload_folder(
+        self,
+        model: str,
+        folder: PathLike,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        format: str = "",
+        run_metadata: Mapping[str, Any] | None = None,
+        feature_service: str = "",
+        source_folder: PathLike | None = None,
+        create_model: bool = True,
+        chunk_bytes: int = 1 << 20,
+    ) -> pb.ModelVersion:
+        """Packs ``folder`` (see snapshot.pack_folder) and uploads it as the
+        model's next version. The lineage records a snapshot of
+        ``source_folder`` (default: the folder itself), the environment lock,
+        ``run_metadata`` (JSON-like values) and ``feature_service``."""
+        _check_chunk_bytes(chunk_bytes)
+        folder = Path(folder)
+        lineage = await asyncio.to_thread(
+            _lineage, source_folder or folder, run_metadata, feature_service
+        )
+        packed = await asyncio.to_thread(pack_folder, folder)
+        try:
+            header = _header(
+                model,
+                packed.sha256,
+                packed.size_bytes,
+                description,
+                tags,
+                format,
+                lineage,
+                create_model,
+            )
+            return await self._upload(header, packed.path, chunk_bytes)
+        finally:
+            packed.path.unlink(missing_ok=True)
+
+    async def upload_file(
+        self,
+        model: str,
+        path: PathLike,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        format: str = "",
+        run_metadata: Mapping[str, Any] | None = None,
+        feature_service: str = "",
+        source_folder: PathLike | None = None,
+        create_model: bool = True,
+        chunk_bytes: int = 1 << 20,
+    ) -> pb.ModelVersion:
+        """Uploads one already-packed artifact file as the model's next version.
+        The lineage has a source snapshot only when ``source_folder`` is given."""
+        _check_chunk_bytes(chunk_bytes)
+        path = Path(path)
+        lineage = await asyncio.to_thread(_lineage, source_folder, run_metadata, feature_service)
+        sha256, size = await asyncio.to_thread(file_sha256, path)
+        header = _header(model, sha256, size, description, tags, format, lineage, create_model)
+        return await self._upload(header, path, chunk_bytes)
+
+    async def _upload(
+        self, header: rpc.UploadHeader, path: Path, chunk_bytes: int
+    ) -> pb.ModelVersion:
+        handle: BinaryIO = await asyncio.to_thread(path.open, "rb")
+
+        async def requests() -> AsyncIterator[rpc.UploadModelVersionRequest]:
+            yield rpc.UploadModelVersionRequest(header=header)
+            while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
+                yield rpc.UploadModelVersionRequest(chunk=chunk)
+
+        try:
+            response = await self.stub.UploadModelVersion(
+                requests(), timeout=self.transfer_timeout, metadata=self._metadata
+            )
+        finally:
+            await asyncio.to_thread(handle.close)
+        return response.model_version
+
+    # downloads
+
+    async def download(
+        self, reference: Reference, dest_file: PathLike, *, resume: bool = True
+    ) -> pb.ModelVersion:
+        """Downloads a version's artifact to ``dest_file``.
+
+        The reference is resolved once and the download pinned to that version,
+        so an alias moving meanwhile cannot mix two artifacts. With ``resume``
+        an existing ``dest_file`` is continued from its size. The whole file's
+        sha256 and size are checked at the end: on a mismatch the file is
+        deleted and ChecksumMismatchError raised. A stream cut short (after the
+        retries) raises DownloadIncompleteError and keeps the file to resume.
+        """
+        version = await self.resolve(reference)
+        return await self._download_version(version, Path(dest_file), resume)
+
+    async def _download_version(
+        self, version: pb.ModelVersion, dest: Path, resume: bool
+    ) -> pb.ModelVersion:
+        pinned = ModelReference(model=version.model, version=version.version)
+        await asyncio.to_thread(_prepare_destination, dest, version.size_bytes, resume)
+        downloaded = await call_idempotent(
+            lambda: self._fetch(pinned, dest, version.size_bytes),
+            attempts=DOWNLOAD_ATTEMPTS,
+            budget_s=float("inf"),  # every try resumes, so progress is never lost
+        )
+        sha256, size = await asyncio.to_thread(file_sha256, dest)
+        if size != downloaded.size_bytes or sha256 != downloaded.sha256:
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+            raise ChecksumMismatchError(
+                f"{format_reference(pinned)}: the downloaded file has sha256 {sha256} and "
+                f"{size} bytes, not {downloaded.sha256} and {downloaded.size_bytes}; "
+                f"{dest} was deleted"
+            )
+        return downloaded
+
+    async def _fetch(self, reference: ModelReference, dest: Path, size: int) -> pb.ModelVersion:
+        """One try: streams the bytes after dest's current size onto its end."""
+        offset = await asyncio.to_thread(_size_of, dest)
+        call = self.stub.DownloadModelVersion(
+            rpc.DownloadModelVersionRequest(reference=reference, offset=offset),
+            timeout=self.transfer_timeout,
+            metadata=self._metadata,
+        )
+        handle: BinaryIO = await asyncio.to_thread(dest.open, "ab")
+        try:
+            first = await self._next(call)
+            if first is grpc.aio.EOF or first.WhichOneof("content") != "model_version":
+                raise DownloadError("the registry's download stream did not start with metadata")
+            version = first.model_version
+            received = offset
+            while (message := await self._next(call)) is not grpc.aio.EOF:
+                received += len(message.chunk)
+                if received > version.size_bytes:
+                    raise ChecksumMismatchError(
+                        f"the registry sent more than the {version.size_bytes} bytes of "
+                        f"{format_reference(reference)}"
+                    )
+                await asyncio.to_thread(handle.write, message.chunk)
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            await asyncio.to_thread(handle.close)
+        if received < version.size_bytes:
+            raise DownloadIncompleteError(
+                f"{format_reference(reference)}: the stream ended after {received} of "
+                f"{version.size_bytes} bytes; {dest} is kept, download again to resume"
+            )
+        return version
+
+    async def _next(self, call: Any) -> Any:
+        try:
+            return await asyncio.wait_for(call.read(), self.timeout)
+        except TimeoutError:
+            call.cancel()
+            raise TimeoutError(
+                f"no data from the registry at {self.target} for {self.timeout} s"
+            ) from None
+
+    async def download_folder(self, reference: Reference, dest_dir: PathLike) -> pb.ModelVersion:
+        """Downloads a folder packed by upload_folder and extracts it into
+        ``dest_dir`` (created if missing), refusing absolute paths, '..' and
+        links. The archive is kept beside dest_dir while it downloads, named
+        after the version, so a cut-off download resumes on the next call."""
+        version = await self.resolve(reference)
+        dest, archive = await asyncio.to_thread(_archive_beside, Path(dest_dir), version)
+        version = await self._download_version(version, archive, resume=True)
+        try:
+            await asyncio.to_thread(unpack_archive, archive, dest)
+        finally:
+            archive.unlink(missing_ok=True)
+        return version
+
+    # versions and models
+
+    async def resolve(self, reference: Reference) -> pb.ModelVersion:
+        """The version `name`, `name/3` or `name@alias` points at now."""
+        request = rpc.ResolveModelReferenceRequest(reference=_reference(reference))
+        response = await self._read(self.stub.ResolveModelReference, request)
+        return response.model_version
+
+    async def list_models(
+        self, *, name_prefix: str = "", tags: Mapping[str, str] | None = None, page_size: int = 0
+    ) -> AsyncIterator[pb.Model]:
+        """Every model (by name), following the pages."""
+        token = ""
+        while True:
+            request = rpc.ListModelsRequest(
+                page_size=page_size, page_token=token, name_prefix=name_prefix, tags=tags or {}
+            )
+            response = await self._read(self.stub.ListModels, request)
+            for model in response.models:
+                yield model
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def list_versions(
+        self, model: str, *, tags: Mapping[str, str] | None = None, page_size: int = 0
+    ) -> AsyncIterator[pb.ModelVersion]:
+        """Every version of a model, newest first, following the pages."""
+        token = ""
+        while True:
+            request = rpc.ListModelVersionsRequest(
+                model=model, page_size=page_size, page_token=token, tags=tags or {}
+            )
+            response = await self._read(self.stub.ListModelVersions, request)
+            for version in response.model_versions:
+                yield version
+            token = response.next_page_token
+            if not token:
+                return
+
+    # aliases
+
+    async def set_alias(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        reason: str = "",
+        *,
+        expected_version: int | None = None,
+    ) -> rpc.SetAliasResponse:
+        """Points an alias at a version; the response has the alias and the
+        history event. ``expected_version`` makes it a compare-and-set (0:
+        only if the alias does not exist yet), else ABORTED."""
+        request = rpc.SetAliasRequest(model=model, alias=alias, version=version, reason=reason)
+        if expected_version is not None:
+            request.expected_version = expected_version
+        return await self._write(self.stub.SetAlias, request)
+
+    async def rollback_alias(
+        self, model: str, alias: str, reason: str = ""
+    ) -> rpc.RollbackAliasResponse:
+        """Moves an alias back to its previous version."""
+        request = rpc.RollbackAliasRequest(model=model, alias=alias, reason=reason)
+        return await self._write(self.stub.RollbackAlias, request)
+
+    async def alias_history(
+        self, model: str, alias: str = "", *, page_size: int = 0
+    ) -> AsyncIterator[pb.AliasEvent]:
+        """A model's alias history (one alias's, when given), oldest first."""
+        token = ""
+        while True:
+            request = rpc.ListAliasHistoryRequest(
+                model=model, alias=alias, page_size=page_size, page_token=token
+            )
+            response = await self._read(self.stub.ListAliasHistory, request)
+            for event in response.events:
+                yield event
+            token = response.next_page_token
+            if not token:
+                return
+
+
+def _check_chunk_bytes(chunk_bytes: int) -> None:
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be between 1 and {MAX_CHUNK_BYTES}, not {chunk_bytes}")
+
+
+def _lineage(
+    source_folder: PathLike | None,
+    run_metadata: Mapping[str, Any] | None,
+    feature_service: str,
+) -> pb.Lineage:
+    lineage = pb.Lineage(environment_lock=environment_lock(), feature_service=feature_service)
+    if source_folder is not None:
+        lineage.source.CopyFrom(source_snapshot(source_folder))
+    if run_metadata:
+        struct = struct_pb2.Struct()
+        struct.update(dict(run_metadata))
+        lineage.run_metadata.CopyFrom(struct)
+    return lineage
+
+
+def _header(
+    model: str,
+    sha256: str,
+    size: int,
+    description: str,
+    tags: Mapping[str, str] | None,
+    format: str,
+    lineage: pb.Lineage,
+    create_model: bool,
+) -> rpc.UploadHeader:
+    return rpc.UploadHeader(
+        model=model,
+        create_model=create_model,
+        description=description,
+        tags=dict(tags or {}),
+        format=format,
+        sha256=sha256,
+        size_bytes=size,
+        lineage=lineage,
+    )
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _archive_beside(dest_dir: Path, version: pb.ModelVersion) -> tuple[Path, Path]:
+    """dest_dir made absolute, and where its archive downloads (its parent, created)."""
+    dest = dest_dir.absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    name = f".{dest.name}.{version.model}-{version.version}-{version.sha256[:16]}.tar.partial"
+    return dest, dest.parent / name
+
+
+def _prepare_destination(dest: Path, size: int, resume: bool) -> None:
+    """Starts dest afresh unless it is a prefix-sized file to resume."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not resume or not dest.exists() or dest.stat().st_size > size:
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()
+        dest.touch()

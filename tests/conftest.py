@@ -1,0 +1,119 @@
+"""Session fixtures: the real mesh (runner + Envoy + services), started once
+per database backend and shared by every test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from mlmesh.registry.v1 import registry_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get(
+    "MLMESH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@dataclass
+class MeshInfo:
+    backend: str
+    address: str
+    admin: str
+    state_dir: Path
+    services: dict[str, dict]
+
+    def port(self, service: str) -> int:
+        return int(self.services[service]["port"])
+
+
+def _pg_admin() -> sa.Engine:
+    # NullPool: the outage test restarts PostgreSQL, which kills pooled connections.
+    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                            poolclass=sa.pool.NullPool)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL, dropped afterwards."""
+    name = f"mlmesh_test_{uuid.uuid4().hex[:8]}"
+    engine = _pg_admin()
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        pytest.fail(f"PostgreSQL is required for these tests ({PG_ADMIN_URL}): {error}")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def start_mesh(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    ready = state_dir / "ready.json"
+    with (state_dir / "runner.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlmesh_runner", "--state-dir", str(state_dir),
+             "--port", "0", "--admin-port", "0"],
+            cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not ready.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"runner exited: {(state_dir / 'runner.log').read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError((state_dir / "runner.log").read_text())
+        time.sleep(0.1)
+    return process, json.loads(ready.read_text())
+
+
+def stop_mesh(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[MeshInfo]:
+    backend = request.param
+    state_dir = tmp_path_factory.mktemp(f"mesh-{backend}")
+    env = {}
+    if backend == "postgres":
+        env["MLMESH_REGISTRY_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    process, ready = start_mesh(state_dir, env)
+    try:
+        yield MeshInfo(backend, ready["address"], ready["admin"], state_dir, ready["services"])
+    finally:
+        stop_mesh(process)
+
+
+@pytest.fixture
+async def registry(mesh: MeshInfo):
+    """A RegistryService stub through Envoy."""
+    async with grpc.aio.insecure_channel(
+            mesh.address, options=[("grpc.max_receive_message_length", 16 << 20),
+                                   ("grpc.max_send_message_length", 16 << 20)]) as channel:
+        yield registry_service_pb2_grpc.RegistryServiceStub(channel)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh, valid resource name for one test."""
+    return f"m-{uuid.uuid4().hex[:10]}"
