@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +39,7 @@ class MeshInfo:
 
 def _pg_admin() -> sa.Engine:
     # NullPool: the outage test restarts PostgreSQL, which kills pooled connections.
-    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                            poolclass=sa.pool.NullPool)
+    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +63,23 @@ def start_mesh(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, 
     ready = state_dir / "ready.json"
     with (state_dir / "runner.log").open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlmesh_runner", "--state-dir", str(state_dir),
-             "--port", "0", "--admin-port", "0"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlmesh_runner",
+                "--state-dir",
+                str(state_dir),
+                "--port",
+                "0",
+                "--admin-port",
+                "0",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 90
     while not ready.exists():
         if process.poll() is not None:
@@ -90,8 +101,9 @@ def stop_mesh(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
-def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-         ) -> Iterator[MeshInfo]:
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MeshInfo]:
     backend = request.param
     state_dir = tmp_path_factory.mktemp(f"mesh-{backend}")
     env = {}
@@ -108,8 +120,12 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 async def registry(mesh: MeshInfo):
     """A RegistryService stub through Envoy."""
     async with grpc.aio.insecure_channel(
-            mesh.address, options=[("grpc.max_receive_message_length", 16 << 20),
-                                   ("grpc.max_send_message_length", 16 << 20)]) as channel:
+        mesh.address,
+        options=[
+            ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.max_send_message_length", 16 << 20),
+        ],
+    ) as channel:
         yield registry_service_pb2_grpc.RegistryServiceStub(channel)
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-
-from mlmesh.registry.v1 import model_pb2, registry_service_pb2 as rpc
+from mlmesh.registry.v1 import model_pb2
+from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.testing import expect_error
 from registry_helpers import chunks, download, header, ref, stream, upload
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -68,7 +70,8 @@ async def test_version_visible_only_when_complete(registry, unique):
 @pytest.mark.parametrize("bad", ["Upper", "x", "-lead", "a" * 64, "has space"])
 async def test_invalid_model_names(registry, bad):
     details = await expect_error(
-        registry.CreateModel(rpc.CreateModelRequest(model=model_pb2.Model(name=bad))), INVALID)
+        registry.CreateModel(rpc.CreateModelRequest(model=model_pb2.Model(name=bad))), INVALID
+    )
     assert details.error_info.reason == "INVALID_ARGUMENT"
     assert details.error_info.domain == "mlmesh.registry"
     assert details.bad_request.field_violations[0].field == "model.name"
@@ -80,21 +83,43 @@ async def test_upload_faults_leave_nothing_behind(registry, unique, mesh):
         # header missing: the first message is a chunk
         (stream(chunks(data)), INVALID, "INVALID_ARGUMENT", "header"),
         # empty chunk
-        (stream(header(unique, data), rpc.UploadModelVersionRequest(chunk=b"")), INVALID,
-         "INVALID_ARGUMENT", "chunk"),
+        (
+            stream(header(unique, data), rpc.UploadModelVersionRequest(chunk=b"")),
+            INVALID,
+            "INVALID_ARGUMENT",
+            "chunk",
+        ),
         # oversized chunk (> 4 MiB)
-        (stream(header(unique, b"x" * (5 << 20)),
-                rpc.UploadModelVersionRequest(chunk=b"x" * (5 << 20))), INVALID,
-         "INVALID_ARGUMENT", "chunk"),
+        (
+            stream(
+                header(unique, b"x" * (5 << 20)),
+                rpc.UploadModelVersionRequest(chunk=b"x" * (5 << 20)),
+            ),
+            INVALID,
+            "INVALID_ARGUMENT",
+            "chunk",
+        ),
         # bad checksum format
-        (stream(header(unique, data, sha256="nothex"), chunks(data)), INVALID,
-         "INVALID_ARGUMENT", "header.sha256"),
+        (
+            stream(header(unique, data, sha256="nothex"), chunks(data)),
+            INVALID,
+            "INVALID_ARGUMENT",
+            "header.sha256",
+        ),
         # checksum mismatch
-        (stream(header(unique, data, sha256="0" * 64), chunks(data)),
-         grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH", None),
+        (
+            stream(header(unique, data, sha256="0" * 64), chunks(data)),
+            grpc.StatusCode.DATA_LOSS,
+            "CHECKSUM_MISMATCH",
+            None,
+        ),
         # stream ends early
-        (stream(header(unique, data), chunks(data[:100_000])), grpc.StatusCode.ABORTED,
-         "UPLOAD_INCOMPLETE", None),
+        (
+            stream(header(unique, data), chunks(data[:100_000])),
+            grpc.StatusCode.ABORTED,
+            "UPLOAD_INCOMPLETE",
+            None,
+        ),
         # more bytes than declared
         (stream(header(unique, data[:10]), chunks(data)), INVALID, "INVALID_ARGUMENT", None),
     ]
@@ -130,8 +155,11 @@ async def test_upload_cut_off_mid_stream(registry, unique, mesh):
 
 async def test_unknown_model_without_create(registry, unique):
     details = await expect_error(
-        registry.UploadModelVersion(stream(header(unique, b"abc", create_model=False),
-                                           chunks(b"abc"))), grpc.StatusCode.NOT_FOUND)
+        registry.UploadModelVersion(
+            stream(header(unique, b"abc", create_model=False), chunks(b"abc"))
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
     assert details.error_info.metadata["name"] == unique
 
 
@@ -149,34 +177,47 @@ async def test_concurrent_uploads_get_distinct_versions(registry, unique):
 async def test_aliases_history_and_rollback(registry, unique):
     for i in range(3):
         await upload(registry, unique, f"v{i}".encode())
-    details = await expect_error(registry.SetAlias(rpc.SetAliasRequest(
-        model=unique, alias="champion", version=9)), grpc.StatusCode.NOT_FOUND)
+    details = await expect_error(
+        registry.SetAlias(rpc.SetAliasRequest(model=unique, alias="champion", version=9)),
+        grpc.StatusCode.NOT_FOUND,
+    )
     assert details.error_info.metadata["resource_type"] == "model version"
     await registry.SetAlias(rpc.SetAliasRequest(model=unique, alias="champion", version=1))
-    await registry.SetAlias(rpc.SetAliasRequest(model=unique, alias="champion", version=3,
-                                                reason="better"))
-    resolved = await registry.ResolveModelReference(rpc.ResolveModelReferenceRequest(
-        reference=ref(unique, alias="champion")))
+    await registry.SetAlias(
+        rpc.SetAliasRequest(model=unique, alias="champion", version=3, reason="better")
+    )
+    resolved = await registry.ResolveModelReference(
+        rpc.ResolveModelReferenceRequest(reference=ref(unique, alias="champion"))
+    )
     assert resolved.model_version.version == 3
     assert list(resolved.model_version.aliases) == ["champion"]
-    rolled = await registry.RollbackAlias(rpc.RollbackAliasRequest(model=unique,
-                                                                   alias="champion"))
+    rolled = await registry.RollbackAlias(rpc.RollbackAliasRequest(model=unique, alias="champion"))
     assert rolled.alias.version == 1
     assert rolled.event.action == model_pb2.AliasEvent.ACTION_ROLLED_BACK
     # compare-and-set
-    details = await expect_error(registry.SetAlias(rpc.SetAliasRequest(
-        model=unique, alias="champion", version=2, expected_version=3)), grpc.StatusCode.ABORTED)
+    details = await expect_error(
+        registry.SetAlias(
+            rpc.SetAliasRequest(model=unique, alias="champion", version=2, expected_version=3)
+        ),
+        grpc.StatusCode.ABORTED,
+    )
     assert details.error_info.metadata["current_version"] == "1"
     await registry.DeleteAlias(rpc.DeleteAliasRequest(model=unique, alias="champion"))
-    await expect_error(registry.ResolveModelReference(rpc.ResolveModelReferenceRequest(
-        reference=ref(unique, alias="champion"))), grpc.StatusCode.NOT_FOUND)
+    await expect_error(
+        registry.ResolveModelReference(
+            rpc.ResolveModelReferenceRequest(reference=ref(unique, alias="champion"))
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
     history = await registry.ListAliasHistory(rpc.ListAliasHistoryRequest(model=unique))
     actions = [model_pb2.AliasEvent.Action.Name(e.action) for e in history.events]
     assert actions == ["ACTION_CREATED", "ACTION_MOVED", "ACTION_ROLLED_BACK", "ACTION_DELETED"]
     # a fresh alias has nothing to roll back to
     await registry.SetAlias(rpc.SetAliasRequest(model=unique, alias="fresh", version=2))
-    details = await expect_error(registry.RollbackAlias(rpc.RollbackAliasRequest(
-        model=unique, alias="fresh")), grpc.StatusCode.FAILED_PRECONDITION)
+    details = await expect_error(
+        registry.RollbackAlias(rpc.RollbackAliasRequest(model=unique, alias="fresh")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
     assert details.error_info.reason == "FAILED_PRECONDITION"
 
 
@@ -184,13 +225,18 @@ async def test_concurrent_alias_moves_keep_history_complete(registry, unique):
     for i in range(5):
         await upload(registry, unique, f"v{i}".encode())
     targets = [1 + (i % 5) for i in range(40)]
-    await asyncio.gather(*(registry.SetAlias(rpc.SetAliasRequest(
-        model=unique, alias="live", version=t)) for t in targets))
+    await asyncio.gather(
+        *(
+            registry.SetAlias(rpc.SetAliasRequest(model=unique, alias="live", version=t))
+            for t in targets
+        )
+    )
     events = []
     token = ""
     while True:
-        page = await registry.ListAliasHistory(rpc.ListAliasHistoryRequest(
-            model=unique, alias="live", page_size=7, page_token=token))
+        page = await registry.ListAliasHistory(
+            rpc.ListAliasHistoryRequest(model=unique, alias="live", page_size=7, page_token=token)
+        )
         events.extend(page.events)
         token = page.next_page_token
         if not token:
@@ -199,7 +245,7 @@ async def test_concurrent_alias_moves_keep_history_complete(registry, unique):
     sequences = [e.sequence for e in events]
     assert sequences == sorted(sequences) and len(set(sequences)) == 40
     assert events[0].from_version == 0
-    for before, after in zip(events, events[1:], strict=False):
+    for before, after in itertools.pairwise(events):
         assert after.from_version == before.to_version  # no lost or reordered move
     current = await registry.GetAlias(rpc.GetAliasRequest(model=unique, alias="live"))
     assert current.alias.version == events[-1].to_version
@@ -211,11 +257,17 @@ async def test_experiments_and_watch(registry, unique):
     first = await registry.ListAliasHistory(rpc.ListAliasHistoryRequest(model=unique))
     assert list(first.events) == []
     watch = registry.WatchEvents(rpc.WatchEventsRequest(models=[unique]))
-    bad = model_pb2.Experiment(name=unique, model=unique, arms=[
-        model_pb2.ExperimentArm(name="a", version=1, weight=60),
-        model_pb2.ExperimentArm(name="b", version=2, weight=30)])
-    details = await expect_error(registry.CreateExperiment(
-        rpc.CreateExperimentRequest(experiment=bad)), INVALID)
+    bad = model_pb2.Experiment(
+        name=unique,
+        model=unique,
+        arms=[
+            model_pb2.ExperimentArm(name="a", version=1, weight=60),
+            model_pb2.ExperimentArm(name="b", version=2, weight=30),
+        ],
+    )
+    details = await expect_error(
+        registry.CreateExperiment(rpc.CreateExperimentRequest(experiment=bad)), INVALID
+    )
     assert "sum to 100" in details.bad_request.field_violations[0].description
     bad.arms[1].weight = 40
     bad.shadow.CopyFrom(model_pb2.ShadowTraffic(version=2, percent=5))
@@ -231,33 +283,44 @@ async def test_experiments_and_watch(registry, unique):
             break
     watch.cancel()
     assert seen == ["experiment_event", "alias_event", "experiment_event"]
-    listed = await registry.ListExperiments(rpc.ListExperimentsRequest(
-        model=unique, state=model_pb2.EXPERIMENT_STATE_STOPPED))
+    listed = await registry.ListExperiments(
+        rpc.ListExperimentsRequest(model=unique, state=model_pb2.EXPERIMENT_STATE_STOPPED)
+    )
     assert [e.name for e in listed.experiments] == [unique]
 
 
 async def test_pagination_and_filters(registry, unique):
     for i in range(7):
-        await registry.CreateModel(rpc.CreateModelRequest(model=model_pb2.Model(
-            name=f"{unique}-{i}", tags={"team": "odd" if i % 2 else "even"})))
+        await registry.CreateModel(
+            rpc.CreateModelRequest(
+                model=model_pb2.Model(
+                    name=f"{unique}-{i}", tags={"team": "odd" if i % 2 else "even"}
+                )
+            )
+        )
     names, token = [], ""
     while True:
-        page = await registry.ListModels(rpc.ListModelsRequest(
-            name_prefix=unique, page_size=3, page_token=token))
+        page = await registry.ListModels(
+            rpc.ListModelsRequest(name_prefix=unique, page_size=3, page_token=token)
+        )
         names += [m.name for m in page.models]
         token = page.next_page_token
         if not token:
             break
     assert names == [f"{unique}-{i}" for i in range(7)]
-    odd = await registry.ListModels(rpc.ListModelsRequest(name_prefix=unique,
-                                                          tags={"team": "odd"}))
+    odd = await registry.ListModels(rpc.ListModelsRequest(name_prefix=unique, tags={"team": "odd"}))
     assert [m.name for m in odd.models] == [f"{unique}-{i}" for i in (1, 3, 5)]
-    details = await expect_error(registry.ListModels(rpc.ListModelsRequest(
-        page_token="garbage")), INVALID)
+    details = await expect_error(
+        registry.ListModels(rpc.ListModelsRequest(page_token="garbage")), INVALID
+    )
     assert details.bad_request.field_violations[0].field == "page_token"
     first = await registry.ListModels(rpc.ListModelsRequest(name_prefix=unique, page_size=2))
-    await expect_error(registry.ListModels(rpc.ListModelsRequest(
-        name_prefix=unique + "-1", page_token=first.next_page_token)), INVALID)
+    await expect_error(
+        registry.ListModels(
+            rpc.ListModelsRequest(name_prefix=unique + "-1", page_token=first.next_page_token)
+        ),
+        INVALID,
+    )
 
 
 async def test_postgres_outage_is_unavailable_then_recovers(registry, unique, mesh):
@@ -270,7 +333,8 @@ async def test_postgres_outage_is_unavailable_then_recovers(registry, unique, me
     try:
         details = await expect_error(
             registry.GetModel(rpc.GetModelRequest(name=unique), timeout=20),
-            grpc.StatusCode.UNAVAILABLE)
+            grpc.StatusCode.UNAVAILABLE,
+        )
         assert details.error_info.reason == "BACKEND_UNAVAILABLE"
         assert details.retry_info.retry_delay.ToTimedelta().total_seconds() > 0
     finally:
@@ -285,3 +349,49 @@ async def test_postgres_outage_is_unavailable_then_recovers(registry, unique, me
     else:
         pytest.fail("the registry did not recover after PostgreSQL came back")
     assert reply.model.name == unique
+
+
+async def test_trace_and_request_ids_cross_envoy_into_logs(registry, mesh):
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    await expect_error(
+        registry.GetModel(
+            rpc.GetModelRequest(name="no-such-model"),
+            metadata=[
+                ("traceparent", f"00-{trace_id}-b7ad6b7169203331-01"),
+                ("x-request-id", "trace-test-1"),
+            ],
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    log_path = Path(mesh.services["registry"]["log"])
+    for _ in range(20):
+        lines = [json.loads(line) for line in log_path.read_text().splitlines() if trace_id in line]
+        if lines:
+            break
+        await asyncio.sleep(0.1)
+    assert lines, "the registry log has no line with the caller's trace id"
+    assert lines[-1]["request_id"] == "trace-test-1"
+    assert "NOT_FOUND" in lines[-1]["msg"]
+
+
+async def test_metrics_and_admin_endpoints(registry, mesh, unique):
+    await registry.CreateModel(rpc.CreateModelRequest(model=model_pb2.Model(name=unique)))
+    metrics_port = mesh.services["registry"]["metrics_port"]
+    text = await asyncio.to_thread(
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+    )
+    assert 'method="/mlmesh.registry.v1.RegistryService/CreateModel"' in text
+    stats = await asyncio.to_thread(
+        lambda: (
+            urllib.request.urlopen(
+                f"http://{mesh.admin}/stats?filter=cluster.registry.upstream_rq_total", timeout=5
+            )
+            .read()
+            .decode()
+        )
+    )
+    assert int(stats.split(":")[-1]) > 0

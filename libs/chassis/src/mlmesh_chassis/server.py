@@ -23,7 +23,6 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mlmesh_chassis.config import ServiceSettings
-from mlmesh_chassis.contracts import all_services
 from mlmesh_chassis.interceptors import ServerInterceptor
 from mlmesh_chassis.logs import configure_logging
 from mlmesh_chassis.metrics import start_metrics_server

@@ -13,8 +13,12 @@ from mlmesh_runner.supervisor import Mesh
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mlmesh-run", description=__doc__)
-    parser.add_argument("--state-dir", type=Path, default=Path(".mlmesh"),
-                        help="databases, artifacts, logs (default .mlmesh)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".mlmesh"),
+        help="databases, artifacts, logs (default .mlmesh)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="Envoy listener (0: any)")
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy admin (0: any)")
     parser.add_argument("--host", default="127.0.0.1", help="Envoy listener address")
@@ -28,17 +32,24 @@ async def _run(args: argparse.Namespace) -> None:
     if args.otlp:
         host, port = args.otlp.rsplit(":", 1)
         otlp = (host, int(port))
-    mesh = Mesh(args.state_dir, listen_port=args.port, admin_port=args.admin_port,
-                listen_host=args.host, envoy_concurrency=args.envoy_concurrency,
-                otlp_endpoint=otlp)
+    mesh = Mesh(
+        args.state_dir,
+        listen_port=args.port,
+        admin_port=args.admin_port,
+        listen_host=args.host,
+        envoy_concurrency=args.envoy_concurrency,
+        otlp_endpoint=otlp,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await mesh.start()
-        print(f"\nmlmesh is up: gRPC at {mesh.address} (Envoy admin http://{mesh.admin_address})",
-              flush=True)
+        print(
+            f"\nmlmesh is up: gRPC at {mesh.address} (Envoy admin http://{mesh.admin_address})",
+            flush=True,
+        )
         print(f"try: grpcurl -plaintext {mesh.address} list", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()

@@ -51,24 +51,32 @@ class Child:
             self.port_file.unlink(missing_ok=True)
         handle = self.log_path.open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, stdout=handle, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+            *self.argv,
+            env=self.env,
+            stdout=handle,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
         handle.close()
         log.info("started %s (pid %s), log: %s", self.name, self.process.pid, self.log_path)
 
-    async def wait_port_file(self, timeout: float) -> dict[str, Any]:
+    async def wait_port_file(self, timeout_s: float) -> dict[str, Any]:
         assert self.port_file is not None and self.process is not None
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.returncode is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
-                                   f"see {self.log_path}:\n{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; "
+                    f"see {self.log_path}:\n{_tail(self.log_path)}"
+                )
             if self.port_file.exists():
                 self.ports = json.loads(self.port_file.read_text())
                 return self.ports
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"{self.name} did not report its port in {timeout}s; "
-                           f"see {self.log_path}")
+        raise TimeoutError(
+            f"{self.name} did not report its port in {timeout_s}s; see {self.log_path}"
+        )
 
     async def stop(self, grace: float = 10.0) -> None:
         process = self.process
@@ -91,32 +99,42 @@ def _tail(path: Path, lines: int = 20) -> str:
     return ""
 
 
-async def wait_healthy(port: int, service: str, timeout: float,
-                       child: Child | None = None) -> None:
+async def wait_healthy(
+    port: int, service: str, timeout_s: float, child: Child | None = None
+) -> None:
     """Polls grpc.health.v1 until ``service`` is SERVING."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if child and child.process and child.process.returncode is not None:
-                raise RuntimeError(f"{child.name} exited; see {child.log_path}:\n"
-                                   f"{_tail(child.log_path)}")
+                raise RuntimeError(
+                    f"{child.name} exited; see {child.log_path}:\n{_tail(child.log_path)}"
+                )
             with contextlib.suppress(grpc.RpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                         timeout=1.0)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=1.0
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             await asyncio.sleep(0.1)
-    raise TimeoutError(f"{service} on port {port} not SERVING after {timeout}s")
+    raise TimeoutError(f"{service} on port {port} not SERVING after {timeout_s}s")
 
 
 class Mesh:
     """Envoy plus every catalog service, supervised."""
 
-    def __init__(self, state_dir: Path, *, listen_port: int = 8080, admin_port: int = 9901,
-                 listen_host: str = "127.0.0.1", envoy_concurrency: int = 1,
-                 otlp_endpoint: tuple[str, int] | None = None,
-                 catalog: list[ServiceSpec] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        listen_port: int = 8080,
+        admin_port: int = 9901,
+        listen_host: str = "127.0.0.1",
+        envoy_concurrency: int = 1,
+        otlp_endpoint: tuple[str, int] | None = None,
+        catalog: list[ServiceSpec] | None = None,
+    ) -> None:
         self.state = state_dir.resolve()
         self.listen_port = listen_port
         self.admin_port = admin_port
@@ -139,8 +157,9 @@ class Mesh:
             self.children[spec.name] = child
             await child.start()
             await child.wait_port_file(spec.start_timeout)
-            await wait_healthy(child.ports["port"], spec.services()[0].full_name,
-                               spec.start_timeout, child)
+            await wait_healthy(
+                child.ports["port"], spec.services()[0].full_name, spec.start_timeout, child
+            )
             log.info("%s is SERVING on port %s", spec.name, child.ports["port"])
         await self._start_envoy()
         for spec in self.catalog:
@@ -153,36 +172,66 @@ class Mesh:
         return {
             "address": self.address,
             "admin": self.admin_address,
-            "services": {name: {**child.ports, "log": str(child.log_path)}
-                         for name, child in self.children.items()},
+            "services": {
+                name: {**child.ports, "log": str(child.log_path)}
+                for name, child in self.children.items()
+            },
             "envoy_log": str(self.state / "logs" / "envoy.log"),
         }
 
     def _child(self, spec: ServiceSpec, port: int = 0) -> Child:
         port_file = self.state / "run" / f"{spec.name}.port.json"
-        env = {**spec.env(self.state), **os.environ,
-               f"{spec.env_prefix}PORT": str(port),
-               f"{spec.env_prefix}PORT_FILE": str(port_file),
-               "PYTHONUNBUFFERED": "1"}
-        return Child(spec.name, list(spec.command), env,
-                     self.state / "logs" / f"{spec.name}.log", port_file)
+        env = {
+            **spec.env(self.state),
+            **os.environ,
+            f"{spec.env_prefix}PORT": str(port),
+            f"{spec.env_prefix}PORT_FILE": str(port_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        return Child(
+            spec.name, list(spec.command), env, self.state / "logs" / f"{spec.name}.log", port_file
+        )
 
     async def _start_envoy(self) -> None:
-        upstreams = [Upstream(spec.name, spec.services(),
-                              [("127.0.0.1", self.children[spec.name].ports["port"])])
-                     for spec in self.catalog]
-        config = render(upstreams, listen_host=self.listen_host, listen_port=self.listen_port,
-                        admin_port=self.admin_port, otlp_endpoint=self.otlp_endpoint)
+        upstreams = [
+            Upstream(
+                spec.name, spec.services(), [("127.0.0.1", self.children[spec.name].ports["port"])]
+            )
+            for spec in self.catalog
+        ]
+        config = render(
+            upstreams,
+            listen_host=self.listen_host,
+            listen_port=self.listen_port,
+            admin_port=self.admin_port,
+            otlp_endpoint=self.otlp_endpoint,
+        )
         config_path = self.state / "run" / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         admin_file = self.state / "run" / "envoy.admin"
         admin_file.unlink(missing_ok=True)
         envoy_bin = str(Path(sys.executable).with_name("envoy"))
-        self.envoy = Child("envoy", [
-            envoy_bin, "-c", str(config_path), "--admin-address-path", str(admin_file),
-            "--use-dynamic-base-id", "--concurrency", str(self.envoy_concurrency),
-            "--log-level", "warn", "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
-        ], dict(os.environ), self.state / "logs" / "envoy.log")
+        self.envoy = Child(
+            "envoy",
+            [
+                envoy_bin,
+                "-c",
+                str(config_path),
+                "--admin-address-path",
+                str(admin_file),
+                "--use-dynamic-base-id",
+                "--concurrency",
+                str(self.envoy_concurrency),
+                "--log-level",
+                "warn",
+                "--drain-time-s",
+                "1",
+                "--parent-shutdown-time-s",
+                "2",
+            ],
+            dict(os.environ),
+            self.state / "logs" / "envoy.log",
+        )
         await self.envoy.start()
         deadline = time.monotonic() + 30
         while not admin_file.exists() or not admin_file.read_text().strip():
@@ -209,9 +258,11 @@ class Mesh:
             healthy = set()
             for cluster in clusters.get("cluster_statuses", []):
                 statuses = cluster.get("host_statuses", [])
-                if statuses and all(s.get("health_status", {}).get("eds_health_status")
-                                    == "HEALTHY" and not s["health_status"].get(
-                                        "failed_active_health_check") for s in statuses):
+                if statuses and all(
+                    s.get("health_status", {}).get("eds_health_status") == "HEALTHY"
+                    and not s["health_status"].get("failed_active_health_check")
+                    for s in statuses
+                ):
                     healthy.add(cluster["name"])
             if names <= healthy:
                 return
@@ -237,8 +288,12 @@ class Mesh:
             await replacement.start()
             try:
                 await replacement.wait_port_file(spec.start_timeout)
-                await wait_healthy(replacement.ports["port"], spec.services()[0].full_name,
-                                   spec.start_timeout, replacement)
+                await wait_healthy(
+                    replacement.ports["port"],
+                    spec.services()[0].full_name,
+                    spec.start_timeout,
+                    replacement,
+                )
                 backoff = 0.5
                 log.info("%s is back (restart %d)", spec.name, replacement.restarts)
             except (RuntimeError, TimeoutError) as error:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up the services' environment on a fresh machine: uv, the locked
+# virtual environment (.venv), and the generated contracts (buf generate).
+# Idempotent and quick when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "mlmesh needs Python 3.11 (set PYTHON=...)" >&2; exit 1; }
+
+if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
+  echo "installing uv"
+  "$PYTHON" -m pip install -q "uv==0.13.8"
+fi
+"$PYTHON" -m uv sync --frozen --python "$PYTHON" -q
+# Stubs are generated, never committed: regenerate when a proto is newer.
+stamp=libs/contracts/src/mlmesh/.generated
+if [ ! -f "$stamp" ] || [ -n "$(find protos buf.yaml buf.gen.yaml tools -newer "$stamp" -print -quit)" ]; then
+  rm -rf libs/contracts/src/mlmesh
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/buf generate
+  touch "$stamp"
+  echo "contracts generated (buf generate)"
+fi
