@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -152,7 +152,7 @@ class Database:
 
 
 @contextlib.contextmanager
-def _translate_outage() -> AsyncIterator[None]:  # type: ignore[misc]
+def _translate_outage() -> Iterator[None]:
     try:
         yield
     except _OUTAGES as error:

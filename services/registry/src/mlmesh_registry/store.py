@@ -663,7 +663,7 @@ class RegistryStore:
             await self._get_version(c, experiment.model, version)
 
     async def _save_experiment(
-        self, c: AsyncConnection, stored: pb.Experiment, action: int
+        self, c: AsyncConnection, stored: pb.Experiment, action: pb.ExperimentEvent.Action
     ) -> pb.Experiment:
         stored.update_time.CopyFrom(_ts(_now()))
         await c.execute(
@@ -695,7 +695,7 @@ class RegistryStore:
         alias: str,
         current: int | None,
         version: int,
-        action: int,
+        action: pb.AliasEvent.Action,
         reason: str,
         actor: str,
     ) -> tuple[pb.Alias, pb.AliasEvent]:
