@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -107,12 +108,20 @@ class Database:
     def __init__(self, url: str, connect_timeout: float = 2.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self._inline_reader: sa.Engine | None = None
         if self.is_sqlite:
             path = url.split(":///", 1)[1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            # SQLite reads run inline on the event loop: a WAL-mode read of a
+            # local file takes microseconds and never waits for a writer, while
+            # a hop to aiosqlite's thread costs far more than the read itself.
+            self._inline_reader = sa.create_engine(
+                url.replace("+aiosqlite", ""), connect_args={"timeout": 30}
+            )
+            event.listen(self._inline_reader, "connect", _sqlite_pragmas)
         else:
             self.engine = create_async_engine(
                 url,
@@ -132,6 +141,10 @@ class Database:
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         with _translate_outage():
+            if self._inline_reader is not None:
+                with self._inline_reader.connect() as inline:
+                    yield _InlineConnection(inline)  # type: ignore[misc]
+                return
             async with self.engine.connect() as conn:
                 yield conn
 
@@ -149,6 +162,24 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._inline_reader is not None:
+            self._inline_reader.dispose()
+
+
+class _InlineConnection:
+    """A sync connection behind the AsyncConnection methods the store uses."""
+
+    def __init__(self, connection: sa.Connection) -> None:
+        self._connection = connection
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._connection.execute(statement, parameters)
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        return self._connection.scalar(statement, parameters)
+
+    async def scalars(self, statement: Any, parameters: Any = None) -> Any:
+        return self._connection.scalars(statement, parameters)
 
 
 @contextlib.contextmanager

@@ -200,15 +200,11 @@ class RegistryStore:
                 return await self._get_version(c, model, value)
             if selector == "alias":
                 check_name("reference.alias", value, ALIAS_NAME)
-                number = await c.scalar(
-                    sa.select(db.aliases.c.version).where(
-                        db.aliases.c.model == model, db.aliases.c.alias == value
-                    )
-                )
-                if number is None:
+                found = await self._find_version(c, model, alias=value)
+                if found is None:
                     await self._get_model(c, model)
                     raise NotFound("alias", f"{model}@{value}")
-                return await self._get_version(c, model, number)
+                return found
             latest = await c.scalar(
                 sa.select(db.models.c.latest_version).where(db.models.c.name == model)
             )
@@ -581,30 +577,35 @@ class RegistryStore:
         )
 
     async def _get_version(self, c: AsyncConnection, model: str, version: int) -> pb.ModelVersion:
-        row = (
-            await c.execute(
-                sa.select(db.versions).where(
-                    db.versions.c.model == model, db.versions.c.version == version
-                )
-            )
-        ).first()
-        if row is None:
+        found = await self._find_version(c, model, version=version)
+        if found is None:
             if not await c.scalar(sa.select(db.models.c.name).where(db.models.c.name == model)):
                 raise NotFound("model", model)
             raise NotFound("model version", f"{model}/{version}")
-        tags = await self._tags(
-            c,
-            db.version_tags,
-            db.version_tags.c.model == model,
-            db.version_tags.c.version == version,
-        )
-        alias_names = (
-            await c.scalars(
-                sa.select(db.aliases.c.alias)
-                .where(db.aliases.c.model == model, db.aliases.c.version == version)
-                .order_by(db.aliases.c.alias)
-            )
-        ).all()
+        return found
+
+    async def _find_version(
+        self, c: AsyncConnection, model: str, version: int | None = None, alias: str | None = None
+    ) -> pb.ModelVersion | None:
+        """A version by number or by alias, in two prepared queries: its row,
+        then its tags and aliases together."""
+        if alias is not None:
+            row = (await c.execute(_VERSION_BY_ALIAS, {"model": model, "alias": alias})).first()
+        else:
+            row = (
+                await c.execute(_VERSION_BY_NUMBER, {"model": model, "version": version})
+            ).first()
+        if row is None:
+            return None
+        tags: dict[str, str] = {}
+        aliases: list[str] = []
+        for kind, name, value in await c.execute(
+            _VERSION_LABELS, {"model": model, "version": row.version}
+        ):
+            if kind == "tag":
+                tags[name] = value
+            else:
+                aliases.append(name)
         return pb.ModelVersion(
             model=row.model,
             version=row.version,
@@ -615,7 +616,7 @@ class RegistryStore:
             size_bytes=row.size_bytes,
             lineage=pb.Lineage.FromString(row.lineage),
             create_time=_ts(row.create_time),
-            aliases=list(alias_names),
+            aliases=sorted(aliases),
         )
 
     async def _get_experiment(self, c: AsyncConnection, name: str) -> pb.Experiment:
@@ -767,6 +768,29 @@ class _Borrowed:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+
+# Hot-path statements, built once (resolve runs on every serving lookup).
+_V, _T, _A = db.versions, db.version_tags, db.aliases
+_VERSION_BY_NUMBER = sa.select(_V).where(
+    _V.c.model == sa.bindparam("model"), _V.c.version == sa.bindparam("version")
+)
+_VERSION_BY_ALIAS = sa.select(_V).where(
+    _V.c.model == sa.bindparam("model"),
+    _V.c.version
+    == sa.select(_A.c.version)
+    .where(_A.c.model == sa.bindparam("model"), _A.c.alias == sa.bindparam("alias"))
+    .scalar_subquery(),
+)
+_VERSION_LABELS = (
+    sa.select(sa.literal("tag").label("kind"), _T.c.key.label("name"), _T.c.value)
+    .where(_T.c.model == sa.bindparam("model"), _T.c.version == sa.bindparam("version"))
+    .union_all(
+        sa.select(sa.literal("alias"), _A.c.alias, sa.literal("")).where(
+            _A.c.model == sa.bindparam("model"), _A.c.version == sa.bindparam("version")
+        )
+    )
+)
 
 
 def _check_mask(paths: Sequence[str], allowed: set[str]) -> None:
