@@ -37,6 +37,7 @@ pytest:
 	$(BIN)/python -m pytest
 
 bench:
+	$(BIN)/python bench/envoy_overhead.py
 	$(BIN)/python bench/registry_resolve.py
 	$(BIN)/python bench/registry_artifacts.py
 
