@@ -70,10 +70,14 @@ class ArtifactStore:
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.fs.makedirs(self.root, exist_ok=True)
 
-    def begin(self, model: str) -> ArtifactWriter:
+    async def begin(self, model: str) -> ArtifactWriter:
         directory = f"{self.root}/{model}"
-        self.fs.makedirs(directory, exist_ok=True)
-        return ArtifactWriter(self.fs, f"{directory}/{uuid.uuid4().hex}.partial")
+
+        def _open() -> ArtifactWriter:
+            self.fs.makedirs(directory, exist_ok=True)
+            return ArtifactWriter(self.fs, f"{directory}/{uuid.uuid4().hex}.partial")
+
+        return await asyncio.to_thread(_open)
 
     async def read(self, path: str, offset: int, chunk_bytes: int) -> AsyncIterator[bytes]:
         handle = await asyncio.to_thread(self.fs.open, path, "rb")

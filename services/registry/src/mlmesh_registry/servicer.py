@@ -60,7 +60,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     # versions
     async def UploadModelVersion(self, request_iterator, context):  # type: ignore[no-untyped-def]
         header = await self._read_header(request_iterator)
-        writer = self.artifacts.begin(header.model)
+        writer = await self.artifacts.begin(header.model)
         committed = False
         try:
             async for message in request_iterator:
