@@ -29,7 +29,7 @@ lint:
 
 breaking:
 	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \
-	  $(BIN)/buf breaking --against '$(BREAKING_AGAINST)'; \
+	  $(BIN)/buf breaking --against '$(BREAKING_AGAINST)' && echo "buf breaking: no breaking change against main"; \
 	else echo "buf breaking: no contracts on main yet; nothing to compare"; fi
 
 pytest:

@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mlmesh_chassis.config import ServiceSettings
+from mlmesh_chassis.contracts import all_services
 from mlmesh_chassis.interceptors import ServerInterceptor
 from mlmesh_chassis.logs import configure_logging
 from mlmesh_chassis.metrics import start_metrics_server
@@ -43,6 +44,8 @@ class ServiceHost:
     service_names: Sequence[str]
     settings: ServiceSettings
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Tasks the service runs beside the server; cancelled on shutdown.
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -58,6 +61,8 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.drain_seconds)
         await self.server.stop(self.settings.grace_seconds)
+        for task in self.background:
+            task.cancel()
         for close in reversed(self.on_close):
             with contextlib.suppress(Exception):
                 await close()
@@ -84,9 +89,11 @@ async def start_service(
     names = list(register(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Every mlmesh contract, so any service answers grpcurl through Envoy.
+    described = {s.full_name for s in all_services()} | set(names)
     reflection.enable_server_reflection(
         [
-            *names,
+            *sorted(described),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],

@@ -24,6 +24,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="Envoy listener address")
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--otlp", default="", help="OTLP collector host:port for Envoy traces")
+    parser.add_argument(
+        "--services", default="", help="comma-separated subset of services to run (default: all)"
+    )
     return parser.parse_args()
 
 

@@ -27,7 +27,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlmesh_runner.catalog import CATALOG, ServiceSpec
+from mlmesh_runner.catalog import CATALOG, RunContext, ServiceSpec
 from mlmesh_runner.envoy import Upstream, render
 
 log = logging.getLogger("mlmesh.runner")
@@ -153,6 +153,8 @@ class Mesh:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         (self.state / "run").mkdir(parents=True, exist_ok=True)
         for spec in self.catalog:
+            if spec.prepare is not None:
+                await self._prepare(spec)
             child = self._child(spec)
             self.children[spec.name] = child
             await child.start()
@@ -179,10 +181,38 @@ class Mesh:
             "envoy_log": str(self.state / "logs" / "envoy.log"),
         }
 
+    def context(self) -> RunContext:
+        return RunContext(
+            self.state,
+            {
+                name: int(child.ports["port"])
+                for name, child in self.children.items()
+                if child.ports
+            },
+        )
+
+    async def _prepare(self, spec: ServiceSpec) -> None:
+        assert spec.prepare is not None
+        log_path = self.state / "logs" / f"{spec.name}.prepare.log"
+        with log_path.open("ab") as handle:
+            process = await asyncio.create_subprocess_exec(
+                *spec.prepare(self.context()),
+                stdout=handle,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            code = await process.wait()
+        if code != 0:
+            raise RuntimeError(
+                f"preparing {spec.name} failed ({code}); see {log_path}:\n{_tail(log_path)}"
+            )
+        log.info("prepared %s", spec.name)
+
     def _child(self, spec: ServiceSpec, port: int = 0) -> Child:
         port_file = self.state / "run" / f"{spec.name}.port.json"
         env = {
-            **spec.env(self.state),
+            **spec.env(self.context()),
             **os.environ,
             f"{spec.env_prefix}PORT": str(port),
             f"{spec.env_prefix}PORT_FILE": str(port_file),

@@ -1,0 +1,48 @@
+"""LLM service settings (environment prefix MLMESH_LLM_)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from mlmesh_chassis.config import ServiceSettings
+from pydantic_settings import SettingsConfigDict
+
+
+class LlmSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MLMESH_LLM_", extra="ignore")
+    service_name: ClassVar[str] = "llm"
+
+    # cpu: continuous batching on torch CPU; vllm: AsyncLLM on GPUs; null: a
+    # zero-cost engine for measuring the service itself.
+    engine: Literal["cpu", "vllm", "null"] = "cpu"
+    # Comma-separated references to serve, e.g. "tiny-llama@champion".
+    models: str = "tiny-llama@champion"
+    # Where the registry answers (Envoy, or the registry itself).
+    registry_target: str = "127.0.0.1:8080"
+    # Downloaded model versions, one folder each.
+    cache_dir: Path = Path(".mlmesh/llm-cache")
+    # CPU engine: batch slots, waiting-queue bound, context cap (0: the
+    # model's), torch threads (0: torch's default), prefills per step.
+    max_running: int = 32
+    max_waiting: int = 256
+    max_context: int = 0
+    torch_threads: int = 0
+    max_prefill_per_step: int = 8
+    # vLLM: AsyncEngineArgs options as JSON (tensor_parallel_size,
+    # speculative_config, limit_mm_per_prompt, ...).
+    vllm_options: str = "{}"
+    # Unset max_tokens means this many.
+    default_max_tokens: int = 256
+    # Seconds between attempts to load a model the registry cannot give yet.
+    load_retry_seconds: float = 2.0
+
+    def references(self) -> list[str]:
+        return [part.strip() for part in self.models.split(",") if part.strip()]
+
+    def vllm(self) -> dict[str, Any]:
+        options = json.loads(self.vllm_options)
+        if not isinstance(options, dict):
+            raise ValueError("MLMESH_LLM_VLLM_OPTIONS must be a JSON object")
+        return options

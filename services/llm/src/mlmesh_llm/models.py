@@ -1,0 +1,228 @@
+"""Which model versions this server serves, and hot swaps on alias moves.
+
+For each configured reference (``tiny-llama@champion``) the manager resolves
+it through the registry, downloads and caches the version's folder, and starts
+an engine on it. It then watches the registry's event stream for that model;
+when the alias moves, it loads the new version beside the old one, switches
+new requests to it, and stops the old engine once its in-flight streams end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from mlmesh.common.v1 import model_reference_pb2
+from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
+from mlmesh_chassis.errors import FailedPrecondition, NotFound
+from mlmesh_sdk.reference import format_reference, parse_reference
+from mlmesh_sdk.registry import RegistryClient
+
+from mlmesh_llm.engines.base import Engine
+
+log = logging.getLogger("mlmesh.llm.models")
+ModelReference = model_reference_pb2.ModelReference
+EngineFactory = Callable[[Path], Engine]
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """One model version running on one engine."""
+
+    model: str
+    version: int
+    engine: Engine
+    load_time: dt.datetime
+    in_flight: int = 0
+    draining: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Served:
+    """A configured reference and the version serving it now."""
+
+    reference: ModelReference
+    current: LoadedVersion | None = None
+
+
+class ModelManager:
+    def __init__(
+        self,
+        references: list[str],
+        registry_target: str,
+        cache_dir: Path,
+        engine_factory: EngineFactory,
+        retry_seconds: float = 2.0,
+    ) -> None:
+        self.served = [Served(parse_reference(text)) for text in references]
+        self.registry_target = registry_target
+        self.cache_dir = cache_dir
+        self.engine_factory = engine_factory
+        self.retry_seconds = retry_seconds
+        self.loaded: list[LoadedVersion] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._swap_lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads every configured model (retrying while the registry cannot
+        give it), then watches for alias moves. Sets ``ready`` when all load."""
+        self._tasks.append(asyncio.create_task(self._load_all()))
+
+    async def _load_all(self) -> None:
+        for served in self.served:
+            while served.current is None:
+                try:
+                    await self._refresh(served)
+                except (grpc.RpcError, OSError, ValueError) as error:
+                    log.warning(
+                        "cannot load %s yet: %s",
+                        format_reference(served.reference),
+                        _describe(error),
+                    )
+                    await asyncio.sleep(self.retry_seconds)
+        self.ready.set()
+        for model in sorted({s.reference.model for s in self.served}):
+            self._tasks.append(asyncio.create_task(self._watch(model)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for loaded in list(self.loaded):
+            await self._stop_engine(loaded)
+
+    # ---- lookups ------------------------------------------------------------
+
+    def lookup(self, reference: ModelReference) -> LoadedVersion:
+        """The loaded version serving ``reference``; NOT_FOUND otherwise."""
+        selector = reference.WhichOneof("selector")
+        text = format_reference(reference)
+        if selector == "version":
+            for loaded in self.loaded:
+                if loaded.model == reference.model and loaded.version == reference.version:
+                    return loaded
+            raise NotFound("model", text, f"model version {text!r} is not loaded on this server")
+        for served in self.served:
+            if served.reference.model != reference.model:
+                continue
+            if selector == "alias" and served.reference.alias != reference.alias:
+                continue
+            if served.current is None:
+                raise FailedPrecondition(f"model {text!r} is still loading", model=text)
+            return served.current
+        raise NotFound("model", text, f"model {text!r} is not served by this server")
+
+    @contextlib.contextmanager
+    def lease(self, loaded: LoadedVersion) -> Iterator[Engine]:
+        """Counts a request on a version, so a swap stops it only when idle."""
+        loaded.in_flight += 1
+        try:
+            yield loaded.engine
+        finally:
+            loaded.in_flight -= 1
+            if loaded.draining and loaded.in_flight == 0:
+                self._tasks.append(asyncio.create_task(self._stop_engine(loaded)))
+
+    def current_versions(self) -> list[tuple[Served, LoadedVersion]]:
+        return [(s, s.current) for s in self.served if s.current is not None]
+
+    # ---- loading and swapping ----------------------------------------------
+
+    async def _refresh(self, served: Served) -> None:
+        """Resolves the reference; loads and switches to its version if new."""
+        async with self._swap_lock, RegistryClient(self.registry_target) as registry:
+            version = await registry.resolve(served.reference)
+            if served.current is not None and served.current.version == version.version:
+                return
+            folder = self.cache_dir / version.model / str(version.version)
+            if not (folder / ".complete").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                await registry.download_folder(
+                    ModelReference(model=version.model, version=version.version), folder
+                )
+                (folder / ".complete").touch()
+            existing = next(
+                (
+                    v
+                    for v in self.loaded
+                    if v.model == version.model and v.version == version.version and not v.draining
+                ),
+                None,
+            )
+            if existing is None:
+                engine = self.engine_factory(folder)
+                await engine.start()
+                existing = LoadedVersion(
+                    version.model, version.version, engine, dt.datetime.now(dt.UTC)
+                )
+                self.loaded.append(existing)
+            old, served.current = served.current, existing
+            log.info(
+                "serving %s with version %d", format_reference(served.reference), version.version
+            )
+            if (
+                old is not None
+                and old is not existing
+                and not any(s.current is old for s in self.served)
+            ):
+                old.draining = True
+                if old.in_flight == 0:
+                    await self._stop_engine(old)
+
+    async def _stop_engine(self, loaded: LoadedVersion) -> None:
+        if loaded.stopped.is_set():
+            return
+        loaded.stopped.set()
+        if loaded in self.loaded:
+            self.loaded.remove(loaded)
+        await loaded.engine.stop()
+        log.info("stopped %s/%d", loaded.model, loaded.version)
+
+    async def _watch(self, model: str) -> None:
+        """Follows the registry's events for ``model``; reconnects forever."""
+        after = 0
+        while True:
+            try:
+                async with RegistryClient(self.registry_target) as registry:
+                    events = registry.stub.WatchEvents(
+                        registry_rpc.WatchEventsRequest(models=[model], after_sequence=after)
+                    )
+                    async for event in events:
+                        after = event.sequence
+                        if event.WhichOneof("event") != "alias_event":
+                            continue
+                        moved = event.alias_event
+                        for served in self.served:
+                            if (
+                                served.reference.model == model
+                                and served.reference.alias == moved.alias
+                                and (
+                                    served.current is None
+                                    or served.current.version != moved.to_version
+                                )
+                            ):
+                                await self._refresh(served)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # registry restarts, network: keep following
+                log.warning("watching %s: %s; reconnecting", model, _describe(error))
+                await asyncio.sleep(self.retry_seconds)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+    return str(error)

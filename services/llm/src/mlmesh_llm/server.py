@@ -1,0 +1,78 @@
+"""build_server(settings): engines, the model manager, and the server.
+
+Health stays NOT_SERVING until every configured model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from mlmesh.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
+from mlmesh_chassis.server import ServiceHost, start_service
+
+from mlmesh_llm.config import LlmSettings
+from mlmesh_llm.engines.base import Engine
+from mlmesh_llm.models import ModelManager
+from mlmesh_llm.servicer import LlmServicer
+
+log = logging.getLogger("mlmesh.llm")
+SERVICE_NAME = llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+
+
+def engine_factory(settings: LlmSettings):  # type: ignore[no-untyped-def]
+    """A function making one engine for one model folder, per the settings."""
+    if settings.engine == "cpu":
+        from mlmesh_llm.engines.cpu import CpuEngine
+
+        def make_cpu(folder: Path) -> Engine:
+            return CpuEngine(
+                folder,
+                max_running=settings.max_running,
+                max_waiting=settings.max_waiting,
+                max_context=settings.max_context or None,
+                threads=settings.torch_threads or None,
+                max_prefill_per_step=settings.max_prefill_per_step,
+            )
+
+        return make_cpu
+    if settings.engine == "vllm":
+        from mlmesh_llm.engines.vllm import VllmEngine
+
+        options = settings.vllm()
+
+        def make_vllm(folder: Path) -> Engine:
+            return VllmEngine(folder, options, max_waiting=settings.max_waiting)
+
+        return make_vllm
+    from mlmesh_llm.engines.null import NullEngine
+
+    return lambda folder: NullEngine()
+
+
+async def build_server(settings: LlmSettings) -> ServiceHost:
+    models = ModelManager(
+        settings.references(),
+        settings.registry_target,
+        settings.cache_dir,
+        engine_factory(settings),
+        settings.load_retry_seconds,
+    )
+    servicer = LlmServicer(models, settings)
+
+    def register(server) -> list[str]:  # type: ignore[no-untyped-def]
+        llm_service_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    host = await start_service(settings, register, error_domain="mlmesh.llm", serving=False)
+    host.on_close.append(models.stop)
+    await models.start()
+
+    async def serve_when_ready() -> None:
+        await models.ready.wait()
+        await host.set_serving(True)
+        log.info("all models loaded; SERVING")
+
+    host.background.append(asyncio.create_task(serve_when_ready()))
+    return host

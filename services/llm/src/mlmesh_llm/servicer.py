@@ -1,0 +1,292 @@
+"""LlmService: validate, tokenize, stream from the engine, report load."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from google.protobuf import duration_pb2
+from mlmesh.common.v1 import model_reference_pb2, usage_pb2
+from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
+from mlmesh.llm.v1 import llm_service_pb2 as rpc
+from mlmesh_chassis.errors import (
+    FieldViolation,
+    InvalidArgument,
+    QuotaViolation,
+    ResourceExhausted,
+)
+
+from mlmesh_llm.config import LlmSettings
+from mlmesh_llm.engines.base import (
+    Engine,
+    EngineRequest,
+    FinishReason,
+    ImageInput,
+    QueueFull,
+    Sampling,
+)
+from mlmesh_llm.models import LoadedVersion, ModelManager
+
+log = logging.getLogger("mlmesh.llm")
+_FINISH = {
+    FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
+    FinishReason.STOP_SEQUENCE: llm_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
+}
+_ROLES = {
+    llm_pb2.CHAT_ROLE_SYSTEM: "system",
+    llm_pb2.CHAT_ROLE_USER: "user",
+    llm_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+}
+_MEDIA_TYPES = {"image/png", "image/jpeg", "image/webp"}
+MAX_IMAGES = 8
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def _load_metadata(engine: Engine) -> tuple[tuple[str, str], ...]:
+    load = engine.load()
+    return (
+        ("mlmesh-load-waiting", str(load.waiting)),
+        ("mlmesh-load-running", str(load.running)),
+        ("mlmesh-load-kv-cache", f"{load.kv_cache_usage:.4f}"),
+    )
+
+
+def _load_message(engine: Engine) -> llm_pb2.Load:
+    load = engine.load()
+    return llm_pb2.Load(
+        waiting_requests=load.waiting,
+        running_requests=load.running,
+        kv_cache_usage=load.kv_cache_usage,
+    )
+
+
+class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
+    def __init__(self, models: ModelManager, settings: LlmSettings) -> None:
+        self.models = models
+        self.settings = settings
+
+    async def Generate(self, request, context) -> AsyncIterator[rpc.GenerateResponse]:  # type: ignore[no-untyped-def,override]
+        loaded = self.models.lookup(request.model)
+        engine = loaded.engine
+        sampling = self._sampling(request.sampling)
+        prompt_ids = self._prompt_ids(engine, request)
+        images = self._images(engine, loaded, request)
+        context_length = engine.info.context_length
+        if len(prompt_ids) + sampling.max_tokens > context_length:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                f"exceeds the context length {context_length}",
+                [
+                    FieldViolation(
+                        "sampling.max_tokens",
+                        f"at most {max(context_length - len(prompt_ids), 0)} for this prompt",
+                    )
+                ],
+                prompt_tokens=len(prompt_ids),
+                max_tokens=sampling.max_tokens,
+                context_length=context_length,
+            )
+        request_id = request.request_id or uuid.uuid4().hex
+        remaining = context.time_remaining()
+        engine_request = EngineRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            images=images,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
+        )
+        with self.models.lease(loaded):
+            stream = engine.generate(engine_request)
+            try:
+                first = True
+                async for delta in stream:
+                    response = rpc.GenerateResponse(text=delta.text, token_count=delta.token_count)
+                    if first:
+                        response.model.CopyFrom(
+                            model_reference_pb2.ModelReference(
+                                model=loaded.model, version=loaded.version
+                            )
+                        )
+                        first = False
+                    if delta.finish_reason is not None:
+                        response.finish_reason = _FINISH[delta.finish_reason]
+                        response.usage.CopyFrom(
+                            usage_pb2.Usage(
+                                prompt_tokens=delta.prompt_tokens,
+                                completion_tokens=delta.completion_tokens,
+                                cached_tokens=delta.cached_tokens,
+                            )
+                        )
+                        response.timings.CopyFrom(
+                            llm_pb2.Timings(
+                                queue_duration=_duration(delta.queue_seconds),
+                                time_to_first_token=_duration(delta.first_token_seconds),
+                                time_per_output_token=_duration(delta.per_token_seconds),
+                            )
+                        )
+                        response.load.CopyFrom(_load_message(engine))
+                        context.set_trailing_metadata(_load_metadata(engine))
+                    yield response
+            except QueueFull as full:
+                context.set_trailing_metadata(_load_metadata(engine))
+                raise ResourceExhausted(
+                    f"the engine's queue is full ({full.waiting} waiting); retry later",
+                    [
+                        QuotaViolation(
+                            f"model:{loaded.model}/{loaded.version}", "engine waiting queue"
+                        )
+                    ],
+                    retry_after_s=full.retry_after_s,
+                    waiting=full.waiting,
+                ) from full
+            finally:
+                await stream.aclose()  # on cancel or error: abort in the engine now
+
+    async def CountTokens(self, request, context):  # type: ignore[no-untyped-def]
+        loaded = self.models.lookup(request.model)
+        ids = self._prompt_ids(loaded.engine, request)
+        context.set_trailing_metadata(_load_metadata(loaded.engine))
+        return rpc.CountTokensResponse(
+            token_count=len(ids), context_length=loaded.engine.info.context_length
+        )
+
+    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        items = sorted(self._describe_all(), key=lambda m: (m.reference.model, m.reference.alias))
+        size = min(request.page_size or 50, 1000)
+        start = 0
+        if request.page_token:
+            try:
+                start = int(request.page_token)
+            except ValueError as error:
+                raise InvalidArgument.field(
+                    "page_token", "is not a token this list returned"
+                ) from error
+        page = items[start : start + size]
+        token = str(start + size) if start + size < len(items) else ""
+        return rpc.ListModelsResponse(models=page, next_page_token=token)
+
+    async def GetModel(self, request, context):  # type: ignore[no-untyped-def]
+        loaded = self.models.lookup(request.model)
+        context.set_trailing_metadata(_load_metadata(loaded.engine))
+        return rpc.GetModelResponse(model=self._describe(request.model, loaded))
+
+    # ---- helpers ------------------------------------------------------------
+
+    def _describe_all(self) -> list[llm_pb2.LoadedModel]:
+        return [
+            self._describe(served.reference, loaded)
+            for served, loaded in self.models.current_versions()
+        ]
+
+    def _describe(self, reference, loaded: LoadedVersion) -> llm_pb2.LoadedModel:  # type: ignore[no-untyped-def]
+        info = loaded.engine.info
+        capabilities = [llm_pb2.CAPABILITY_STREAMING]
+        if info.chat:
+            capabilities.append(llm_pb2.CAPABILITY_CHAT)
+        if info.image_input:
+            capabilities.append(llm_pb2.CAPABILITY_IMAGE_INPUT)
+        if info.speculative:
+            capabilities.append(llm_pb2.CAPABILITY_SPECULATIVE_DECODING)
+        model = llm_pb2.LoadedModel(
+            reference=reference,
+            resolved_version=loaded.version,
+            context_length=info.context_length,
+            capabilities=capabilities,
+            engine=loaded.engine.name,
+            load=_load_message(loaded.engine),
+        )
+        model.load_time.FromDatetime(loaded.load_time)
+        return model
+
+    def _sampling(self, params: llm_pb2.SamplingParams) -> Sampling:
+        violations = []
+        max_tokens = (
+            params.max_tokens if params.HasField("max_tokens") else self.settings.default_max_tokens
+        )
+        if max_tokens <= 0:
+            violations.append(FieldViolation("sampling.max_tokens", "must be at least 1"))
+        temperature = params.temperature if params.HasField("temperature") else 1.0
+        if not 0.0 <= temperature <= 2.0:
+            violations.append(FieldViolation("sampling.temperature", "must be between 0 and 2"))
+        top_p = params.top_p if params.HasField("top_p") else 1.0
+        if not 0.0 < top_p <= 1.0:
+            violations.append(
+                FieldViolation("sampling.top_p", "must be greater than 0 and at most 1")
+            )
+        top_k = params.top_k if params.HasField("top_k") else 0
+        if top_k < 0:
+            violations.append(FieldViolation("sampling.top_k", "must not be negative"))
+        if len(params.stop) > 8 or any(not 1 <= len(s) <= 64 for s in params.stop):
+            violations.append(
+                FieldViolation("sampling.stop", "at most 8 strings of 1 to 64 characters")
+            )
+        if violations:
+            raise InvalidArgument("invalid sampling parameters", violations)
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=tuple(params.stop),
+            seed=params.seed if params.HasField("seed") else None,
+        )
+
+    def _prompt_ids(self, engine: Engine, request) -> list[int]:  # type: ignore[no-untyped-def]
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            if not request.text:
+                raise InvalidArgument.field("text", "must not be empty")
+            ids = engine.tokenizer.encode(request.text)
+        elif kind == "chat":
+            if not request.chat.messages:
+                raise InvalidArgument.field("chat.messages", "at least one message is required")
+            if not engine.info.chat:
+                raise InvalidArgument.field("chat", "this model has no chat template")
+            turns = []
+            for i, message in enumerate(request.chat.messages):
+                if message.role not in _ROLES:
+                    raise InvalidArgument.field(
+                        f"chat.messages[{i}].role", "must be SYSTEM, USER or ASSISTANT"
+                    )
+                turns.append((_ROLES[message.role], message.content))
+            ids = engine.tokenizer.encode(engine.tokenizer.render_chat(turns))
+        else:
+            raise InvalidArgument.field("prompt", "set text or chat")
+        context_length = engine.info.context_length
+        if len(ids) >= context_length:
+            raise InvalidArgument(
+                f"the prompt has {len(ids)} tokens; the context length is {context_length}",
+                [FieldViolation(kind, f"at most {context_length - 1} tokens")],
+                prompt_tokens=len(ids),
+                context_length=context_length,
+            )
+        return ids
+
+    def _images(self, engine: Engine, loaded: LoadedVersion, request) -> list[ImageInput]:  # type: ignore[no-untyped-def]
+        if not request.images:
+            return []
+        if not engine.info.image_input:
+            raise InvalidArgument(
+                f"model {loaded.model}/{loaded.version} does not accept images",
+                [FieldViolation("images", "this model is text-only")],
+                model=f"{loaded.model}/{loaded.version}",
+            )
+        if len(request.images) > MAX_IMAGES:
+            raise InvalidArgument.field("images", f"at most {MAX_IMAGES} images")
+        for i, image in enumerate(request.images):
+            if image.media_type not in _MEDIA_TYPES or not 0 < len(image.data) <= MAX_IMAGE_BYTES:
+                raise InvalidArgument.field(
+                    f"images[{i}]", "PNG, JPEG or WebP data of at most 20 MiB"
+                )
+        return [ImageInput(image.data, image.media_type) for image in request.images]
