@@ -59,28 +59,33 @@ def postgres_url() -> Iterator[str]:
     engine.dispose()
 
 
-def start_mesh(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+def start_mesh(
+    state_dir: Path, env: dict[str, str], services: str = ""
+) -> tuple[subprocess.Popen, dict]:
     ready = state_dir / "ready.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "mlmesh_runner",
+        "--state-dir",
+        str(state_dir),
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+    ]
+    if services:
+        argv += ["--services", services]
     with (state_dir / "runner.log").open("wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlmesh_runner",
-                "--state-dir",
-                str(state_dir),
-                "--port",
-                "0",
-                "--admin-port",
-                "0",
-            ],
+            argv,
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240
     while not ready.exists():
         if process.poll() is not None:
             raise RuntimeError(f"runner exited: {(state_dir / 'runner.log').read_text()}")
@@ -100,20 +105,53 @@ def stop_mesh(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
-def mesh(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[MeshInfo]:
-    backend = request.param
-    state_dir = tmp_path_factory.mktemp(f"mesh-{backend}")
-    env = {}
-    if backend == "postgres":
-        env["MLMESH_REGISTRY_DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    process, ready = start_mesh(state_dir, env)
-    try:
-        yield MeshInfo(backend, ready["address"], ready["admin"], state_dir, ready["services"])
-    finally:
+# The LLM engine in the test mesh: few slots, so queueing and slot reuse are
+# exercised with little CPU.
+LLM_TEST_ENV = {
+    "MLMESH_LLM_MAX_RUNNING": "8",
+    "MLMESH_LLM_MAX_WAITING": "80",
+    "MLMESH_LLM_TORCH_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def meshes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Starts each backend's mesh on first use, once per session.
+
+    sqlite: every service (registry, llm). postgres: the registry alone, on a
+    fresh database of the machine's PostgreSQL.
+    """
+    started: dict[str, tuple[subprocess.Popen, MeshInfo]] = {}
+
+    def get(backend: str) -> MeshInfo:
+        if backend not in started:
+            state_dir = tmp_path_factory.mktemp(f"mesh-{backend}")
+            if backend == "postgres":
+                env = {"MLMESH_REGISTRY_DATABASE_URL": request.getfixturevalue("postgres_url")}
+                process, ready = start_mesh(state_dir, env, services="registry")
+            else:
+                process, ready = start_mesh(state_dir, LLM_TEST_ENV)
+            started[backend] = (
+                process,
+                MeshInfo(backend, ready["address"], ready["admin"], state_dir, ready["services"]),
+            )
+        return started[backend][1]
+
+    yield get
+    for process, _ in started.values():
         stop_mesh(process)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def mesh(request: pytest.FixtureRequest, meshes) -> MeshInfo:
+    """The registry's tests run on both backends."""
+    return meshes(request.param)
+
+
+@pytest.fixture(scope="session")
+def full_mesh(meshes) -> MeshInfo:
+    """Every service (SQLite backend)."""
+    return meshes("sqlite")
 
 
 @pytest.fixture
