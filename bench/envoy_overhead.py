@@ -62,7 +62,7 @@ async def measure(target: str, concurrency: int, requests: int) -> list[float]:
 async def main(args: Any) -> int:
     spec = ServiceSpec(
         name="echo",
-        command=[sys.executable, __file__, "--serve"],
+        command=lambda ctx, port: [sys.executable, __file__, "--serve"],
         services=lambda: [HEALTH],
         env_prefix="MLMESH_ECHO_",
     )

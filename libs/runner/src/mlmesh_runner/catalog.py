@@ -5,10 +5,12 @@ A later service joins the mesh by adding one ``ServiceSpec`` here.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from google.protobuf import descriptor
 
@@ -29,8 +31,10 @@ class ServiceSpec:
     """How to run one mesh service locally."""
 
     name: str
-    # argv; the runner sets <env_prefix>PORT=0 and <env_prefix>PORT_FILE.
-    command: Sequence[str]
+    # argv, given the context and the port to bind (0 on first start; the
+    # same port on a restart). Chassis services also get <env_prefix>PORT and
+    # <env_prefix>PORT_FILE in their environment.
+    command: Callable[[RunContext, int], Sequence[str]]
     # The gRPC services it serves (routes and health checks come from these).
     services: Callable[[], Sequence[descriptor.ServiceDescriptor]]
     # Environment prefix of its settings, e.g. MLMESH_REGISTRY_.
@@ -42,6 +46,60 @@ class ServiceSpec:
     prepare: Callable[[RunContext], Sequence[str]] | None = None
     # Seconds to wait for health SERVING at start.
     start_timeout: float = 60.0
+    # How its port is learnt: the chassis' port file, or (for other programs)
+    # the socket the process listens on.
+    port_discovery: Literal["port-file", "listening-socket"] = "port-file"
+    # Readiness check given the port, for programs without grpc.health
+    # (None: grpc.health.v1 for services()[0]).
+    ready: Callable[[int], Awaitable[bool]] | None = None
+    # Whether Envoy routes to it.
+    routed: bool = True
+
+
+def _deployer_services() -> Sequence[descriptor.ServiceDescriptor]:
+    from mlmesh.deployer.v1alpha1 import deployer_service_pb2
+
+    return [deployer_service_pb2.DESCRIPTOR.services_by_name["DeployerService"]]
+
+
+def _triton_home() -> Path:
+    """Where scripts/setup.sh provisioned Triton and its models' environment."""
+    return Path(os.environ.get("MLMESH_TRITON_HOME", Path(__file__).resolve().parents[4] / ".envs"))
+
+
+def _triton_command(ctx: RunContext, port: int) -> list[str]:
+    home = _triton_home() / "triton"
+    return [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={ctx.state / 'triton-repository'}",
+        f"--backend-directory={home / 'backends'}",
+        "--model-control-mode=explicit",
+        "--load-model=*",  # after a restart: whatever the deployer left live
+        f"--grpc-port={port}",
+        "--grpc-address=127.0.0.1",
+        "--allow-http=false",
+        "--allow-metrics=false",
+        "--exit-timeout-secs=10",
+        "--log-verbose=0",
+    ]
+
+
+def _triton_env(ctx: RunContext) -> dict[str, str]:
+    (ctx.state / "triton-repository").mkdir(parents=True, exist_ok=True)
+    home = _triton_home()
+    return {
+        "LD_LIBRARY_PATH": str(home / "triton" / "lib"),
+        "MLMESH_TRITON_PYTHONPATH": str(
+            home / "triton-models" / "lib" / "python3.11" / "site-packages"
+        ),
+    }
+
+
+async def _triton_ready(port: int) -> bool:
+    from mlmesh_inference.triton import TritonClient
+
+    async with TritonClient(f"127.0.0.1:{port}") as client:
+        return await client.server_ready()
 
 
 def _registry_services() -> Sequence[descriptor.ServiceDescriptor]:
@@ -59,7 +117,7 @@ def _llm_services() -> Sequence[descriptor.ServiceDescriptor]:
 CATALOG: list[ServiceSpec] = [
     ServiceSpec(
         name="registry",
-        command=[sys.executable, "-m", "mlmesh_registry"],
+        command=lambda ctx, port: [sys.executable, "-m", "mlmesh_registry"],
         services=_registry_services,
         env_prefix="MLMESH_REGISTRY_",
         env=lambda ctx: {
@@ -69,7 +127,7 @@ CATALOG: list[ServiceSpec] = [
     ),
     ServiceSpec(
         name="llm",
-        command=[sys.executable, "-m", "mlmesh_llm"],
+        command=lambda ctx, port: [sys.executable, "-m", "mlmesh_llm"],
         services=_llm_services,
         env_prefix="MLMESH_LLM_",
         env=lambda ctx: {
@@ -87,5 +145,41 @@ CATALOG: list[ServiceSpec] = [
             ctx.address("registry"),
         ],
         start_timeout=180.0,
+    ),
+    ServiceSpec(
+        name="triton",
+        command=_triton_command,
+        services=lambda: [],
+        env_prefix="MLMESH_TRITON_",
+        env=_triton_env,
+        port_discovery="listening-socket",
+        ready=_triton_ready,
+        routed=False,  # the gateway and batch jobs call it through mlmesh_inference
+        start_timeout=120.0,
+    ),
+    ServiceSpec(
+        name="deployer",
+        command=lambda ctx, port: [sys.executable, "-m", "mlmesh_deployer"],
+        services=_deployer_services,
+        env_prefix="MLMESH_DEPLOYER_",
+        env=lambda ctx: {
+            "MLMESH_DEPLOYER_REGISTRY_TARGET": ctx.address("registry"),
+            "MLMESH_DEPLOYER_TRITON_TARGET": ctx.address("triton"),
+            "MLMESH_DEPLOYER_REPOSITORY": str(ctx.state / "triton-repository"),
+            "MLMESH_DEPLOYER_CACHE_DIR": str(ctx.state / "deployer-cache"),
+        },
+        # Builds the digits classifier and the MiniLM embedder once and
+        # registers them as digits@champion and minilm@champion.
+        prepare=lambda ctx: [
+            sys.executable,
+            "-m",
+            "mlmesh_triton.build",
+            "all",
+            "--out",
+            str(ctx.state / "build" / "triton"),
+            "--register",
+            ctx.address("registry"),
+        ],
+        start_timeout=300.0,
     ),
 ]

@@ -78,6 +78,23 @@ class Child:
             f"{self.name} did not report its port in {timeout_s}s; see {self.log_path}"
         )
 
+    async def wait_listening(self, timeout_s: float) -> dict[str, Any]:
+        """For programs that cannot write a port file: the port it listens on."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; "
+                    f"see {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            ports = listening_ports(self.process.pid)
+            if ports:
+                self.ports = {"port": min(ports), "pid": self.process.pid}
+                return self.ports
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not listen in {timeout_s}s; see {self.log_path}")
+
     async def stop(self, grace: float = 10.0) -> None:
         process = self.process
         if process is None or process.returncode is not None:
@@ -91,6 +108,40 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on (from /proc; no bind-then-close race)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def wait_ready(ready: Any, child: Child, timeout_s: float) -> None:
+    """Polls ``ready(port)`` until it answers True."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.process and child.process.returncode is not None:
+            raise RuntimeError(
+                f"{child.name} exited; see {child.log_path}:\n{_tail(child.log_path)}"
+            )
+        if await ready(child.ports["port"]):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{child.name} not ready after {timeout_s}s; see {child.log_path}")
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -157,11 +208,7 @@ class Mesh:
                 await self._prepare(spec)
             child = self._child(spec)
             self.children[spec.name] = child
-            await child.start()
-            await child.wait_port_file(spec.start_timeout)
-            await wait_healthy(
-                child.ports["port"], spec.services()[0].full_name, spec.start_timeout, child
-            )
+            await self._bring_up(spec, child)
             log.info("%s is SERVING on port %s", spec.name, child.ports["port"])
         await self._start_envoy()
         for spec in self.catalog:
@@ -218,9 +265,25 @@ class Mesh:
             f"{spec.env_prefix}PORT_FILE": str(port_file),
             "PYTHONUNBUFFERED": "1",
         }
-        return Child(
-            spec.name, list(spec.command), env, self.state / "logs" / f"{spec.name}.log", port_file
-        )
+        argv = list(spec.command(self.context(), port))
+        log_path = self.state / "logs" / f"{spec.name}.log"
+        if spec.port_discovery == "listening-socket":
+            return Child(spec.name, argv, env, log_path, None)
+        return Child(spec.name, argv, env, log_path, port_file)
+
+    async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:
+        """Starts ``child``, learns its port, waits until it is ready."""
+        await child.start()
+        if child.port_file is not None:
+            await child.wait_port_file(spec.start_timeout)
+        else:
+            await child.wait_listening(spec.start_timeout)
+        if spec.ready is not None:
+            await wait_ready(spec.ready, child, spec.start_timeout)
+        else:
+            await wait_healthy(
+                child.ports["port"], spec.services()[0].full_name, spec.start_timeout, child
+            )
 
     async def _start_envoy(self) -> None:
         upstreams = [
@@ -228,6 +291,7 @@ class Mesh:
                 spec.name, spec.services(), [("127.0.0.1", self.children[spec.name].ports["port"])]
             )
             for spec in self.catalog
+            if spec.routed
         ]
         config = render(
             upstreams,
@@ -282,7 +346,7 @@ class Mesh:
             return json.loads(reply.read())
 
     async def _wait_clusters_healthy(self, deadline: float) -> None:
-        names = {spec.name for spec in self.catalog}
+        names = {spec.name for spec in self.catalog if spec.routed}
         while True:
             clusters = await asyncio.to_thread(self._admin_json, "/clusters?format=json")
             healthy = set()
@@ -315,15 +379,8 @@ class Mesh:
             replacement = self._child(spec, port=child.ports["port"])
             replacement.restarts = child.restarts + 1
             self.children[spec.name] = replacement
-            await replacement.start()
             try:
-                await replacement.wait_port_file(spec.start_timeout)
-                await wait_healthy(
-                    replacement.ports["port"],
-                    spec.services()[0].full_name,
-                    spec.start_timeout,
-                    replacement,
-                )
+                await self._bring_up(spec, replacement)
                 backoff = 0.5
                 log.info("%s is back (restart %d)", spec.name, replacement.restarts)
             except (RuntimeError, TimeoutError) as error:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
-from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
+from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_chassis.errors import FailedPrecondition, NotFound
+from mlmesh_sdk.follow import follow
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.registry import RegistryClient
 
@@ -75,25 +76,28 @@ class ModelManager:
     # ---- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Loads every configured model (retrying while the registry cannot
-        give it), then watches for alias moves. Sets ``ready`` when all load."""
-        self._tasks.append(asyncio.create_task(self._load_all()))
-
-    async def _load_all(self) -> None:
+        """Follows every configured reference: loads its version (retrying while
+        the registry cannot give it) and each version its alias moves to. Sets
+        ``ready`` once every reference has a version loaded."""
         for served in self.served:
-            while served.current is None:
+            self._tasks.append(asyncio.create_task(self._follow(served)))
+
+    async def _follow(self, served: Served) -> None:
+        async for version in follow(self.registry_target, served.reference, self.retry_seconds):
+            while True:
                 try:
-                    await self._refresh(served)
+                    await self._switch(served, version)
+                    break
                 except (grpc.RpcError, OSError, ValueError) as error:
                     log.warning(
-                        "cannot load %s yet: %s",
-                        format_reference(served.reference),
+                        "cannot load %s/%d yet: %s",
+                        version.model,
+                        version.version,
                         _describe(error),
                     )
                     await asyncio.sleep(self.retry_seconds)
-        self.ready.set()
-        for model in sorted({s.reference.model for s in self.served}):
-            self._tasks.append(asyncio.create_task(self._watch(model)))
+            if all(s.current is not None for s in self.served):
+                self.ready.set()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -141,18 +145,19 @@ class ModelManager:
 
     # ---- loading and swapping ----------------------------------------------
 
-    async def _refresh(self, served: Served) -> None:
-        """Resolves the reference; loads and switches to its version if new."""
-        async with self._swap_lock, RegistryClient(self.registry_target) as registry:
-            version = await registry.resolve(served.reference)
+    async def _switch(self, served: Served, version: ModelVersion) -> None:
+        """Loads ``version`` (download once, start an engine) and switches new
+        requests to it; the old version stops when its last stream ends."""
+        async with self._swap_lock:
             if served.current is not None and served.current.version == version.version:
                 return
             folder = self.cache_dir / version.model / str(version.version)
             if not (folder / ".complete").exists():
                 shutil.rmtree(folder, ignore_errors=True)
-                await registry.download_folder(
-                    ModelReference(model=version.model, version=version.version), folder
-                )
+                async with RegistryClient(self.registry_target) as registry:
+                    await registry.download_folder(
+                        ModelReference(model=version.model, version=version.version), folder
+                    )
                 (folder / ".complete").touch()
             existing = next(
                 (
@@ -190,36 +195,6 @@ class ModelManager:
             self.loaded.remove(loaded)
         await loaded.engine.stop()
         log.info("stopped %s/%d", loaded.model, loaded.version)
-
-    async def _watch(self, model: str) -> None:
-        """Follows the registry's events for ``model``; reconnects forever."""
-        after = 0
-        while True:
-            try:
-                async with RegistryClient(self.registry_target) as registry:
-                    events = registry.stub.WatchEvents(
-                        registry_rpc.WatchEventsRequest(models=[model], after_sequence=after)
-                    )
-                    async for event in events:
-                        after = event.sequence
-                        if event.WhichOneof("event") != "alias_event":
-                            continue
-                        moved = event.alias_event
-                        for served in self.served:
-                            if (
-                                served.reference.model == model
-                                and served.reference.alias == moved.alias
-                                and (
-                                    served.current is None
-                                    or served.current.version != moved.to_version
-                                )
-                            ):
-                                await self._refresh(served)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # registry restarts, network: keep following
-                log.warning("watching %s: %s; reconnecting", model, _describe(error))
-                await asyncio.sleep(self.retry_seconds)
 
 
 def _describe(error: BaseException) -> str:

@@ -1,0 +1,1 @@
+"""Clients for model servers (Triton / KServe v2)."""

@@ -1,0 +1,213 @@
+"""Keeps Triton's model repository in step with registry aliases.
+
+For each followed reference (``digits@champion``) the Triton model is named
+after the registry model and its versions are registry versions. On an alias
+move: download the version, write it into the repository, load the model
+with both the old and the new version, wait until the new one is ready (new
+requests without a version go to the highest loaded one), then load with the
+new version alone, which unloads the old after its in-flight requests finish.
+Moving to a lower version works the same way; the switch then happens at the
+second load. A reconcile loop reloads live versions a restarted Triton lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlmesh.common.v1.model_reference_pb2 import ModelReference
+from mlmesh.registry.v1.model_pb2 import ModelVersion
+from mlmesh_inference.triton import TritonClient
+from mlmesh_sdk.follow import follow
+from mlmesh_sdk.reference import format_reference, parse_reference
+from mlmesh_sdk.registry import RegistryClient
+
+log = logging.getLogger("mlmesh.deployer")
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class Deployment:
+    reference: ModelReference
+    live_version: int = 0
+    target_version: int = 0
+    state: State = State.LOADING
+    message: str = ""
+    update_time: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    @property
+    def model(self) -> str:
+        return self.reference.model
+
+    def set(self, state: State, message: str = "") -> None:
+        self.state, self.message = state, message
+        self.update_time = dt.datetime.now(dt.UTC)
+
+
+class TritonDeployer:
+    def __init__(
+        self,
+        references: list[str],
+        registry_target: str,
+        triton: TritonClient,
+        repository: Path,
+        cache_dir: Path,
+        *,
+        reconcile_seconds: float = 2.0,
+        load_timeout_s: float = 300.0,
+        retry_seconds: float = 2.0,
+    ) -> None:
+        self.deployments = [Deployment(parse_reference(text)) for text in references]
+        models = [d.model for d in self.deployments]
+        if len(set(models)) != len(models):
+            raise ValueError(f"one alias per model: {references}")
+        self.registry_target = registry_target
+        self.triton = triton
+        self.repository = repository
+        self.cache_dir = cache_dir
+        self.reconcile_seconds = reconcile_seconds
+        self.load_timeout_s = load_timeout_s
+        self.retry_seconds = retry_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+        self._locks = {d.model: asyncio.Lock() for d in self.deployments}
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self.repository.mkdir(parents=True, exist_ok=True)
+        for deployment in self.deployments:
+            self._tasks.append(asyncio.create_task(self._follow(deployment)))
+        self._tasks.append(asyncio.create_task(self._reconcile()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _follow(self, deployment: Deployment) -> None:
+        async for version in follow(self.registry_target, deployment.reference, self.retry_seconds):
+            deployment.target_version = version.version
+            while True:
+                try:
+                    await self._roll(deployment, version)
+                    break
+                except Exception as error:  # registry, Triton or disk: retry
+                    log.warning("deploying %s/%d failed: %s", version.model, version.version, error)
+                    deployment.set(State.FAILED, str(error))
+                    await asyncio.sleep(self.retry_seconds)
+            if all(d.state is State.READY for d in self.deployments):
+                self.ready.set()
+
+    async def _roll(self, deployment: Deployment, version: ModelVersion) -> None:
+        async with self._locks[deployment.model]:
+            old, new = deployment.live_version, version.version
+            if old == new:
+                deployment.set(State.READY)
+                return
+            deployment.set(State.LOADING)
+            folder = await self._download(version)
+            model_dir = self.repository / deployment.model
+            await asyncio.to_thread(_install, folder, model_dir, new)
+            # 1: old and new side by side; wait for the new one.
+            _write_config(folder, model_dir, deployment.model, sorted({old, new} - {0}))
+            await self._load(deployment.model)
+            await self._wait_ready(deployment.model, new)
+            deployment.live_version = new
+            deployment.set(State.READY)
+            log.info(
+                "%s: version %d is live on Triton", format_reference(deployment.reference), new
+            )
+            # 2: the new one alone; Triton unloads the old after its in-flight requests.
+            if old:
+                _write_config(folder, model_dir, deployment.model, [new])
+                await self._load(deployment.model)
+                await asyncio.to_thread(shutil.rmtree, model_dir / str(old), True)
+                log.info("%s: version %d unloaded", deployment.model, old)
+
+    async def _download(self, version: ModelVersion) -> Path:
+        folder = self.cache_dir / version.model / str(version.version)
+        if not (folder / ".complete").exists():
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            async with RegistryClient(self.registry_target) as registry:
+                await registry.download_folder(
+                    ModelReference(model=version.model, version=version.version), folder
+                )
+            (folder / ".complete").touch()
+        return folder
+
+    async def _load(self, model: str) -> None:
+        # Triton re-reads config.pbtxt from the repository on every load.
+        await self.triton.load_model(model)
+
+    async def _wait_ready(self, model: str, version: int) -> None:
+        deadline = asyncio.get_running_loop().time() + self.load_timeout_s
+        while not await self._is_ready(model, version):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(
+                    f"{model}/{version} not ready on Triton after {self.load_timeout_s}s"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _is_ready(self, model: str, version: int) -> bool:
+        return await self.triton.model_ready(model, str(version))
+
+    async def _reconcile(self) -> None:
+        """Reloads live versions Triton does not have (e.g. after a restart)."""
+        while True:
+            await asyncio.sleep(self.reconcile_seconds)
+            for deployment in self.deployments:
+                live = deployment.live_version
+                if not live or self._locks[deployment.model].locked():
+                    continue
+                if await self._is_ready(deployment.model, live):
+                    continue
+                async with self._locks[deployment.model]:
+                    try:
+                        log.warning(
+                            "%s/%d is not ready on Triton; reloading", deployment.model, live
+                        )
+                        await self._load(deployment.model)
+                        await self._wait_ready(deployment.model, live)
+                        deployment.set(State.READY)
+                    except Exception as error:  # Triton still down: next round
+                        deployment.set(State.FAILED, str(error))
+
+
+def _install(folder: Path, model_dir: Path, version: int) -> None:
+    target = model_dir / str(version)
+    if target.exists():
+        return
+    staging = model_dir / f".{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder / "payload", staging)
+    staging.rename(target)
+
+
+_NAME = re.compile(r"^\s*name\s*:.*$", re.MULTILINE)
+_POLICY = re.compile(r"^\s*version_policy\s*:.*$", re.MULTILINE)
+
+
+def _write_config(folder: Path, model_dir: Path, model: str, versions: list[int]) -> None:
+    """config.pbtxt: the artifact's, with our name and version policy."""
+    body = _POLICY.sub("", _NAME.sub("", (folder / "config.pbtxt").read_text()))
+    text = (
+        f'name: "{model}"\n{body.strip()}\n'
+        f"version_policy: {{ specific: {{ versions: [ {', '.join(map(str, versions))} ] }} }}\n"
+    )
+    path = model_dir / "config.pbtxt"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,53 @@
+"""build_server(settings): the deployer and its status service.
+
+Health is NOT_SERVING until every followed model is live on Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
+from mlmesh_chassis.server import ServiceHost, start_service
+from mlmesh_inference.triton import TritonClient
+
+from mlmesh_deployer.config import DeployerSettings
+from mlmesh_deployer.deployer import TritonDeployer
+from mlmesh_deployer.servicer import DeployerServicer
+
+log = logging.getLogger("mlmesh.deployer")
+SERVICE_NAME = deployer_service_pb2.DESCRIPTOR.services_by_name["DeployerService"].full_name
+
+
+async def build_server(settings: DeployerSettings) -> ServiceHost:
+    triton = TritonClient(settings.triton_target)
+    deployer = TritonDeployer(
+        settings.references(),
+        settings.registry_target,
+        triton,
+        settings.repository,
+        settings.cache_dir,
+        reconcile_seconds=settings.reconcile_seconds,
+        load_timeout_s=settings.load_timeout_seconds,
+        retry_seconds=settings.retry_seconds,
+    )
+
+    def register(server) -> list[str]:  # type: ignore[no-untyped-def]
+        deployer_service_pb2_grpc.add_DeployerServiceServicer_to_server(
+            DeployerServicer(deployer), server
+        )
+        return [SERVICE_NAME]
+
+    host = await start_service(settings, register, error_domain="mlmesh.deployer", serving=False)
+    host.on_close.append(triton.close)
+    host.on_close.append(deployer.stop)
+    await deployer.start()
+
+    async def serve_when_ready() -> None:
+        await deployer.ready.wait()
+        await host.set_serving(True)
+        log.info("every model is live on Triton; SERVING")
+
+    host.background.append(asyncio.create_task(serve_when_ready()))
+    return host

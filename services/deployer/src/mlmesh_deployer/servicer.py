@@ -1,0 +1,46 @@
+"""DeployerService: what is live on Triton."""
+
+from __future__ import annotations
+
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as rpc
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
+from mlmesh_chassis.errors import InvalidArgument
+
+from mlmesh_deployer.deployer import State, TritonDeployer
+
+_STATES = {
+    State.LOADING: rpc.DEPLOYMENT_STATE_LOADING,
+    State.READY: rpc.DEPLOYMENT_STATE_READY,
+    State.FAILED: rpc.DEPLOYMENT_STATE_FAILED,
+}
+
+
+class DeployerServicer(deployer_service_pb2_grpc.DeployerServiceServicer):
+    def __init__(self, deployer: TritonDeployer) -> None:
+        self.deployer = deployer
+
+    async def ListDeployments(self, request, context):  # type: ignore[no-untyped-def]
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        size = min(request.page_size or 50, 1000)
+        try:
+            start = int(request.page_token or 0)
+        except ValueError as error:
+            raise InvalidArgument.field(
+                "page_token", "is not a token this list returned"
+            ) from error
+        items = sorted(self.deployer.deployments, key=lambda d: d.model)
+        page = []
+        for deployment in items[start : start + size]:
+            message = rpc.Deployment(
+                reference=deployment.reference,
+                triton_model=deployment.model,
+                live_version=deployment.live_version,
+                target_version=deployment.target_version,
+                state=_STATES[deployment.state],
+                message=deployment.message,
+            )
+            message.update_time.FromDatetime(deployment.update_time)
+            page.append(message)
+        token = str(start + size) if start + size < len(items) else ""
+        return rpc.ListDeploymentsResponse(deployments=page, next_page_token=token)

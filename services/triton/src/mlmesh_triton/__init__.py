@@ -1,0 +1,1 @@
+"""NVIDIA Triton for mlmesh: the server, its models' environment, model builders."""
