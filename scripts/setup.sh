@@ -23,3 +23,6 @@ if [ ! -f "$stamp" ] || [ -n "$(find protos buf.yaml buf.gen.yaml tools -newer "
   touch "$stamp"
   echo "contracts generated (buf generate)"
 fi
+# Triton: the server binary from the nvidia-pytriton wheel (extracted, never
+# installed here) and its models' own environment (numpy<2). Idempotent.
+.venv/bin/python -m mlmesh_triton.provision --dest .envs/triton --models-env .envs/triton-models >/dev/null

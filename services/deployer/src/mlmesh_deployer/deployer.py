@@ -173,6 +173,8 @@ class TritonDeployer:
                 if not live or self._locks[deployment.model].locked():
                     continue
                 if await self._is_ready(deployment.model, live):
+                    if deployment.state is not State.READY:  # Triton reloaded it itself
+                        deployment.set(State.READY)
                     continue
                 async with self._locks[deployment.model]:
                     try:
