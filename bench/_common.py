@@ -1,7 +1,9 @@
 """Shared plumbing for the benchmarks in this folder (not a benchmark itself).
 
-``running_mesh()`` starts the real mesh (registry + Envoy) with
-``mlmesh_runner.supervisor.Mesh`` in a temporary state directory and always
+``running_mesh(args, services)`` starts the named services of the real mesh
+(and Envoy) with ``mlmesh_runner.supervisor.Mesh`` in a temporary state
+directory, so services a benchmark does not measure neither slow the start
+nor take its CPU, and always
 stops it: on success, on error, on Ctrl-C, on SIGTERM and when the run's
 overall time limit is hit.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from mlmesh_runner.__main__ import select
 from mlmesh_runner.supervisor import Mesh
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -101,15 +104,21 @@ class CpuMeter:
 
 
 @contextlib.asynccontextmanager
-async def running_mesh(args: Any) -> AsyncIterator[tuple[Mesh, dict[str, Any], Path]]:
-    """Starts the mesh in a fresh temp dir; yields (mesh, ready, workdir)."""
+async def running_mesh(
+    args: Any, services: Sequence[str] = ("registry",)
+) -> AsyncIterator[tuple[Mesh, dict[str, Any], Path]]:
+    """Starts ``services`` + Envoy in a fresh temp dir; yields (mesh, ready, workdir)."""
     workdir = Path(tempfile.mkdtemp(prefix="mlmesh-bench-", dir=args.tmpdir))
     mesh = Mesh(
-        workdir / "state", listen_port=0, admin_port=0, envoy_concurrency=args.envoy_concurrency
+        workdir / "state",
+        listen_port=0,
+        admin_port=0,
+        envoy_concurrency=args.envoy_concurrency,
+        catalog=select(",".join(services)),
     )
     try:
         started = time.monotonic()
-        ready = await asyncio.wait_for(mesh.start(), 120)
+        ready = await asyncio.wait_for(mesh.start(), 300)
         log.info("mesh up in %.1fs: %s", time.monotonic() - started, ready["address"])
         yield mesh, ready, workdir
     finally:

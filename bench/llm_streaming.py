@@ -29,7 +29,6 @@ from typing import Any
 
 import _common as common
 import grpc
-from _llm_mesh import running_llm_mesh
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as rpc
@@ -135,7 +134,7 @@ async def main(args: argparse.Namespace) -> int:
     overridden = sorted(k for k in os.environ if k.startswith("MLMESH_LLM_"))
     os.environ["MLMESH_LLM_ENGINE"] = "null"
     results: dict[str, Any] = {}
-    async with running_llm_mesh(args) as (mesh, ready, _workdir):
+    async with common.running_mesh(args, ("registry", "llm")) as (mesh, ready, _workdir):
         targets = {
             "envoy": ready["address"],
             "direct": f"127.0.0.1:{ready['services']['llm']['port']}",

@@ -33,7 +33,6 @@ from typing import Any
 
 import _common as common
 import grpc
-from _llm_mesh import running_llm_mesh
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as rpc
@@ -190,7 +189,7 @@ async def main(args: argparse.Namespace) -> int:
     os.environ["MLMESH_LLM_TORCH_THREADS"] = str(args.torch_threads)
     results: dict[int, dict[str, Any]] = {}
     prompts = Prompts()
-    async with running_llm_mesh(args) as (mesh, ready, _workdir):
+    async with common.running_mesh(args, ("registry", "llm")) as (mesh, ready, _workdir):
         targets = {
             "envoy": ready["address"],
             "direct": f"127.0.0.1:{ready['services']['llm']['port']}",

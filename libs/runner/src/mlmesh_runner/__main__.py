@@ -8,6 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
+from mlmesh_runner.catalog import CATALOG, ServiceSpec
 from mlmesh_runner.supervisor import Mesh
 
 
@@ -30,6 +31,17 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def select(services: str) -> list[ServiceSpec]:
+    """The catalog, or the named subset of it (in catalog order)."""
+    names = {name.strip() for name in services.split(",") if name.strip()}
+    unknown = names - {spec.name for spec in CATALOG}
+    if unknown:
+        raise SystemExit(
+            f"unknown services {sorted(unknown)}; known: {[spec.name for spec in CATALOG]}"
+        )
+    return [spec for spec in CATALOG if not names or spec.name in names]
+
+
 async def _run(args: argparse.Namespace) -> None:
     otlp = None
     if args.otlp:
@@ -42,6 +54,7 @@ async def _run(args: argparse.Namespace) -> None:
         listen_host=args.host,
         envoy_concurrency=args.envoy_concurrency,
         otlp_endpoint=otlp,
+        catalog=select(args.services),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

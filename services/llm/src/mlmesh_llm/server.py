@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from mlmesh.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
@@ -32,7 +33,7 @@ def engine_factory(settings: LlmSettings):  # type: ignore[no-untyped-def]
                 max_running=settings.max_running,
                 max_waiting=settings.max_waiting,
                 max_context=settings.max_context or None,
-                threads=settings.torch_threads or None,
+                threads=settings.torch_threads or max(1, (os.cpu_count() or 2) // 2),
                 max_prefill_per_step=settings.max_prefill_per_step,
             )
 
