@@ -16,6 +16,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -134,3 +135,18 @@ def bootstrap(settings: ServiceSettings) -> None:
     configure_logging(settings.service_name, settings.log_level)
     configure_tracing(settings.service_name, settings.otel_exporter)
     log.info("starting", extra={"settings": settings.public_dict()})
+
+
+def serve_main(
+    settings_type: Callable[[], ServiceSettings], build: Callable[[Any], Awaitable[ServiceHost]]
+) -> None:
+    """A service's ``main()``: settings, logging and tracing, build, run until
+    SIGTERM/SIGINT, then shut down gracefully."""
+
+    async def run() -> None:
+        settings = settings_type()
+        bootstrap(settings)
+        host = await build(settings)
+        await run_until_signalled(host)
+
+    asyncio.run(run())

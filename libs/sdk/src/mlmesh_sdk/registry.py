@@ -314,6 +314,27 @@ class RegistryClient:
             archive.unlink(missing_ok=True)
         return version
 
+    async def ensure_registered(
+        self,
+        model: str,
+        folder: PathLike,
+        *,
+        alias: str = "champion",
+        reason: str = "bootstrap",
+        **upload: Any,
+    ) -> pb.ModelVersion:
+        """The version ``model@alias`` points at; if there is none, uploads
+        ``folder`` (``upload`` as for upload_folder) and points the alias at it.
+        Idempotent, for bootstrap steps that run on every start."""
+        try:
+            return await self.resolve(ModelReference(model=model, alias=alias))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        version = await self.upload_folder(model, folder, **upload)
+        await self.set_alias(model, alias, version.version, reason=reason)
+        return version
+
     # versions and models
 
     async def resolve(self, reference: Reference) -> pb.ModelVersion:

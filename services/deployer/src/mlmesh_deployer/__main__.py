@@ -1,22 +1,13 @@
-"""`python -m mlmesh_deployer`: run the Triton deployer until SIGTERM/SIGINT."""
+"""`python -m mlmesh_deployer`: run the deployer service until SIGTERM/SIGINT."""
 
-import asyncio
-
-from mlmesh_chassis.server import bootstrap, run_until_signalled
+from mlmesh_chassis.server import serve_main
 
 from mlmesh_deployer.config import DeployerSettings
 from mlmesh_deployer.server import build_server
 
 
-async def _main() -> None:
-    settings = DeployerSettings()
-    bootstrap(settings)
-    host = await build_server(settings)
-    await run_until_signalled(host)
-
-
 def main() -> None:
-    asyncio.run(_main())
+    serve_main(DeployerSettings, build_server)
 
 
 if __name__ == "__main__":

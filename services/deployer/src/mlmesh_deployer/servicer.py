@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as rpc
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
-from mlmesh_chassis.errors import InvalidArgument
+from mlmesh_chassis.pagination import offset_page
 
 from mlmesh_deployer.deployer import State, TritonDeployer
 
@@ -20,18 +20,10 @@ class DeployerServicer(deployer_service_pb2_grpc.DeployerServiceServicer):
         self.deployer = deployer
 
     async def ListDeployments(self, request, context):  # type: ignore[no-untyped-def]
-        if request.page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        size = min(request.page_size or 50, 1000)
-        try:
-            start = int(request.page_token or 0)
-        except ValueError as error:
-            raise InvalidArgument.field(
-                "page_token", "is not a token this list returned"
-            ) from error
         items = sorted(self.deployer.deployments, key=lambda d: d.model)
+        deployments, token = offset_page(items, request.page_size, request.page_token)
         page = []
-        for deployment in items[start : start + size]:
+        for deployment in deployments:
             message = rpc.Deployment(
                 reference=deployment.reference,
                 triton_model=deployment.model,
@@ -42,5 +34,4 @@ class DeployerServicer(deployer_service_pb2_grpc.DeployerServiceServicer):
             )
             message.update_time.FromDatetime(deployment.update_time)
             page.append(message)
-        token = str(start + size) if start + size < len(items) else ""
         return rpc.ListDeploymentsResponse(deployments=page, next_page_token=token)

@@ -1,22 +1,13 @@
-"""`python -m mlmesh_llm`: run the LLM service until SIGTERM/SIGINT."""
+"""`python -m mlmesh_llm`: run the llm service until SIGTERM/SIGINT."""
 
-import asyncio
-
-from mlmesh_chassis.server import bootstrap, run_until_signalled
+from mlmesh_chassis.server import serve_main
 
 from mlmesh_llm.config import LlmSettings
 from mlmesh_llm.server import build_server
 
 
-async def _main() -> None:
-    settings = LlmSettings()
-    bootstrap(settings)
-    host = await build_server(settings)
-    await run_until_signalled(host)
-
-
 def main() -> None:
-    asyncio.run(_main())
+    serve_main(LlmSettings, build_server)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from mlmesh_chassis.errors import (
     QuotaViolation,
     ResourceExhausted,
 )
+from mlmesh_chassis.pagination import offset_page
 
 from mlmesh_llm.config import LlmSettings
 from mlmesh_llm.engines.base import (
@@ -160,20 +161,8 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
         )
 
     async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
-        if request.page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
         items = sorted(self._describe_all(), key=lambda m: (m.reference.model, m.reference.alias))
-        size = min(request.page_size or 50, 1000)
-        start = 0
-        if request.page_token:
-            try:
-                start = int(request.page_token)
-            except ValueError as error:
-                raise InvalidArgument.field(
-                    "page_token", "is not a token this list returned"
-                ) from error
-        page = items[start : start + size]
-        token = str(start + size) if start + size < len(items) else ""
+        page, token = offset_page(items, request.page_size, request.page_token)
         return rpc.ListModelsResponse(models=page, next_page_token=token)
 
     async def GetModel(self, request, context):  # type: ignore[no-untyped-def]

@@ -142,28 +142,21 @@ def build(
 
 
 async def register(target: str, folder: Path, model: str, alias: str, seed: int) -> int:
-    """Uploads the folder as a new version unless the model has one; points the alias."""
-    import grpc
-    from mlmesh_sdk.reference import parse_reference
+    """Uploads the folder as a new version unless model@alias exists."""
     from mlmesh_sdk.registry import RegistryClient
 
     async with RegistryClient(target) as client:
-        try:
-            current = await client.resolve(parse_reference(f"{model}@{alias}"))
-            return int(current.version)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        version = await client.upload_folder(
+        version = await client.ensure_registered(
             model,
             folder,
+            alias=alias,
+            reason="local bootstrap",
             description="tiny random-weight Llama for local runs",
             format="hf-causal-lm",
             run_metadata={"builder": "mlmesh_llm.tiny_model", "seed": seed},
             tags={"kind": "llm"},
         )
-        await client.set_alias(model, alias, version.version, reason="local bootstrap")
-        return int(version.version)
+    return int(version.version)
 
 
 def main() -> None:

@@ -92,25 +92,19 @@ BUILDERS = {"digits": build_digits, "minilm": build_minilm}
 
 async def register(target: str, model: str, folder: Path, alias: str = "champion") -> int:
     """Uploads ``folder`` unless ``model@alias`` exists; points the alias at it."""
-    import grpc
-    from mlmesh_sdk.reference import parse_reference
     from mlmesh_sdk.registry import RegistryClient
 
     async with RegistryClient(target) as client:
-        try:
-            return int((await client.resolve(parse_reference(f"{model}@{alias}"))).version)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        version = await client.upload_folder(
+        version = await client.ensure_registered(
             model,
             folder,
+            alias=alias,
+            reason="local bootstrap",
             format="triton",
             tags={"kind": "classic"},
             run_metadata=json.loads((folder / "mlmesh-build.json").read_text()),
         )
-        await client.set_alias(model, alias, version.version, reason="local bootstrap")
-        return int(version.version)
+    return int(version.version)
 
 
 def main() -> None:
