@@ -122,8 +122,22 @@ def stub_pids(triton_pid: int, repository: Path) -> dict[str, int]:
     return out
 
 
+class MachineCpuMeter(common.CpuMeter):
+    """Adds "other": CPU seconds the whole machine was busy (/proc/stat) less
+    what the metered processes used, i.e. what anything else on the machine
+    took meanwhile (a disturbance gauge; 10 ms resolution)."""
+
+    def sample(self) -> dict[str, float]:
+        values = super().sample()
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        # user nice system idle iowait irq softirq steal
+        busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
+        values["other"] = busy / self.tick - sum(v for v in values.values() if v == v)
+        return values
+
+
 def meter_for(mesh: Any, repository: Path, models: tuple[str, ...]) -> common.CpuMeter:
-    """CPU of this process, Envoy, the services and the named models' stubs."""
+    """CPU of this process, Envoy, the services, the named models' stubs, other."""
     pids = common.mesh_pids(mesh)
     triton_pid = pids.get("triton")
     stubs = stub_pids(triton_pid, repository) if triton_pid else {}
@@ -131,7 +145,7 @@ def meter_for(mesh: Any, repository: Path, models: tuple[str, ...]) -> common.Cp
         key = f"stub:{model}"
         if key in stubs:
             pids[key] = stubs[key]
-    return common.CpuMeter(pids)
+    return MachineCpuMeter(pids)
 
 
 async def wait_ready(client: TritonClient, model: str, timeout_s: float = 180.0) -> float:

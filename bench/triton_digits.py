@@ -1,8 +1,8 @@
 """The digits classifier on Triton with dynamic batching on and off: latency
 at concurrency 1 and requests/s at concurrency 32, single-row requests.
 
-    .venv/bin/python bench/triton_digits.py [--requests 2000] [--warmup 200] \
-        [--concurrency 1,32] [--rounds 4] [--clients mlmesh,raw]
+    .venv/bin/python bench/triton_digits.py [--requests 4000] [--warmup 200] \
+        [--concurrency 1,32] [--rounds 4] [--clients mlmesh,raw] [--extra-delays 0,100]
 
 Starts its own mesh (registry + Triton + deployer + Envoy; the deployer's
 prepare step builds and registers digits@champion and minilm@champion, and the
@@ -10,7 +10,9 @@ deployer loads both on Triton) in a temporary state directory. Then copies
 Triton's `digits` model directory to `digits-nobatch`, with the same weights
 and version but a config.pbtxt without `dynamic_batching`, and loads it with
 explicit model control, so "on" is `digits` as the deployer serves it and
-"off" is `digits-nobatch`. Triton's own view of both configs is checked.
+"off" is `digits-nobatch`. --extra-delays N,... adds `digits-delay<N>` copies
+with `dynamic_batching { max_queue_delay_microseconds: N }` (mode "delay<N>";
+the deployer's digits uses 500). Triton's own view of every config is checked.
 
 Every request is one row (1 x 64 FP32) of scikit-learn's digits data, and
 every answer's argmax is checked against the answer `digits` gave for that
@@ -27,7 +29,8 @@ Prints p50/p90/p99 latency (ms), requests/s, the average batch size Triton
 executed (inference_count / execution_count from its statistics), CPU
 microseconds per request of the client, tritonserver and the model's python
 stub process, and per client the batching on/off requests/s ratio at each
-level with the p50s side by side. Writes bench/results/triton_digits.json.
+level with the p50s side by side (and the same for each delay<N> against
+off). Writes bench/results/triton_digits.json.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from mlmesh_triton.build import digits_training_data
 
 NAME = "triton_digits"
 ON, OFF = "digits", "digits-nobatch"
-MODELS = {"on": ON, "off": OFF}
+MODELS = {"on": ON, "off": OFF}  # mode -> Triton model; --extra-delays adds "delay<N>"
 CLIENTS = ("mlmesh", "raw")
 
 
@@ -60,8 +63,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--requests",
         type=int,
-        default=2000,
-        help="measured calls per client, batching mode and level (default 2000)",
+        default=4000,
+        help="measured calls per client, batching mode and level (default 4000)",
     )
     parser.add_argument(
         "--warmup",
@@ -81,6 +84,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--clients", default="mlmesh,raw", help="which clients to measure (default mlmesh,raw)"
     )
+    parser.add_argument(
+        "--extra-delays",
+        default="",
+        help="also measure copies of digits with dynamic batching and these "
+        "max_queue_delay_microseconds values, comma-separated (default: none)",
+    )
     common.add_common_args(parser)
     args = parser.parse_args()
     try:
@@ -88,6 +97,12 @@ def parse() -> argparse.Namespace:
     except ValueError:
         parser.error("--concurrency must be comma-separated integers")
     args.client_list = [c.strip() for c in args.clients.split(",") if c.strip()]
+    try:
+        args.delays = [int(x) for x in args.extra_delays.split(",") if x.strip()]
+    except ValueError:
+        parser.error("--extra-delays must be comma-separated integers")
+    if any(d < 0 for d in args.delays):
+        parser.error("--extra-delays must be >= 0")
     if not args.client_list or set(args.client_list) - set(CLIENTS):
         parser.error(f"--clients must name some of {', '.join(CLIENTS)}")
     if not args.levels or min(args.levels) < 1 or args.requests < 1 or args.rounds < 1:
@@ -100,16 +115,19 @@ _NAME_LINE = re.compile(r"^\s*name\s*:.*$\n?", re.MULTILINE)
 _BATCHING_LINE = re.compile(r"^\s*dynamic_batching\s*\{[^}]*\}\s*$\n?", re.MULTILINE)
 
 
-def make_nobatch(repository: Path) -> str:
-    """Copies the digits model directory to digits-nobatch without dynamic batching."""
-    source, target = repository / ON, repository / OFF
+def make_variant(repository: Path, name: str, delay_us: int | None) -> str:
+    """Copies the digits model directory to ``name``: same weights and version,
+    without dynamic batching (``delay_us`` None) or with it and that delay."""
+    source, target = repository / ON, repository / name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(".*"))
     text = (source / "config.pbtxt").read_text()
     if not _BATCHING_LINE.search(text):
         raise RuntimeError(f"no dynamic_batching line in {source / 'config.pbtxt'}:\n{text}")
-    body = _BATCHING_LINE.sub("", _NAME_LINE.sub("", text))
-    config = f'name: "{OFF}"\n{body.strip()}\n'
+    body = _BATCHING_LINE.sub("", _NAME_LINE.sub("", text)).strip()
+    if delay_us is not None:
+        body += f"\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}"
+    config = f'name: "{name}"\n{body}\n'
     (target / "config.pbtxt").write_text(config)
     return config
 
@@ -149,7 +167,9 @@ async def reference(client: TritonClient, digits: Digits) -> dict[str, Any]:
     return {
         "rows": len(digits.x),
         "train_accuracy_on": float((outs["on"].argmax(axis=1) == labels).mean()),
-        "max_abs_diff_on_vs_off": float(np.abs(outs["on"] - outs["off"]).max()),
+        "max_abs_diff_vs_on": {
+            mode: float(np.abs(outs["on"] - out).max()) for mode, out in outs.items()
+        },
         "row_sum_max_error": float(np.abs(outs["on"].sum(axis=1) - 1).max()),
     }
 
@@ -183,6 +203,10 @@ def callers(clients: dict[str, Any], digits: Digits) -> dict[tuple[str, str], An
 
 async def main(args: argparse.Namespace) -> int:
     results: dict[int, dict[str, dict[str, Any]]] = {}
+    variants: dict[str, int | None] = {OFF: None}
+    for delay in args.delays:
+        MODELS[f"delay{delay}"] = f"digits-delay{delay}"
+        variants[f"digits-delay{delay}"] = delay
     async with common.running_mesh(args, ("registry", "triton", "deployer")) as (
         mesh,
         ready,
@@ -192,10 +216,12 @@ async def main(args: argparse.Namespace) -> int:
         repository = workdir / "state" / "triton-repository"
         async with TritonClient(url, timeout_s=tb.CALL_TIMEOUT) as admin:
             await tb.wait_ready(admin, ON, 60)
-            nobatch_config = make_nobatch(repository)
+            variant_configs = {}
             started = time.monotonic()
-            await admin.load_model(OFF)
-            await tb.wait_ready(admin, OFF)
+            for name, delay in variants.items():
+                variant_configs[name] = make_variant(repository, name, delay)
+                await admin.load_model(name)
+                await tb.wait_ready(admin, name)
             load_s = time.monotonic() - started
         raw_admin = grpcclient.InferenceServerClient(url)
         mlmesh = (
@@ -208,26 +234,32 @@ async def main(args: argparse.Namespace) -> int:
                 for mode, model in MODELS.items()
             }
             seen_batching = {
-                mode: "dynamic_batching" in cfg.get("config", {}) for mode, cfg in configs.items()
+                mode: cfg.get("config", {}).get("dynamic_batching") for mode, cfg in configs.items()
             }
-            if seen_batching != {"on": True, "off": False}:
-                raise RuntimeError(f"Triton's dynamic_batching per model: {seen_batching}")
+            for mode, batching in seen_batching.items():
+                if (batching is None) != (mode == "off"):
+                    raise RuntimeError(f"Triton's dynamic_batching per model: {seen_batching}")
+                if mode.startswith("delay") and int(
+                    batching.get("max_queue_delay_microseconds", 0)
+                ) != int(mode.removeprefix("delay")):
+                    raise RuntimeError(f"{MODELS[mode]}: Triton's config has {batching}")
             digits = Digits()
             async with TritonClient(url, timeout_s=tb.CALL_TIMEOUT) as checker:
                 check = await reference(checker, digits)
-            if check["max_abs_diff_on_vs_off"] > 1e-5:
-                raise RuntimeError(f"digits and {OFF} disagree: {check}")
-            meter = tb.meter_for(mesh, repository, (ON, OFF))
+            if max(check["max_abs_diff_vs_on"].values()) > 1e-5:
+                raise RuntimeError(f"the digits variants disagree: {check}")
+            meter = tb.meter_for(mesh, repository, tuple(MODELS.values()))
             print(
-                f"triton {url}; {OFF} loaded in {load_s:.1f}s; dynamic batching "
-                f"on={seen_batching['on']} off={seen_batching['off']}; "
+                f"triton {url}; {', '.join(variants)} loaded in {load_s:.1f}s; dynamic batching "
+                + ", ".join(f"{m}={seen_batching[m]}" for m in MODELS)
+                + "; "
                 f"{args.requests} calls per combination and level in {args.rounds} rounds, "
                 f"warm-up {args.warmup}; cpu meter: {', '.join(sorted(meter.pids))}",
                 flush=True,
             )
             clients = {"mlmesh": mlmesh, "raw": raw}
             calls = callers({k: v for k, v in clients.items() if v is not None}, digits)
-            combos = [(c, m) for c in args.client_list for m in ("on", "off")]
+            combos = [(c, m) for c in args.client_list for m in MODELS]
             index = 0
             for level in args.levels:
                 for combo in combos:
@@ -301,25 +333,32 @@ async def main(args: argparse.Namespace) -> int:
                     cpu_us.get("client"),
                     cpu_us.get("triton"),
                     cpu_us.get(f"stub:{MODELS[mode]}"),
+                    cpu_us.get("other"),
                 ]
             )
         for client in args.client_list:
-            on, off = by_combo[f"{client}/on"], by_combo[f"{client}/off"]
-            derived[f"c={level}/{client}"] = {
-                "level": level,
-                "client": client,
-                "rps_ratio_on_over_off": on["rps"] / off["rps"],
-                "p50_on_ms": on["p50_ms"],
-                "p50_off_ms": off["p50_ms"],
-                "p99_on_ms": on["p99_ms"],
-                "p99_off_ms": off["p99_ms"],
-                "rps_on": on["rps"],
-                "rps_off": off["rps"],
-            }
+            off = by_combo[f"{client}/off"]
+            for mode in MODELS:
+                if mode == "off":
+                    continue
+                on = by_combo[f"{client}/{mode}"]
+                derived[f"c={level}/{client}/{mode}"] = {
+                    "level": level,
+                    "client": client,
+                    "batching": mode,
+                    "rps_ratio_on_over_off": on["rps"] / off["rps"],
+                    "p50_on_ms": on["p50_ms"],
+                    "p50_off_ms": off["p50_ms"],
+                    "p99_on_ms": on["p99_ms"],
+                    "p99_off_ms": off["p99_ms"],
+                    "rps_on": on["rps"],
+                    "rps_off": off["rps"],
+                }
     print()
     print(
         "digits on Triton, single-row requests (1 x 64 FP32): latency ms, requests/s, "
-        "avg batch Triton executed, CPU us per request (stub = the model's python backend process)"
+        "avg batch Triton executed, CPU us per request (stub = the model's python backend process, "
+        "other = the rest of the machine)"
     )
     print(
         common.table(
@@ -339,6 +378,7 @@ async def main(args: argparse.Namespace) -> int:
                 "cpu client",
                 "cpu triton",
                 "cpu stub",
+                "cpu other",
             ],
             rows,
         )
@@ -346,11 +386,21 @@ async def main(args: argparse.Namespace) -> int:
     print()
     print(
         common.table(
-            ["level", "client", "on/off req/s", "req/s on", "req/s off", "p50 on", "p50 off"],
+            [
+                "level",
+                "client",
+                "batching",
+                "on/off req/s",
+                "req/s on",
+                "req/s off",
+                "p50 on",
+                "p50 off",
+            ],
             [
                 [
                     f"c={v['level']}",
                     v["client"],
+                    v["batching"],
                     v["rps_ratio_on_over_off"],
                     v["rps_on"],
                     v["rps_off"],
@@ -373,8 +423,8 @@ async def main(args: argparse.Namespace) -> int:
         },
         "environment": {**common.environment(args), "triton_env": tb.torch_env()},
         "setup": {
-            "nobatch_load_seconds": round(load_s, 2),
-            "nobatch_config_pbtxt": nobatch_config,
+            "variants_load_seconds": round(load_s, 2),
+            "variant_configs_pbtxt": variant_configs,
             "triton_configs": configs,
             "reference_check": check,
         },

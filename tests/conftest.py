@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import sqlalchemy as sa
 from mlmesh.registry.v1 import registry_service_pb2_grpc
+from mlmesh_sdk.channel import mesh_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(
@@ -32,6 +32,7 @@ class MeshInfo:
     admin: str
     state_dir: Path
     services: dict[str, dict]
+    api_key: str = ""
 
     def port(self, service: str) -> int:
         return int(self.services[service]["port"])
@@ -128,12 +129,19 @@ def meshes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             state_dir = tmp_path_factory.mktemp(f"mesh-{backend}")
             if backend == "postgres":
                 env = {"MLMESH_REGISTRY_DATABASE_URL": request.getfixturevalue("postgres_url")}
-                process, ready = start_mesh(state_dir, env, services="registry")
+                process, ready = start_mesh(state_dir, env, services="gateway,registry")
             else:
                 process, ready = start_mesh(state_dir, LLM_TEST_ENV)
             started[backend] = (
                 process,
-                MeshInfo(backend, ready["address"], ready["admin"], state_dir, ready["services"]),
+                MeshInfo(
+                    backend,
+                    ready["address"],
+                    ready["admin"],
+                    state_dir,
+                    ready["services"],
+                    ready["api_key"],
+                ),
             )
         return started[backend][1]
 
@@ -156,14 +164,8 @@ def full_mesh(meshes) -> MeshInfo:
 
 @pytest.fixture
 async def registry(mesh: MeshInfo):
-    """A RegistryService stub through Envoy."""
-    async with grpc.aio.insecure_channel(
-        mesh.address,
-        options=[
-            ("grpc.max_receive_message_length", 16 << 20),
-            ("grpc.max_send_message_length", 16 << 20),
-        ],
-    ) as channel:
+    """A RegistryService stub through Envoy, with the mesh's admin key."""
+    async with mesh_channel(mesh.address, mesh.api_key) as channel:
         yield registry_service_pb2_grpc.RegistryServiceStub(channel)
 
 

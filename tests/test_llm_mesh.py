@@ -14,6 +14,7 @@ from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as rpc
 from mlmesh_chassis.testing import expect_error
+from mlmesh_sdk.channel import mesh_channel
 
 MODEL = model_reference_pb2.ModelReference(model="tiny-llama", alias="champion")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -21,7 +22,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture
 async def llm(full_mesh):
-    async with grpc.aio.insecure_channel(full_mesh.address) as channel:
+    async with mesh_channel(full_mesh.address, full_mesh.api_key) as channel:
         yield llm_service_pb2_grpc.LlmServiceStub(channel)
 
 
@@ -201,8 +202,9 @@ async def test_models_are_listed_and_described(llm):
 
 def test_grpcurl_sees_the_llm_service_through_envoy(full_mesh):
     grpcurl = str(Path(sys.executable).with_name("grpcurl"))
+    auth = ["-H", f"authorization: Bearer {full_mesh.api_key}"]
     listed = subprocess.run(
-        [grpcurl, "-plaintext", full_mesh.address, "list"],
+        [grpcurl, "-plaintext", *auth, full_mesh.address, "list"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -213,6 +215,7 @@ def test_grpcurl_sees_the_llm_service_through_envoy(full_mesh):
         [
             grpcurl,
             "-plaintext",
+            *auth,
             "-d",
             '{"model": {"model": "tiny-llama", "alias": "champion"}, "text": "hello"}',
             full_mesh.address,
@@ -242,7 +245,7 @@ async def test_alias_move_hot_swaps_and_in_flight_streams_finish(llm, full_mesh,
 
     before = (await llm.GetModel(rpc.GetModelRequest(model=MODEL))).model.resolved_version
     folder = await asyncio.to_thread(build, tmp_path / "v2", seed=1)
-    async with RegistryClient(full_mesh.address) as registry:
+    async with RegistryClient(full_mesh.address, api_key=full_mesh.api_key) as registry:
         version = await registry.upload_folder("tiny-llama", folder, format="hf-causal-lm")
         in_flight = llm.Generate(request("in flight", max_tokens=300, seed=5))
         first = await in_flight.__aiter__().__anext__()

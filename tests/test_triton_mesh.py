@@ -7,13 +7,13 @@ import os
 import signal
 import time
 
-import grpc
 import numpy as np
 import pytest
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as deployer_rpc
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
 from mlmesh_chassis.errors import InvalidArgument, NotFound, Unavailable
 from mlmesh_inference.triton import TritonClient
+from mlmesh_sdk.channel import mesh_channel
 from mlmesh_triton.build import build_digits, digits_training_data, train_digits
 
 # The first test here may start the whole mesh (models are built and loaded).
@@ -101,7 +101,7 @@ async def test_triton_killed_is_unavailable_then_recovers(triton, full_mesh):
 
 async def wait_all_live(mesh, timeout_s: float = 180) -> list:
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(mesh.address) as channel:
+    async with mesh_channel(mesh.address, mesh.api_key) as channel:
         stub = deployer_service_pb2_grpc.DeployerServiceStub(channel)
         while True:
             reply = await stub.ListDeployments(deployer_rpc.ListDeploymentsRequest())
@@ -117,7 +117,7 @@ async def test_alias_move_under_load_loses_no_request(triton, full_mesh, tmp_pat
     x, _ = digits_training_data()
     await wait_all_live(full_mesh)
     folder = await asyncio.to_thread(build_digits, tmp_path / "digits-v2", c=0.05)
-    async with RegistryClient(full_mesh.address) as registry:
+    async with RegistryClient(full_mesh.address, api_key=full_mesh.api_key) as registry:
         before = (await registry.resolve("digits@champion")).version
         new = await registry.upload_folder("digits", folder, format="triton")
         seen: list[str] = []

@@ -111,6 +111,30 @@ class AlreadyExists(MlmeshError):
         )
 
 
+class Unauthenticated(MlmeshError):
+    """No credentials, or ones that are not (or no longer) valid."""
+
+    def __init__(self, message: str, **metadata: object) -> None:
+        super().__init__(
+            message,
+            Reason.ERROR_REASON_UNAUTHENTICATED,
+            {k: str(v) for k, v in metadata.items()},
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+
+
+class PermissionDenied(MlmeshError):
+    """Valid credentials that do not grant this operation."""
+
+    def __init__(self, message: str, **metadata: object) -> None:
+        super().__init__(
+            message,
+            Reason.ERROR_REASON_PERMISSION_DENIED,
+            {k: str(v) for k, v in metadata.items()},
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+
+
 class FailedPrecondition(MlmeshError):
     def __init__(self, message: str, **metadata: object) -> None:
         super().__init__(

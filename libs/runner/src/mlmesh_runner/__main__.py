@@ -66,7 +66,14 @@ async def _run(args: argparse.Namespace) -> None:
             f"\nmlmesh is up: gRPC at {mesh.address} (Envoy admin http://{mesh.admin_address})",
             flush=True,
         )
-        print(f"try: grpcurl -plaintext {mesh.address} list", flush=True)
+        if mesh.admin_key():
+            print(
+                f"demo API key (admin scope; kept in {args.state_dir / 'admin.key'}):\n"
+                f"  {mesh.admin_key()}\n"
+                f"  e.g. grpcurl -plaintext -H 'authorization: Bearer {mesh.admin_key()}' "
+                f"{mesh.address} list",
+                flush=True,
+            )
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
     finally:

@@ -56,6 +56,12 @@ class ServiceSpec:
     routed: bool = True
 
 
+def _gateway_services() -> Sequence[descriptor.ServiceDescriptor]:
+    from mlmesh.gateway.v1 import key_service_pb2
+
+    return [key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]]
+
+
 def _deployer_services() -> Sequence[descriptor.ServiceDescriptor]:
     from mlmesh.deployer.v1alpha1 import deployer_service_pb2
 
@@ -114,7 +120,22 @@ def _llm_services() -> Sequence[descriptor.ServiceDescriptor]:
     return [llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"]]
 
 
+# The service whose Envoy external authorization guards every route.
+AUTHZ_SERVICE = "gateway"
+ADMIN_KEY_FILE = "admin.key"
+
 CATALOG: list[ServiceSpec] = [
+    ServiceSpec(
+        name="gateway",
+        command=lambda ctx, port: [sys.executable, "-m", "mlmesh_gateway"],
+        services=_gateway_services,
+        env_prefix="MLMESH_GATEWAY_",
+        env=lambda ctx: {
+            "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",
+            "MLMESH_GATEWAY_PEPPER_FILE": str(ctx.state / "gateway.pepper"),
+            "MLMESH_GATEWAY_ADMIN_KEY_FILE": str(ctx.state / ADMIN_KEY_FILE),
+        },
+    ),
     ServiceSpec(
         name="registry",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_registry"],

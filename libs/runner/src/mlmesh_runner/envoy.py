@@ -157,9 +157,30 @@ def _cluster(upstream: Upstream) -> dict[str, Any]:
     }
 
 
+def _authz_filter(cluster: str | None) -> list[dict[str, Any]]:
+    """External authorization by the gateway on every route (keys, scopes)."""
+    if cluster is None:
+        return []
+    return [
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "1s"},
+                # Fail closed: no answer from the gateway means no access.
+                "failure_mode_allow": False,
+                "status_on_error": {"code": "ServiceUnavailable"},
+                "include_peer_certificate": False,
+            },
+        }
+    ]
+
+
 def render(
     upstreams: Sequence[Upstream],
     *,
+    authz_cluster: str | None = None,
     listen_host: str = "127.0.0.1",
     listen_port: int = 8080,
     admin_port: int = 9901,
@@ -206,12 +227,13 @@ def render(
             "virtual_hosts": [{"name": "mlmesh", "domains": ["*"], "routes": _routes(upstreams)}],
         },
         "http_filters": [
+            *_authz_filter(authz_cluster),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                 },
-            }
+            },
         ],
     }
     clusters = [_cluster(u) for u in upstreams]

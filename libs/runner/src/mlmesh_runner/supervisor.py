@@ -27,7 +27,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlmesh_runner.catalog import CATALOG, RunContext, ServiceSpec
+from mlmesh_runner.catalog import ADMIN_KEY_FILE, AUTHZ_SERVICE, CATALOG, RunContext, ServiceSpec
 from mlmesh_runner.envoy import Upstream, render
 
 log = logging.getLogger("mlmesh.runner")
@@ -226,7 +226,13 @@ class Mesh:
                 for name, child in self.children.items()
             },
             "envoy_log": str(self.state / "logs" / "envoy.log"),
+            "api_key": self.admin_key(),
         }
+
+    def admin_key(self) -> str:
+        """The bootstrap admin key the gateway wrote ("" without a gateway)."""
+        path = self.state / ADMIN_KEY_FILE
+        return path.read_text().strip() if path.exists() else ""
 
     def context(self) -> RunContext:
         return RunContext(
@@ -293,8 +299,10 @@ class Mesh:
             for spec in self.catalog
             if spec.routed
         ]
+        authz = AUTHZ_SERVICE if any(s.name == AUTHZ_SERVICE for s in self.catalog) else None
         config = render(
             upstreams,
+            authz_cluster=authz,
             listen_host=self.listen_host,
             listen_port=self.listen_port,
             admin_port=self.admin_port,

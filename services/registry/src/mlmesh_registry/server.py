@@ -7,7 +7,7 @@ from mlmesh_chassis.server import ServiceHost, start_service
 
 from mlmesh_registry.artifacts import ArtifactStore
 from mlmesh_registry.config import RegistrySettings
-from mlmesh_registry.db import Database
+from mlmesh_registry.db import registry_database
 from mlmesh_registry.servicer import RegistryServicer
 from mlmesh_registry.store import RegistryStore
 
@@ -16,7 +16,7 @@ SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService
 
 async def build_server(settings: RegistrySettings) -> ServiceHost:
     """Migrates the schema, opens the stores and starts serving."""
-    database = Database(settings.database_url, settings.database_connect_timeout)
+    database = registry_database(settings.database_url, settings.database_connect_timeout)
     await database.migrate()  # fails fast when the database is unreachable
     artifacts = ArtifactStore(settings.artifact_url)
     artifacts.sweep_partials()

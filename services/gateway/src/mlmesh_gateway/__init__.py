@@ -1,0 +1,1 @@
+"""The mlmesh ML gateway."""

@@ -1,0 +1,28 @@
+"""Gateway settings (environment prefix MLMESH_GATEWAY_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from mlmesh_chassis.config import ServiceSettings
+from pydantic_settings import SettingsConfigDict
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MLMESH_GATEWAY_", extra="ignore")
+    service_name: ClassVar[str] = "gateway"
+
+    # Keys, usage: SQLite by default, PostgreSQL by setting.
+    database_url: str = "sqlite+aiosqlite:///.mlmesh/gateway.db"
+    # The secret key of the keyed hash that stores API keys (HMAC-SHA256).
+    # Empty: read from (or created once in) pepper_file. Set it from a secret
+    # store in production; every replica needs the same one.
+    key_pepper: str = ""
+    pepper_file: Path = Path(".mlmesh/gateway.pepper")
+    # An admin key to make sure of at start (e.g. from a secret store). Empty:
+    # one is created on first start and its secret written to admin_key_file.
+    bootstrap_admin_key: str = ""
+    admin_key_file: Path = Path(".mlmesh/admin.key")
+    # How long a key check is cached: a revoked key stops working within this.
+    auth_cache_seconds: float = 0.5

@@ -1,0 +1,76 @@
+"""build_server(settings): key store, Envoy authorization, KeyService."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh.gateway.v1 import key_service_pb2, key_service_pb2_grpc
+from mlmesh_chassis.database import Database
+from mlmesh_chassis.errors import Unauthenticated
+from mlmesh_chassis.server import ServiceHost, start_service
+
+from mlmesh_gateway.authz import Authorizer
+from mlmesh_gateway.config import GatewaySettings
+from mlmesh_gateway.keys import KeyStore
+from mlmesh_gateway.keys_servicer import KeyServicer
+
+log = logging.getLogger("mlmesh.gateway")
+KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+AUTHORIZATION = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+def _secret_file(path: Path, make: str) -> str:
+    """Reads a secret kept in a file, creating it (mode 0600) the first time."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(make + "\n")
+    return make
+
+
+async def ensure_admin_key(keys: KeyStore, settings: GatewaySettings) -> None:
+    """Makes sure an admin key exists (the bootstrap one, or the one kept in
+    admin_key_file), so the first real keys can be created."""
+    secret = settings.bootstrap_admin_key
+    if not secret and settings.admin_key_file.exists():
+        secret = settings.admin_key_file.read_text().strip()
+    if secret:
+        try:
+            await keys.authenticate(secret)
+            return
+        except Unauthenticated:
+            pass
+    admin = pb.Key(
+        display_name="bootstrap admin", scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_ADMIN])
+    )
+    _, secret = await keys.create(admin, secret=secret or None)
+    if not settings.bootstrap_admin_key:
+        settings.admin_key_file.unlink(missing_ok=True)
+        _secret_file(settings.admin_key_file, secret)
+        log.info("created the bootstrap admin key", extra={"file": str(settings.admin_key_file)})
+
+
+async def build_server(settings: GatewaySettings) -> ServiceHost:
+    database = Database(
+        settings.database_url, name="gateway", migrations=Path(__file__).parent / "migrations"
+    )
+    await database.migrate()
+    pepper = settings.key_pepper or _secret_file(settings.pepper_file, secrets.token_hex(32))
+    keys = KeyStore(database, pepper.encode(), settings.auth_cache_seconds)
+    await ensure_admin_key(keys, settings)
+
+    def register(server) -> list[str]:  # type: ignore[no-untyped-def]
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorizer(keys), server)
+        return [KEY_SERVICE, AUTHORIZATION]
+
+    host = await start_service(settings, register, error_domain="mlmesh.gateway")
+    host.on_close.append(database.close)
+    return host
