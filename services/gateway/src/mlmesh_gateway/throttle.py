@@ -100,8 +100,8 @@ class LocalThrottle:
 
     async def settle(self, subject: str, request_id: str, actual: int) -> None:
         """Sets the request's tokens to what it used, and ends its stream."""
-        window = self._tokens.get(subject, {})
-        if request_id in window:
+        window = self._tokens.get(subject)
+        if window is not None and request_id in window:
             stamp, reserved = window[request_id]
             window[request_id] = (stamp, min(reserved, actual))
         self._streams.get(subject, set()).discard(request_id)
