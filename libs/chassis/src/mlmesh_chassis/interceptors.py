@@ -72,6 +72,16 @@ class _CallScope:
         self, error: BaseException, context: grpc.aio.ServicerContext, domain: str
     ) -> None:
         """Maps an exception to a status and aborts the call (always raises)."""
+        if isinstance(error, grpc.aio.AioRpcError):
+            # A peer's failure we did not handle: pass its status (and its
+            # google.rpc details) back as it is, rather than as INTERNAL.
+            self.code = error.code()
+            details = [
+                (k, v)
+                for k, v in (error.trailing_metadata() or ())
+                if k == "grpc-status-details-bin"
+            ]
+            await context.abort(error.code(), error.details() or "", tuple(details))
         if isinstance(error, MlmeshError):
             mapped = error
         else:

@@ -57,9 +57,13 @@ class ServiceSpec:
 
 
 def _gateway_services() -> Sequence[descriptor.ServiceDescriptor]:
-    from mlmesh.gateway.v1 import key_service_pb2
+    from mlmesh.gateway.v1 import gateway_service_pb2, key_service_pb2, usage_service_pb2
 
-    return [key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]]
+    return [
+        key_service_pb2.DESCRIPTOR.services_by_name["KeyService"],
+        gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+        usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"],
+    ]
 
 
 def _deployer_services() -> Sequence[descriptor.ServiceDescriptor]:
@@ -126,17 +130,6 @@ ADMIN_KEY_FILE = "admin.key"
 
 CATALOG: list[ServiceSpec] = [
     ServiceSpec(
-        name="gateway",
-        command=lambda ctx, port: [sys.executable, "-m", "mlmesh_gateway"],
-        services=_gateway_services,
-        env_prefix="MLMESH_GATEWAY_",
-        env=lambda ctx: {
-            "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",
-            "MLMESH_GATEWAY_PEPPER_FILE": str(ctx.state / "gateway.pepper"),
-            "MLMESH_GATEWAY_ADMIN_KEY_FILE": str(ctx.state / ADMIN_KEY_FILE),
-        },
-    ),
-    ServiceSpec(
         name="registry",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_registry"],
         services=_registry_services,
@@ -202,5 +195,30 @@ CATALOG: list[ServiceSpec] = [
             ctx.address("registry"),
         ],
         start_timeout=300.0,
+    ),
+    # Last: it routes to the services above, and guards every route (ext_authz).
+    ServiceSpec(
+        name="gateway",
+        command=lambda ctx, port: [sys.executable, "-m", "mlmesh_gateway"],
+        services=_gateway_services,
+        env_prefix="MLMESH_GATEWAY_",
+        env=lambda ctx: {
+            "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",
+            "MLMESH_GATEWAY_PEPPER_FILE": str(ctx.state / "gateway.pepper"),
+            "MLMESH_GATEWAY_ADMIN_KEY_FILE": str(ctx.state / ADMIN_KEY_FILE),
+            **(
+                {
+                    "MLMESH_GATEWAY_LLM_ENDPOINTS": f"local={ctx.address('llm')}",
+                    "MLMESH_GATEWAY_REGION": "local",
+                }
+                if "llm" in ctx.ports
+                else {}
+            ),
+            **(
+                {"MLMESH_GATEWAY_TRITON_TARGET": ctx.address("triton")}
+                if "triton" in ctx.ports
+                else {}
+            ),
+        },
     ),
 ]

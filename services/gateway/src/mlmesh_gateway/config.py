@@ -26,3 +26,24 @@ class GatewaySettings(ServiceSettings):
     admin_key_file: Path = Path(".mlmesh/admin.key")
     # How long a key check is cached: a revoked key stops working within this.
     auth_cache_seconds: float = 0.5
+
+    # Token throttling: in-process by default; a Redis URL when several
+    # gateway replicas share limits (redis://host:6379/0). With Redis down,
+    # each replica enforces the limits divided by `replicas`.
+    redis_url: str = ""
+    replicas: int = 1
+    # LLM endpoints: "region=host:port,region=host:port"; this gateway's region.
+    llm_endpoints: str = ""
+    region: str = ""
+    # Requests in flight or waiting at which an endpoint counts as saturated.
+    saturation: int = 32
+    # Triton (KServe v2 gRPC) for Infer and Embed.
+    triton_target: str = ""
+    # What ListModels offers (the registry names).
+    llm_models: str = "tiny-llama"
+    classic_models: str = "digits"
+    embedding_models: str = "minilm"
+
+
+def names(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]

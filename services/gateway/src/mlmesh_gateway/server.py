@@ -9,18 +9,32 @@ from pathlib import Path
 
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from mlmesh.gateway.v1 import gateway_pb2 as pb
-from mlmesh.gateway.v1 import key_service_pb2, key_service_pb2_grpc
+from mlmesh.gateway.v1 import (
+    gateway_service_pb2,
+    gateway_service_pb2_grpc,
+    key_service_pb2,
+    key_service_pb2_grpc,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import Unauthenticated
 from mlmesh_chassis.server import ServiceHost, start_service
+from mlmesh_inference.triton import TritonClient
 
 from mlmesh_gateway.authz import Authorizer
-from mlmesh_gateway.config import GatewaySettings
+from mlmesh_gateway.balancer import LatencyAwareBalancer
+from mlmesh_gateway.config import GatewaySettings, names
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
+from mlmesh_gateway.ledger import UsageLedger
+from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
+from mlmesh_gateway.throttle import Throttle
 
 log = logging.getLogger("mlmesh.gateway")
 KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+GATEWAY = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+USAGE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 AUTHORIZATION = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
 
@@ -66,11 +80,34 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     keys = KeyStore(database, pepper.encode(), settings.auth_cache_seconds)
     await ensure_admin_key(keys, settings)
 
+    throttle = Throttle(settings.redis_url, settings.replicas)
+    ledger = UsageLedger(database)
+    llm = LatencyAwareBalancer.from_spec(
+        settings.llm_endpoints, settings.region, settings.saturation
+    )
+    triton = TritonClient(settings.triton_target) if settings.triton_target else None
+    gateway = GatewayServicer(
+        keys,
+        throttle,
+        ledger,
+        llm,
+        triton,
+        names(settings.llm_models),
+        names(settings.classic_models),
+        names(settings.embedding_models),
+    )
+
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorizer(keys), server)
-        return [KEY_SERVICE, AUTHORIZATION]
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(ledger), server)
+        return [KEY_SERVICE, GATEWAY, USAGE, AUTHORIZATION]
 
     host = await start_service(settings, register, error_domain="mlmesh.gateway")
     host.on_close.append(database.close)
+    host.on_close.append(throttle.close)
+    host.on_close.append(llm.close)
+    if triton is not None:
+        host.on_close.append(triton.close)
     return host

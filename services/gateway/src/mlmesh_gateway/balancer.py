@@ -1,0 +1,109 @@
+"""Latency-aware balancing of LLM requests across endpoints and regions.
+
+Each endpoint's score is (requests in flight here + requests its engine
+reports waiting + 1) x its decaying average time to first token. The caller's
+region is preferred; when every endpoint there is saturated (reported
+waiting, or in-flight at capacity) or ejected, requests spill over to the
+best endpoint elsewhere, and come back when the region drains. An endpoint
+that fails is ejected for a backoff that doubles with each failure in a row
+(capped), then tried again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from mlmesh.llm.v1 import llm_service_pb2_grpc
+from mlmesh_chassis.interceptors import client_interceptors
+
+
+@dataclass(eq=False)
+class Endpoint:
+    address: str
+    region: str
+    stub: Any = None
+    channel: Any = None
+    in_flight: int = 0
+    waiting: int = 0
+    running: int = 0
+    ttft_ewma: float = 0.05
+    failures: int = 0
+    ejected_until: float = 0.0
+    picks: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self.ejected_until
+
+    def score(self) -> float:
+        return (self.in_flight + self.waiting + 1) * self.ttft_ewma
+
+
+@dataclass
+class LatencyAwareBalancer:
+    endpoints: list[Endpoint]
+    home_region: str = ""
+    # An endpoint with this many requests in flight or waiting is saturated.
+    saturation: int = 32
+    alpha: float = 0.3
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+    _by_address: dict[str, Endpoint] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(
+        cls, spec: str, home_region: str = "", saturation: int = 32
+    ) -> LatencyAwareBalancer:
+        """``region=host:port,region=host:port`` (region may be omitted)."""
+        endpoints = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            region, _, address = part.rpartition("=")
+            endpoint = Endpoint(address, region or "default")
+            endpoint.channel = grpc.aio.insecure_channel(
+                address,
+                interceptors=client_interceptors(),
+                options=[("grpc.max_receive_message_length", 16 << 20)],
+            )
+            endpoint.stub = llm_service_pb2_grpc.LlmServiceStub(endpoint.channel)
+            endpoints.append(endpoint)
+        return cls(endpoints, home_region, saturation)
+
+    def saturated(self, endpoint: Endpoint) -> bool:
+        return endpoint.in_flight + endpoint.waiting >= self.saturation
+
+    def candidates(self, region: str = "") -> list[Endpoint]:
+        """Endpoints in the order to try: the best usable one in the region
+        first; the others (spill-over) after; ejected ones last."""
+        region = region or self.home_region
+        healthy = [e for e in self.endpoints if e.healthy]
+        local = sorted(
+            (e for e in healthy if e.region == region and not self.saturated(e)), key=Endpoint.score
+        )
+        remote = sorted((e for e in healthy if e not in local), key=Endpoint.score)
+        ejected = sorted(
+            (e for e in self.endpoints if not e.healthy), key=lambda e: e.ejected_until
+        )
+        return [*local, *remote, *ejected]
+
+    def observe_first_token(self, endpoint: Endpoint, seconds: float) -> None:
+        endpoint.ttft_ewma += self.alpha * (seconds - endpoint.ttft_ewma)
+        endpoint.failures = 0
+
+    def observe_load(self, endpoint: Endpoint, metadata: Any) -> None:
+        values = dict(metadata or ())
+        if "mlmesh-load-waiting" in values:
+            endpoint.waiting = int(values["mlmesh-load-waiting"])
+            endpoint.running = int(values.get("mlmesh-load-running", 0))
+
+    def failed(self, endpoint: Endpoint) -> None:
+        endpoint.failures += 1
+        backoff = min(self.eject_base_s * 2 ** (endpoint.failures - 1), self.eject_max_s)
+        endpoint.ejected_until = time.monotonic() + backoff
+
+    async def close(self) -> None:
+        for endpoint in self.endpoints:
+            if endpoint.channel is not None:
+                await endpoint.channel.close()

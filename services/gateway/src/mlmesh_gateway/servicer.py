@@ -1,0 +1,388 @@
+"""GatewayService: one API for every model. UsageService: the ledger's totals."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from mlmesh.common.v1 import model_reference_pb2, usage_pb2
+from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
+from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
+from mlmesh_chassis.errors import (
+    InvalidArgument,
+    MlmeshError,
+    QuotaViolation,
+    ResourceExhausted,
+    Unavailable,
+)
+from mlmesh_chassis.pagination import offset_page
+from mlmesh_inference.triton import TritonClient
+from tritonclient.utils import triton_to_np_dtype
+
+from mlmesh_gateway.authz import bearer
+from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
+from mlmesh_gateway.keys import KeyStore, authorize
+from mlmesh_gateway.ledger import UsageEvent, UsageLedger
+from mlmesh_gateway.throttle import Limits, Throttle
+
+log = logging.getLogger("mlmesh.gateway")
+DEFAULT_MAX_TOKENS = 256
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def limits_of(key: pb.Key) -> Limits:
+    return Limits(
+        key.limits.tokens_per_minute,
+        key.limits.requests_per_minute,
+        key.limits.max_concurrent_streams,
+    )
+
+
+class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
+    def __init__(
+        self,
+        keys: KeyStore,
+        throttle: Throttle,
+        ledger: UsageLedger,
+        llm: LatencyAwareBalancer,
+        triton: TritonClient | None,
+        llm_models: list[str],
+        classic_models: list[str],
+        embedding_models: list[str],
+    ) -> None:
+        self.keys = keys
+        self.throttle = throttle
+        self.ledger = ledger
+        self.llm = llm
+        self.triton = triton
+        self.llm_models = llm_models
+        self.classic_models = classic_models
+        self.embedding_models = embedding_models
+
+    async def _caller(self, context) -> pb.Key:  # type: ignore[no-untyped-def]
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        return await self.keys.authenticate(bearer(str(header)))
+
+    # ---- Generate ---------------------------------------------------------------
+
+    async def Generate(self, request, context) -> AsyncIterator[rpc.GenerateResponse]:  # type: ignore[no-untyped-def,override]
+        key = await self._caller(context)
+        inner = llm_rpc.GenerateRequest()
+        inner.CopyFrom(request.request)
+        model = inner.model.model
+        authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
+        inner.request_id = inner.request_id or uuid.uuid4().hex
+        candidates = self.llm.candidates(request.region)
+        if not candidates:
+            raise Unavailable("no LLM endpoint is configured", retry_after_s=5.0)
+        counted = await self._count_tokens(candidates, inner)
+        max_tokens = (
+            inner.sampling.max_tokens
+            if inner.sampling.HasField("max_tokens")
+            else DEFAULT_MAX_TOKENS
+        )
+        subject = f"key:{key.id}"
+        decision = await self.throttle.admit(
+            subject, inner.request_id, counted + max(max_tokens, 0), limits_of(key)
+        )
+        if not decision.admitted:
+            raise ResourceExhausted(
+                f"key {key.id} is over its {decision.violated} limit",
+                [QuotaViolation(subject, decision.violated)],
+                decision.retry_after_s,
+                key_id=key.id,
+                limit=decision.violated,
+            )
+        started = time.monotonic()
+        streamed, prompt_tokens, version, status = 0, counted, 0, "OK"
+        endpoint: Endpoint | None = None
+        try:
+            async for endpoint, chunk in self._stream(candidates, inner, started):
+                streamed += chunk.token_count
+                if chunk.HasField("model"):
+                    version = chunk.model.version
+                if chunk.HasField("usage"):
+                    prompt_tokens = chunk.usage.prompt_tokens
+                chunk.ClearField("load")  # internal to the balancer
+                yield rpc.GenerateResponse(response=chunk, region=endpoint.region)
+        except grpc.RpcError as error:  # the backend's status goes back as it is
+            status = error.code().name  # type: ignore[attr-defined]
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        finally:
+            # Settle to what was used and record it once, even on cancel.
+            await asyncio.shield(
+                self._settle(
+                    subject,
+                    inner.request_id,
+                    prompt_tokens,
+                    streamed,
+                    UsageEvent(
+                        request_id=inner.request_id,
+                        key_id=key.id,
+                        service=pb.PLATFORM_SERVICE_GENERATE,
+                        model=model,
+                        version=version,
+                        region=endpoint.region if endpoint else "",
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=streamed,
+                        latency_ms=(time.monotonic() - started) * 1000,
+                        status=status,
+                    ),
+                )
+            )
+
+    async def _settle(
+        self, subject: str, request_id: str, prompt: int, streamed: int, event: UsageEvent
+    ) -> None:
+        await self.throttle.settle(subject, request_id, prompt + streamed)
+        try:
+            await self.ledger.record(event)
+        except MlmeshError as error:
+            log.error("usage event for %s not recorded: %s", request_id, error.message)
+
+    async def _count_tokens(self, candidates: list[Endpoint], inner) -> int:  # type: ignore[no-untyped-def]
+        request = llm_rpc.CountTokensRequest(model=inner.model)
+        if inner.WhichOneof("prompt") == "chat":
+            request.chat.CopyFrom(inner.chat)
+        else:
+            request.text = inner.text
+        last: grpc.RpcError | None = None
+        for endpoint in candidates[:3]:
+            try:
+                reply = await endpoint.stub.CountTokens(request, timeout=10)
+                return int(reply.token_count)
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE:  # type: ignore[attr-defined]
+                    raise
+                self.llm.failed(endpoint)
+                last = error
+        assert last is not None
+        raise last
+
+    async def _stream(
+        self, candidates: list[Endpoint], inner, started: float
+    ) -> AsyncIterator[tuple[Endpoint, llm_rpc.GenerateResponse]]:  # type: ignore[no-untyped-def]
+        """Streams from the best endpoint; before the first token, a failed
+        endpoint is ejected and the next one tried."""
+        for attempt, endpoint in enumerate(candidates[:3]):
+            endpoint.in_flight += 1
+            endpoint.picks += 1
+            call = endpoint.stub.Generate(inner)
+            first = True
+            try:
+                async for chunk in call:
+                    if first:
+                        self.llm.observe_first_token(endpoint, time.monotonic() - started)
+                        first = False
+                    yield endpoint, chunk
+                self.llm.observe_load(endpoint, await call.trailing_metadata())
+                return
+            except grpc.RpcError as error:
+                if first and error.code() in RETRYABLE and attempt < 2:  # type: ignore[attr-defined]
+                    self.llm.failed(endpoint)
+                    continue  # nothing was sent yet: try elsewhere
+                if error.code() in RETRYABLE:  # type: ignore[attr-defined]
+                    self.llm.failed(endpoint)
+                raise
+            finally:
+                endpoint.in_flight -= 1
+                call.cancel()
+
+    # ---- Infer and Embed ---------------------------------------------------------
+
+    async def Infer(self, request, context):  # type: ignore[no-untyped-def]
+        key = await self._caller(context)
+        model = request.model.model
+        authorize(key, pb.PLATFORM_SERVICE_INFER, model)
+        triton = self._triton()
+        inputs = {
+            tensor.name: _to_numpy(tensor, f"inputs[{i}]")
+            for i, tensor in enumerate(request.inputs)
+        }
+        items = int(sum(array.size for array in inputs.values()))
+        request_id = request.id or uuid.uuid4().hex
+        await self._admit_unary(key, request_id)
+        started = time.monotonic()
+        status = "OK"
+        try:
+            version = (
+                str(request.model.version)
+                if request.model.WhichOneof("selector") == "version"
+                else ""
+            )
+            result = await triton.infer(
+                model,
+                inputs,
+                version=version,
+                outputs=list(request.output_names) or None,
+                request_id=request_id,
+            )
+        except MlmeshError as error:
+            status = error.code.name
+            raise
+        finally:
+            await asyncio.shield(
+                self.ledger.record(
+                    UsageEvent(
+                        request_id=request_id,
+                        key_id=key.id,
+                        service=pb.PLATFORM_SERVICE_INFER,
+                        model=model,
+                        input_items=items,
+                        status=status,
+                        latency_ms=(time.monotonic() - started) * 1000,
+                    )
+                )
+            )
+            await self.throttle.settle(f"key:{key.id}", request_id, 0)
+        return rpc.InferResponse(
+            model=model_reference_pb2.ModelReference(
+                model=model, version=int(result.model_version or 0)
+            ),
+            id=request_id,
+            usage=usage_pb2.Usage(input_items=items),
+            outputs=[_from_numpy(name, array) for name, array in result.outputs.items()],
+        )
+
+    async def Embed(self, request, context):  # type: ignore[no-untyped-def]
+        key = await self._caller(context)
+        model = request.model.model
+        authorize(key, pb.PLATFORM_SERVICE_EMBED, model)
+        if not 1 <= len(request.texts) <= 256:
+            raise InvalidArgument.field("texts", "1 to 256 texts")
+        request_id = uuid.uuid4().hex
+        await self._admit_unary(key, request_id)
+        texts = np.array([[text] for text in request.texts], dtype=object)
+        try:
+            result = await self._triton().infer(model, {"text": texts}, request_id=request_id)
+        finally:
+            await self.throttle.settle(f"key:{key.id}", request_id, 0)
+        vectors = next(iter(result.outputs.values()))
+        if request.normalize:
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+        await self.ledger.record(
+            UsageEvent(
+                request_id=request_id,
+                key_id=key.id,
+                service=pb.PLATFORM_SERVICE_EMBED,
+                model=model,
+                input_items=len(request.texts),
+            )
+        )
+        return rpc.EmbedResponse(
+            model=model_reference_pb2.ModelReference(
+                model=model, version=int(result.model_version or 0)
+            ),
+            embeddings=[pb.Embedding(values=row.tolist()) for row in vectors],
+            dimension=int(vectors.shape[1]),
+            usage=usage_pb2.Usage(input_items=len(texts)),
+        )
+
+    async def _admit_unary(self, key: pb.Key, request_id: str) -> None:
+        decision = await self.throttle.admit(f"key:{key.id}", request_id, 0, limits_of(key))
+        if not decision.admitted:
+            raise ResourceExhausted(
+                f"key {key.id} is over its {decision.violated} limit",
+                [QuotaViolation(f"key:{key.id}", decision.violated)],
+                decision.retry_after_s,
+                key_id=key.id,
+                limit=decision.violated,
+            )
+
+    def _triton(self) -> TritonClient:
+        if self.triton is None:
+            raise Unavailable("no Triton server is configured", retry_after_s=5.0)
+        return self.triton
+
+    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
+        key = await self._caller(context)
+        served = [(name, pb.MODEL_KIND_LLM) for name in self.llm_models]
+        served += [(name, pb.MODEL_KIND_CLASSIC) for name in self.classic_models]
+        served += [(name, pb.MODEL_KIND_EMBEDDING) for name in self.embedding_models]
+        visible = []
+        for name, kind in served:
+            if request.kind and kind != request.kind:
+                continue
+            try:
+                authorize(key, None, name)
+            except MlmeshError:
+                continue
+            visible.append(pb.ServedModel(model=name, kind=kind))
+        page, token = offset_page(visible, request.page_size, request.page_token)
+        return rpc.ListModelsResponse(models=page, next_page_token=token)
+
+
+class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
+    def __init__(self, ledger: UsageLedger) -> None:
+        self.ledger = ledger
+
+    async def GetUsage(self, request, context):  # type: ignore[no-untyped-def]
+        if not request.HasField("start_time") or not request.HasField("end_time"):
+            raise InvalidArgument.field("start_time", "start_time and end_time are required")
+        start = request.start_time.ToDatetime(tzinfo=dt.UTC)
+        end = request.end_time.ToDatetime(tzinfo=dt.UTC)
+        if end <= start:
+            raise InvalidArgument.field("end_time", "must be after start_time")
+        buckets = await self.ledger.buckets(
+            start, end, list(request.key_ids), list(request.models), request.granularity
+        )
+        page, token = offset_page(buckets, request.page_size, request.page_token)
+        return usage_service_pb2.GetUsageResponse(buckets=page, next_page_token=token)
+
+
+def _to_numpy(tensor: pb.InferTensor, field: str) -> np.ndarray:
+    try:
+        dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
+    except TypeError as error:
+        raise InvalidArgument.field(
+            f"{field}.datatype", f"unknown type {tensor.datatype}"
+        ) from error
+    shape = tuple(int(d) for d in tensor.shape)
+    if tensor.WhichOneof("contents") == "raw_contents":
+        if tensor.datatype == "BYTES":
+            raise InvalidArgument.field(f"{field}.raw_contents", "send BYTES as bytes_contents")
+        array = np.frombuffer(tensor.raw_contents, dtype=dtype)
+    else:
+        values = list(getattr(tensor.values, _CONTENTS.get(tensor.datatype, "fp32_contents")))
+        array = np.array(values, dtype=object if tensor.datatype == "BYTES" else dtype)
+    if int(np.prod(shape)) != array.size:
+        raise InvalidArgument.field(
+            f"{field}.shape", f"{list(shape)} does not hold {array.size} values"
+        )
+    return array.reshape(shape)
+
+
+def _from_numpy(name: str, array: np.ndarray) -> pb.InferTensor:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return pb.InferTensor(
+        name=name,
+        datatype=np_to_triton_dtype(array.dtype),
+        shape=list(array.shape),
+        raw_contents=np.ascontiguousarray(array).tobytes(),
+    )

@@ -1,0 +1,182 @@
+"""The gateway's one API through Envoy: Generate, Infer, Embed, usage, limits."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+import numpy as np
+import pytest
+from mlmesh.common.v1 import model_reference_pb2
+from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
+from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc, usage_service_pb2_grpc
+from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
+from mlmesh.gateway.v1 import usage_service_pb2 as usage_rpc
+from mlmesh.llm.v1 import llm_pb2
+from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
+from mlmesh_chassis.testing import expect_error
+from mlmesh_sdk.channel import mesh_channel
+from mlmesh_triton.build import digits_training_data
+
+LLM = model_reference_pb2.ModelReference(model="tiny-llama", alias="champion")
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture
+async def admin(full_mesh):
+    async with mesh_channel(full_mesh.address, full_mesh.api_key) as channel:
+        yield (
+            key_service_pb2_grpc.KeyServiceStub(channel),
+            usage_service_pb2_grpc.UsageServiceStub(channel),
+        )
+
+
+async def new_key(admin, **fields) -> str:
+    keys, _ = admin
+    fields.setdefault(
+        "scopes",
+        pb.KeyScopes(
+            services=[
+                pb.PLATFORM_SERVICE_GENERATE,
+                pb.PLATFORM_SERVICE_INFER,
+                pb.PLATFORM_SERVICE_EMBED,
+            ]
+        ),
+    )
+    reply = await keys.CreateKey(keys_rpc.CreateKeyRequest(key=pb.Key(display_name="t", **fields)))
+    return reply.secret
+
+
+def generate(text: str = "The gateway serves", request_id: str = "", **sampling):
+    return rpc.GenerateRequest(
+        region="local",
+        request=llm_rpc.GenerateRequest(
+            model=LLM, text=text, request_id=request_id, sampling=llm_pb2.SamplingParams(**sampling)
+        ),
+    )
+
+
+async def usage_of(admin, key_id: str) -> list[pb.UsageBucket]:
+    _, usage = admin
+    now = dt.datetime.now(dt.UTC)
+    request = usage_rpc.GetUsageRequest(key_ids=[key_id])
+    request.start_time.FromDatetime(now - dt.timedelta(hours=1))
+    request.end_time.FromDatetime(now + dt.timedelta(minutes=1))
+    return list((await usage.GetUsage(request)).buckets)
+
+
+async def test_generate_relays_the_stream_and_records_usage_once(admin, full_mesh):
+    secret = await new_key(admin)
+    key_id = secret.split("_")[1]
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        chunks = [
+            c
+            async for c in gateway.Generate(generate(max_tokens=12, seed=3, request_id="req-once"))
+        ]
+        # the same request id again: billed once
+        again = [
+            c
+            async for c in gateway.Generate(generate(max_tokens=12, seed=3, request_id="req-once"))
+        ]
+    streamed = sum(c.response.token_count for c in chunks)
+    assert chunks[0].region == "local" and chunks[0].response.model.version >= 1
+    assert chunks[-1].response.usage.completion_tokens == streamed
+    assert not chunks[-1].response.HasField("load")  # internal to the balancer
+    assert sum(c.response.token_count for c in again) == streamed
+    buckets = await usage_of(admin, key_id)
+    assert [b.request_count for b in buckets] == [1]
+    assert buckets[0].usage.completion_tokens == streamed
+    assert buckets[0].usage.prompt_tokens == chunks[-1].response.usage.prompt_tokens
+
+
+async def test_token_limit_rejects_with_quota_failure_and_retry_info(admin, full_mesh):
+    secret = await new_key(admin, limits=pb.KeyLimits(tokens_per_minute=150))
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        [c async for c in gateway.Generate(generate(max_tokens=100, temperature=0.0))]
+        details = await expect_error(
+            _drain(gateway.Generate(generate(max_tokens=100, temperature=0.0))),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    assert details.error_info.reason == "QUOTA_EXCEEDED"
+    assert details.quota_failure.violations[0].description == "tokens_per_minute"
+    delay = details.retry_info.retry_delay.ToTimedelta().total_seconds()
+    assert 0 < delay <= 60
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
+
+
+async def test_model_scopes_and_backend_errors_pass_through(admin, full_mesh):
+    secret = await new_key(
+        admin,
+        scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=["digits*"]),
+    )
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        details = await expect_error(
+            _drain(gateway.Generate(generate(max_tokens=4))), grpc.StatusCode.PERMISSION_DENIED
+        )
+        assert details.error_info.metadata["model"] == "tiny-llama"
+    secret = await new_key(admin)
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        details = await expect_error(
+            _drain(gateway.Generate(generate(max_tokens=0))), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert details.error_info.domain == "mlmesh.llm"  # the llm's own details, relayed
+        assert details.bad_request.field_violations[0].field == "sampling.max_tokens"
+
+
+async def test_infer_and_embed_reach_triton(admin, full_mesh):
+    secret = await new_key(admin)
+    x, y = digits_training_data()
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        reply = await gateway.Infer(
+            rpc.InferRequest(
+                model=model_reference_pb2.ModelReference(model="digits", alias="champion"),
+                inputs=[
+                    pb.InferTensor(
+                        name="pixels",
+                        datatype="FP32",
+                        shape=[4, 64],
+                        raw_contents=x[:4].astype(np.float32).tobytes(),
+                    )
+                ],
+            )
+        )
+        probabilities = np.frombuffer(reply.outputs[0].raw_contents, dtype=np.float32)
+        probabilities = probabilities.reshape(reply.outputs[0].shape)
+        assert list(probabilities.argmax(axis=1)) == list(y[:4])
+        assert reply.usage.input_items == 4 * 64
+        details = await expect_error(
+            gateway.Infer(
+                rpc.InferRequest(
+                    model=model_reference_pb2.ModelReference(model="digits"),
+                    inputs=[
+                        pb.InferTensor(
+                            name="pixels",
+                            datatype="FP32",
+                            shape=[1, 63],
+                            raw_contents=x[:1, :63].astype(np.float32).tobytes(),
+                        )
+                    ],
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert details.bad_request.field_violations[0].field == "inputs['pixels'].shape"
+        embedded = await gateway.Embed(
+            rpc.EmbedRequest(
+                model=model_reference_pb2.ModelReference(model="minilm"),
+                texts=["a mesh of services", "one key for every model"],
+            )
+        )
+        assert embedded.dimension == 384 and len(embedded.embeddings) == 2
+        listed = await gateway.ListModels(rpc.ListModelsRequest(kind=pb.MODEL_KIND_LLM))
+        assert [m.model for m in listed.models] == ["tiny-llama"]
