@@ -99,6 +99,10 @@ def _triton_env(ctx: RunContext) -> dict[str, str]:
     home = _triton_home()
     return {
         "LD_LIBRARY_PATH": str(home / "triton" / "lib"),
+        # The python backend stub embeds the system libpython3.11; without
+        # this it may take its standard library from whichever python3 comes
+        # first on PATH (a virtual environment's), and fail on ABI mismatches.
+        "PYTHONHOME": "/usr",
         "MLMESH_TRITON_PYTHONPATH": str(
             home / "triton-models" / "lib" / "python3.11" / "site-packages"
         ),
