@@ -41,6 +41,8 @@ class ServiceSpec:
     env_prefix: str
     # Default environment (the caller's environment overrides it).
     env: Callable[[RunContext], dict[str, str]] = field(default=lambda ctx: {})
+    # Environment that overrides the caller's.
+    fixed_env: dict[str, str] = field(default_factory=dict)
     # A command to run to completion before the service starts (e.g. to build
     # and register a model), or None.
     prepare: Callable[[RunContext], Sequence[str]] | None = None
@@ -99,10 +101,6 @@ def _triton_env(ctx: RunContext) -> dict[str, str]:
     home = _triton_home()
     return {
         "LD_LIBRARY_PATH": str(home / "triton" / "lib"),
-        # The python backend stub embeds the system libpython3.11; without
-        # this it may take its standard library from whichever python3 comes
-        # first on PATH (a virtual environment's), and fail on ABI mismatches.
-        "PYTHONHOME": "/usr",
         "MLMESH_TRITON_PYTHONPATH": str(
             home / "triton-models" / "lib" / "python3.11" / "site-packages"
         ),
@@ -170,6 +168,11 @@ CATALOG: list[ServiceSpec] = [
         services=lambda: [],
         env_prefix="MLMESH_TRITON_",
         env=_triton_env,
+        # The python backend stub embeds the system libpython3.11 in isolated
+        # mode and finds its standard library from the first python3 on PATH:
+        # a virtual environment's there (under `make`) would give it another
+        # Python's stdlib and fail on ABI mismatches. So: the system's only.
+        fixed_env={"PATH": "/usr/bin:/bin"},
         port_discovery="listening-socket",
         ready=_triton_ready,
         routed=False,  # the gateway and batch jobs call it through mlmesh_inference

@@ -267,6 +267,7 @@ class Mesh:
         env = {
             **spec.env(self.context()),
             **os.environ,
+            **spec.fixed_env,
             f"{spec.env_prefix}PORT": str(port),
             f"{spec.env_prefix}PORT_FILE": str(port_file),
             "PYTHONUNBUFFERED": "1",
