@@ -15,10 +15,12 @@ async def throttle(request, redis_server):
     if request.param == "local":
         yield Throttle()
     else:
-        shared = Throttle(url)
-        await shared.redis._redis.flushall()
-        yield shared
-        await shared.close()
+        shared = Throttle(url, redis_timeout_s=5.0)
+        try:
+            await shared.redis._redis.flushall()
+            yield shared
+        finally:
+            await shared.close()
 
 
 async def test_reservations_never_exceed_the_window(throttle):
@@ -57,21 +59,25 @@ async def test_requests_and_concurrent_streams(throttle):
 
 async def test_replicas_share_one_budget_through_redis(redis_server):
     url, _stop, _start = redis_server
-    replicas = [Throttle(url, replicas=3) for _ in range(3)]
-    await replicas[0].redis._redis.flushall()
-    limits = Limits(tokens_per_minute=5000)
-    decisions = await asyncio.gather(
-        *(replicas[i % 3].admit("key:shared", f"r{i}", 100, limits) for i in range(120))
-    )
-    assert sum(d.admitted for d in decisions) == 50
-    assert {d.backend for d in decisions} == {"redis"}
-    for replica in replicas:
-        await replica.close()
+    # A generous timeout: this test is about sharing one budget, not about a
+    # slow Redis on a loaded CI machine (the fallback test covers that).
+    replicas = [Throttle(url, replicas=3, redis_timeout_s=5.0) for _ in range(3)]
+    try:
+        await replicas[0].redis._redis.flushall()
+        limits = Limits(tokens_per_minute=5000)
+        decisions = await asyncio.gather(
+            *(replicas[i % 3].admit("key:shared", f"r{i}", 100, limits) for i in range(120))
+        )
+        assert {d.backend for d in decisions} == {"redis"}
+        assert sum(d.admitted for d in decisions) == 50
+    finally:
+        for replica in replicas:
+            await replica.close()
 
 
 async def test_redis_down_falls_back_to_local_limits_per_replica(redis_server):
     url, stop, start = redis_server
-    throttle = Throttle(url, replicas=2)
+    throttle = Throttle(url, replicas=2, redis_timeout_s=5.0)
     limits = Limits(tokens_per_minute=1000)
     stop()
     try:
@@ -82,9 +88,11 @@ async def test_redis_down_falls_back_to_local_limits_per_replica(redis_server):
         assert sum(d.admitted for d in decisions) == 5  # 1000 / 2 replicas
     finally:
         start()
-    await asyncio.sleep(1.1)  # the next decision tries Redis again
-    assert (await throttle.admit("key:d", "back", 100, limits)).backend == "redis"
-    await throttle.close()
+    try:
+        await asyncio.sleep(1.1)  # the next decision tries Redis again
+        assert (await throttle.admit("key:d", "back", 100, limits)).backend == "redis"
+    finally:
+        await throttle.close()
 
 
 async def test_local_window_frees_budget_after_a_minute(monkeypatch):

@@ -32,6 +32,8 @@ class GatewaySettings(ServiceSettings):
     # each replica enforces the limits divided by `replicas`.
     redis_url: str = ""
     replicas: int = 1
+    # A Redis decision slower than this counts as Redis being down.
+    redis_timeout_seconds: float = 0.5
     # LLM endpoints: "region=host:port,region=host:port"; this gateway's region.
     llm_endpoints: str = ""
     region: str = ""

@@ -80,7 +80,9 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     keys = KeyStore(database, pepper.encode(), settings.auth_cache_seconds)
     await ensure_admin_key(keys, settings)
 
-    throttle = Throttle(settings.redis_url, settings.replicas)
+    throttle = Throttle(
+        settings.redis_url, settings.replicas, redis_timeout_s=settings.redis_timeout_seconds
+    )
     ledger = UsageLedger(database)
     llm = LatencyAwareBalancer.from_spec(
         settings.llm_endpoints, settings.region, settings.saturation

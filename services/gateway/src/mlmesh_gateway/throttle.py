@@ -12,7 +12,8 @@ Two backends with one behaviour: in-process (one gateway), and Redis (one
 Lua script, one round trip per decision, shared by every gateway replica).
 Redis unreachable: the stated policy is to fall back to in-process limits
 divided by the number of replicas, and to try Redis again after a second;
-never to fail open and never to hang (socket timeouts are short).
+never to fail open and never to hang (socket timeouts are short: 0.5 s by
+default).
 """
 
 from __future__ import annotations
@@ -170,10 +171,12 @@ class RedisThrottle:
 
     name = "redis"
 
-    def __init__(self, url: str, stream_lease_s: float = 600.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 0.5, stream_lease_s: float = 600.0) -> None:
         import redis.asyncio as redis
 
-        self._redis = redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        self._redis = redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self.stream_lease_ms = int(stream_lease_s * 1000)
@@ -216,9 +219,15 @@ class Throttle:
     """Redis when configured and reachable; otherwise in-process limits
     divided by the replica count (the stated outage policy)."""
 
-    def __init__(self, redis_url: str = "", replicas: int = 1, retry_redis_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis_url: str = "",
+        replicas: int = 1,
+        retry_redis_s: float = 1.0,
+        redis_timeout_s: float = 0.5,
+    ) -> None:
         self.local = LocalThrottle()
-        self.redis = RedisThrottle(redis_url) if redis_url else None
+        self.redis = RedisThrottle(redis_url, redis_timeout_s) if redis_url else None
         self.replicas = max(1, replicas)
         self.retry_redis_s = retry_redis_s
         self._redis_down_until = 0.0
