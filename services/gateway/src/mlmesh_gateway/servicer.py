@@ -31,6 +31,14 @@ from mlmesh_gateway.authz import bearer
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.keys import KeyStore, authorize
 from mlmesh_gateway.ledger import UsageEvent, UsageLedger
+from mlmesh_gateway.telemetry import (
+    BACKEND_PICKS,
+    REJECTIONS,
+    REQUESTS,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS,
+    annotate,
+)
 from mlmesh_gateway.throttle import Limits, Throttle
 
 log = logging.getLogger("mlmesh.gateway")
@@ -104,10 +112,21 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             else DEFAULT_MAX_TOKENS
         )
         subject = f"key:{key.id}"
+        annotate(
+            **{
+                "gen_ai.system": "mlmesh",
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.request.model": model,
+                "gen_ai.request.max_tokens": max_tokens,
+                "mlmesh.key_id": key.id,
+                "mlmesh.request_id": inner.request_id,
+            }
+        )
         decision = await self.throttle.admit(
             subject, inner.request_id, counted + max(max_tokens, 0), limits_of(key)
         )
         if not decision.admitted:
+            REJECTIONS.labels(decision.violated).inc()
             raise ResourceExhausted(
                 f"key {key.id} is over its {decision.violated} limit",
                 [QuotaViolation(subject, decision.violated)],
@@ -119,7 +138,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         streamed, prompt_tokens, version, status = 0, counted, 0, "OK"
         endpoint: Endpoint | None = None
         try:
-            async for endpoint, chunk in self._stream(candidates, inner, started):
+            async for endpoint, chunk in self._stream(request.region, inner, started):
+                if streamed == 0 and chunk.token_count:
+                    TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - started)
                 streamed += chunk.token_count
                 if chunk.HasField("model"):
                     version = chunk.model.version
@@ -160,6 +181,17 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self, subject: str, request_id: str, prompt: int, streamed: int, event: UsageEvent
     ) -> None:
         await self.throttle.settle(subject, request_id, prompt + streamed)
+        REQUESTS.labels("generate", event.model, event.status).inc()
+        TOKENS.labels(event.model, "input").inc(prompt)
+        TOKENS.labels(event.model, "output").inc(streamed)
+        annotate(
+            **{
+                "gen_ai.usage.input_tokens": prompt,
+                "gen_ai.usage.output_tokens": streamed,
+                "gen_ai.response.model": f"{event.model}/{event.version}",
+                "server.address": event.region,
+            }
+        )
         try:
             await self.ledger.record(event)
         except MlmeshError as error:
@@ -185,13 +217,22 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         raise last
 
     async def _stream(
-        self, candidates: list[Endpoint], inner, started: float
+        self, region: str, inner, started: float
     ) -> AsyncIterator[tuple[Endpoint, llm_rpc.GenerateResponse]]:  # type: ignore[no-untyped-def]
         """Streams from the best endpoint; before the first token, a failed
-        endpoint is ejected and the next one tried."""
-        for attempt, endpoint in enumerate(candidates[:3]):
+        endpoint is ejected and the next one tried. Endpoints are ranked here,
+        with no await between ranking and counting the request in flight, so
+        concurrent requests see each other."""
+        tried: set[int] = set()
+        for attempt in range(3):
+            remaining = [e for e in self.llm.candidates(region) if id(e) not in tried]
+            if not remaining:
+                break
+            endpoint = remaining[0]
+            tried.add(id(endpoint))
             endpoint.in_flight += 1
             endpoint.picks += 1
+            BACKEND_PICKS.labels(endpoint.address, endpoint.region).inc()
             call = endpoint.stub.Generate(inner)
             first = True
             try:
@@ -212,6 +253,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             finally:
                 endpoint.in_flight -= 1
                 call.cancel()
+        raise Unavailable("no LLM endpoint could take the request", retry_after_s=1.0)
 
     # ---- Infer and Embed ---------------------------------------------------------
 
@@ -246,6 +288,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             status = error.code.name
             raise
         finally:
+            REQUESTS.labels("infer", model, status).inc()
+            annotate(**{"mlmesh.model": model, "mlmesh.input_items": items})
             await asyncio.shield(
                 self.ledger.record(
                     UsageEvent(
