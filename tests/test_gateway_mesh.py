@@ -180,3 +180,112 @@ async def test_infer_and_embed_reach_triton(admin, full_mesh):
         assert embedded.dimension == 384 and len(embedded.embeddings) == 2
         listed = await gateway.ListModels(rpc.ListModelsRequest(kind=pb.MODEL_KIND_LLM))
         assert [m.model for m in listed.models] == ["tiny-llama"]
+
+
+async def deployer_experiment_versions(mesh) -> list[int]:
+    from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as deployer_rpc
+    from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
+
+    async with mesh_channel(mesh.address, mesh.api_key) as channel:
+        stub = deployer_service_pb2_grpc.DeployerServiceStub(channel)
+        reply = await stub.ListDeployments(deployer_rpc.ListDeploymentsRequest())
+    digits = next(d for d in reply.deployments if d.triton_model == "digits")
+    return list(digits.experiment_versions)
+
+
+async def wait_for(predicate, timeout_s: float = 120.0) -> None:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.5)
+
+
+async def test_ab_split_is_sticky_and_shadow_disagreements_are_recorded(admin, full_mesh, tmp_path):
+    import asyncio
+    import sqlite3
+    import uuid
+
+    from mlmesh.registry.v1 import model_pb2
+    from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
+    from mlmesh_sdk.registry import RegistryClient
+    from mlmesh_triton.build import build_digits
+
+    from mlmesh_triton.build import train_digits
+
+    x, _ = digits_training_data()
+    # the sample on which the two versions disagree most, for the shadow check
+    gap = np.abs(train_digits(1.0).predict_proba(x) - train_digits(0.05).predict_proba(x))
+    sample = x[int(gap.max(axis=1).argmax())][None]
+    folder = await asyncio.to_thread(build_digits, tmp_path / "digits-ab", c=0.05)
+    name = f"ab-{uuid.uuid4().hex[:8]}"
+    async with RegistryClient(full_mesh.address, api_key=full_mesh.api_key) as registry:
+        control = (await registry.resolve("digits@champion")).version
+        treatment = (await registry.upload_folder("digits", folder, format="triton")).version
+        await registry.stub.CreateExperiment(
+            registry_rpc.CreateExperimentRequest(
+                experiment=model_pb2.Experiment(
+                    name=name,
+                    model="digits",
+                    arms=[
+                        model_pb2.ExperimentArm(name="control", version=control, weight=50),
+                        model_pb2.ExperimentArm(name="treatment", version=treatment, weight=50),
+                    ],
+                    shadow=model_pb2.ShadowTraffic(version=treatment, percent=100),
+                )
+            ),
+            metadata=registry.metadata,
+        )
+        try:
+            await wait_for(lambda: _has(full_mesh, treatment))
+            seen: dict[str, set[int]] = {}
+            for _ in range(16):
+                secret = await new_key(admin)
+                async with mesh_channel(full_mesh.address, secret) as channel:
+                    gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+                    for _ in range(3):
+                        reply = await gateway.Infer(
+                            rpc.InferRequest(
+                                model=model_reference_pb2.ModelReference(model="digits"),
+                                inputs=[
+                                    pb.InferTensor(
+                                        name="pixels",
+                                        datatype="FP32",
+                                        shape=[1, 64],
+                                        raw_contents=sample.astype(np.float32).tobytes(),
+                                    )
+                                ],
+                            )
+                        )
+                        seen.setdefault(secret, set()).add(reply.model.version)
+            assert all(len(versions) == 1 for versions in seen.values())  # sticky per key
+            served = set().union(*seen.values())
+            assert served == {control, treatment}  # both arms get traffic
+            await asyncio.sleep(1.0)  # shadows run off the callers' path
+            database = sqlite3.connect(full_mesh.state_dir / "gateway.db")
+            try:
+                rows = database.execute(
+                    "SELECT primary_version, shadow_version, agreed FROM shadow_results "
+                    "WHERE experiment = ?",
+                    (name,),
+                ).fetchall()
+            finally:
+                database.close()
+            assert rows and all(row[:2] == (control, treatment) for row in rows)
+            assert not any(row[2] for row in rows)  # C=1.0 and C=0.05 disagree here
+        finally:
+            await registry.stub.StopExperiment(
+                registry_rpc.StopExperimentRequest(name=name), metadata=registry.metadata
+            )
+            # the deployer unloads the experiment's version again
+            await wait_for(lambda: _lacks(full_mesh, treatment))
+
+
+async def _has(mesh, version: int) -> bool:
+    return version in await deployer_experiment_versions(mesh)
+
+
+async def _lacks(mesh, version: int) -> bool:
+    return version not in await deployer_experiment_versions(mesh)

@@ -214,6 +214,11 @@ CATALOG: list[ServiceSpec] = [
             "MLMESH_GATEWAY_PEPPER_FILE": str(ctx.state / "gateway.pepper"),
             "MLMESH_GATEWAY_ADMIN_KEY_FILE": str(ctx.state / ADMIN_KEY_FILE),
             **(
+                {"MLMESH_GATEWAY_REGISTRY_TARGET": ctx.address("registry")}
+                if "registry" in ctx.ports
+                else {}
+            ),
+            **(
                 {
                     "MLMESH_GATEWAY_LLM_ENDPOINTS": f"local={ctx.address('llm')}",
                     "MLMESH_GATEWAY_REGION": "local",

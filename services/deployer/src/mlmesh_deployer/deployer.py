@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
+from mlmesh.registry.v1 import model_pb2
+from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_inference.triton import TritonClient
 from mlmesh_sdk.follow import follow
@@ -46,6 +48,8 @@ class Deployment:
     state: State = State.LOADING
     message: str = ""
     update_time: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # Versions kept live beside live_version for running experiments.
+    experiment_versions: set[int] = field(default_factory=set)
 
     @property
     def model(self) -> str:
@@ -121,8 +125,9 @@ class TritonDeployer:
             folder = await self._download(version)
             model_dir = self.repository / deployment.model
             await asyncio.to_thread(_install, folder, model_dir, new)
+            extra = deployment.experiment_versions
             # 1: old and new side by side; wait for the new one.
-            _write_config(folder, model_dir, deployment.model, sorted({old, new} - {0}))
+            _write_config(folder, model_dir, deployment.model, sorted(({old, new} | extra) - {0}))
             await self._load(deployment.model)
             await self._wait_ready(deployment.model, new)
             deployment.live_version = new
@@ -132,10 +137,11 @@ class TritonDeployer:
             )
             # 2: the new one alone; Triton unloads the old after its in-flight requests.
             if old:
-                _write_config(folder, model_dir, deployment.model, [new])
+                _write_config(folder, model_dir, deployment.model, sorted({new} | extra))
                 await self._load(deployment.model)
-                await asyncio.to_thread(shutil.rmtree, model_dir / str(old), True)
-                log.info("%s: version %d unloaded", deployment.model, old)
+                if old not in extra:
+                    await asyncio.to_thread(shutil.rmtree, model_dir / str(old), True)
+                    log.info("%s: version %d unloaded", deployment.model, old)
 
     async def _download(self, version: ModelVersion) -> Path:
         folder = self.cache_dir / version.model / str(version.version)
@@ -164,10 +170,56 @@ class TritonDeployer:
     async def _is_ready(self, model: str, version: int) -> bool:
         return await self.triton.model_ready(model, str(version))
 
+    async def _sync_experiments(self, deployment: Deployment) -> None:
+        """Keeps the versions of the model's running experiments (arms and
+        shadow) live beside the aliased one, and unloads those no longer used."""
+        live = deployment.live_version
+        if not live:
+            return
+        async with RegistryClient(self.registry_target) as registry:
+            reply = await registry.stub.ListExperiments(
+                registry_rpc.ListExperimentsRequest(
+                    model=deployment.model, state=model_pb2.EXPERIMENT_STATE_RUNNING
+                )
+            )
+            wanted: set[int] = set()
+            for experiment in reply.experiments:
+                wanted |= {arm.version for arm in experiment.arms}
+                if experiment.HasField("shadow"):
+                    wanted.add(experiment.shadow.version)
+            wanted.discard(live)
+            if wanted == deployment.experiment_versions:
+                return
+            async with self._locks[deployment.model]:
+                model_dir = self.repository / deployment.model
+                folder = None
+                for version in sorted(wanted - deployment.experiment_versions):
+                    folder = await self._download(
+                        ModelVersion(model=deployment.model, version=version)
+                    )
+                    await asyncio.to_thread(_install, folder, model_dir, version)
+                folder = folder or await self._download(
+                    ModelVersion(model=deployment.model, version=live)
+                )
+                _write_config(folder, model_dir, deployment.model, sorted(wanted | {live}))
+                await self._load(deployment.model)
+                for version in wanted:
+                    await self._wait_ready(deployment.model, version)
+                for version in deployment.experiment_versions - wanted:
+                    await asyncio.to_thread(shutil.rmtree, model_dir / str(version), True)
+                deployment.experiment_versions = wanted
+                log.info("%s: experiment versions live: %s", deployment.model, sorted(wanted))
+
     async def _reconcile(self) -> None:
-        """Reloads live versions Triton does not have (e.g. after a restart)."""
+        """Reloads live versions Triton does not have (e.g. after a restart),
+        and keeps experiment versions live."""
         while True:
             await asyncio.sleep(self.reconcile_seconds)
+            for deployment in self.deployments:
+                try:
+                    await self._sync_experiments(deployment)
+                except Exception as error:  # registry or Triton away: next round
+                    log.warning("experiment versions of %s: %s", deployment.model, error)
             for deployment in self.deployments:
                 live = deployment.live_version
                 if not live or self._locks[deployment.model].locked():

@@ -31,6 +31,7 @@ class DeployerServicer(deployer_service_pb2_grpc.DeployerServiceServicer):
                 target_version=deployment.target_version,
                 state=_STATES[deployment.state],
                 message=deployment.message,
+                experiment_versions=sorted(deployment.experiment_versions),
             )
             message.update_time.FromDatetime(deployment.update_time)
             page.append(message)

@@ -39,6 +39,9 @@ class GatewaySettings(ServiceSettings):
     region: str = ""
     # Requests in flight or waiting at which an endpoint counts as saturated.
     saturation: int = 32
+    # The registry: aliases and A/B experiments (empty: requests without a
+    # version go to the version Triton serves by default).
+    registry_target: str = ""
     # Triton (KServe v2 gRPC) for Infer and Embed.
     triton_target: str = ""
     # What ListModels offers (the registry names).

@@ -34,6 +34,20 @@ usage_events = sa.Table(
 )
 
 
+shadow_results = sa.Table(
+    "shadow_results",
+    metadata,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("experiment", sa.String(63), nullable=False),
+    sa.Column("model", sa.String(63), nullable=False),
+    sa.Column("primary_version", sa.BigInteger, nullable=False),
+    sa.Column("shadow_version", sa.BigInteger, nullable=False),
+    sa.Column("max_abs_diff", sa.Float, nullable=False),
+    sa.Column("agreed", sa.Boolean, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 @dataclass(frozen=True)
 class UsageEvent:
     request_id: str
@@ -65,6 +79,35 @@ class UsageLedger:
         except exc.IntegrityError:
             return False
         return True
+
+    async def record_shadow(
+        self,
+        request_id: str,
+        experiment: str,
+        model: str,
+        primary_version: int,
+        shadow_version: int,
+        max_abs_diff: float,
+        agreed: bool,
+    ) -> None:
+        """One shadow comparison (where primary and shadow answers disagree
+        beyond the tolerance, ``agreed`` is False), for later review."""
+        try:
+            async with self.db.write() as c:
+                await c.execute(
+                    shadow_results.insert().values(
+                        request_id=request_id,
+                        experiment=experiment,
+                        model=model,
+                        primary_version=primary_version,
+                        shadow_version=shadow_version,
+                        max_abs_diff=max_abs_diff,
+                        agreed=agreed,
+                        create_time=dt.datetime.now(dt.UTC),
+                    )
+                )
+        except exc.IntegrityError:
+            return
 
     async def buckets(
         self,

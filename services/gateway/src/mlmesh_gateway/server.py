@@ -25,6 +25,7 @@ from mlmesh_inference.triton import TritonClient
 from mlmesh_gateway.authz import Authorizer
 from mlmesh_gateway.balancer import LatencyAwareBalancer
 from mlmesh_gateway.config import GatewaySettings, names
+from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
 from mlmesh_gateway.ledger import UsageLedger
@@ -88,6 +89,7 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         settings.llm_endpoints, settings.region, settings.saturation
     )
     triton = TritonClient(settings.triton_target) if settings.triton_target else None
+    directory = ModelDirectory(settings.registry_target) if settings.registry_target else None
     gateway = GatewayServicer(
         keys,
         throttle,
@@ -97,6 +99,7 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         names(settings.llm_models),
         names(settings.classic_models),
         names(settings.embedding_models),
+        directory,
     )
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
@@ -112,4 +115,6 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     host.on_close.append(llm.close)
     if triton is not None:
         host.on_close.append(triton.close)
+    if directory is not None:
+        host.on_close.append(directory.close)
     return host

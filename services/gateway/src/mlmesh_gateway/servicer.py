@@ -29,6 +29,8 @@ from tritonclient.utils import triton_to_np_dtype
 
 from mlmesh_gateway.authz import bearer
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
+from mlmesh_gateway.directory import ModelDirectory
+from mlmesh_gateway.experiments import choose_arm, mirror
 from mlmesh_gateway.keys import KeyStore, authorize
 from mlmesh_gateway.ledger import UsageEvent, UsageLedger
 from mlmesh_gateway.telemetry import (
@@ -43,6 +45,9 @@ from mlmesh_gateway.throttle import Limits, Throttle
 
 log = logging.getLogger("mlmesh.gateway")
 DEFAULT_MAX_TOKENS = 256
+# Shadow answers farther than this (max absolute difference) from the primary's
+# are recorded as disagreeing.
+SHADOW_TOLERANCE = 1e-3
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -79,6 +84,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         llm_models: list[str],
         classic_models: list[str],
         embedding_models: list[str],
+        directory: ModelDirectory | None = None,
     ) -> None:
         self.keys = keys
         self.throttle = throttle
@@ -88,6 +94,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self.llm_models = llm_models
         self.classic_models = classic_models
         self.embedding_models = embedding_models
+        self.directory = directory
+        self._shadows = asyncio.Semaphore(16)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _caller(self, context) -> pb.Key:  # type: ignore[no-untyped-def]
         header = dict(context.invocation_metadata() or ()).get("authorization", "")
@@ -271,11 +280,14 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         await self._admit_unary(key, request_id)
         started = time.monotonic()
         status = "OK"
+        experiment = None
         try:
-            version = (
-                str(request.model.version)
-                if request.model.WhichOneof("selector") == "version"
-                else ""
+            version, experiment, arm = await self._pick_version(request.model, key, context)
+            annotate(
+                **{
+                    "mlmesh.experiment": experiment.name if experiment else None,
+                    "mlmesh.experiment.arm": arm,
+                }
             )
             result = await triton.infer(
                 model,
@@ -284,6 +296,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 outputs=list(request.output_names) or None,
                 request_id=request_id,
             )
+            shadow = mirror(experiment)
+            if shadow and shadow != int(result.model_version or 0):
+                self._shadow(experiment, model, inputs, result, shadow, request_id)
         except MlmeshError as error:
             status = error.code.name
             raise
@@ -297,6 +312,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                         key_id=key.id,
                         service=pb.PLATFORM_SERVICE_INFER,
                         model=model,
+                        version=int(version or 0),
                         input_items=items,
                         status=status,
                         latency_ms=(time.monotonic() - started) * 1000,
@@ -312,6 +328,73 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             usage=usage_pb2.Usage(input_items=items),
             outputs=[_from_numpy(name, array) for name, array in result.outputs.items()],
         )
+
+    async def _pick_version(self, reference, key: pb.Key, context):  # type: ignore[no-untyped-def]
+        """The version to serve: a pinned one as asked; else the arm of the
+        model's running experiment (sticky by the experiment's key); else the
+        alias's version. Versions are always pinned, so Triton serving several
+        (for experiments) never picks one by itself."""
+        if reference.WhichOneof("selector") == "version":
+            return str(reference.version), None, ""
+        if self.directory is None:
+            return "", None, ""
+        experiment = await self.directory.experiment(reference.model)
+        if experiment is not None and experiment.arms:
+            sticky = key.id
+            if experiment.stickiness_key != "api_key":
+                metadata = dict(context.invocation_metadata() or ())
+                sticky = str(metadata.get(f"x-mlmesh-{experiment.stickiness_key}", key.id))
+            arm = choose_arm(experiment, sticky)
+            return str(arm.version), experiment, arm.name
+        alias = reference.alias if reference.WhichOneof("selector") == "alias" else ""
+        return str(await self.directory.version(reference.model, alias)), None, ""
+
+    def _shadow(
+        self,
+        experiment,
+        model: str,
+        inputs,
+        primary,
+        version: int,  # type: ignore[no-untyped-def]
+        request_id: str,
+    ) -> None:
+        """Mirrors the request to the shadow version off the caller's path and
+        records whether the answers agree (within SHADOW_TOLERANCE)."""
+        if self._shadows.locked():
+            return  # shadow traffic is best effort: never queue behind it
+
+        async def run() -> None:
+            async with self._shadows:
+                try:
+                    shadow = await self._triton().infer(
+                        model, inputs, version=str(version), request_id=f"{request_id}-shadow"
+                    )
+                    diff = max(
+                        float(
+                            np.max(
+                                np.abs(
+                                    primary.outputs[name].astype(np.float64)
+                                    - shadow.outputs[name].astype(np.float64)
+                                )
+                            )
+                        )
+                        for name in primary.outputs
+                    )
+                    await self.ledger.record_shadow(
+                        request_id,
+                        experiment.name,
+                        model,
+                        int(primary.model_version or 0),
+                        version,
+                        diff,
+                        diff <= SHADOW_TOLERANCE,
+                    )
+                except Exception as error:  # a shadow never affects the caller
+                    log.warning("shadow of %s failed: %s", request_id, error)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def Embed(self, request, context):  # type: ignore[no-untyped-def]
         key = await self._caller(context)
