@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import sqlite3
+import time
+import uuid
 
 import grpc
 import numpy as np
 import pytest
 from mlmesh.common.v1 import model_reference_pb2
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as deployer_rpc
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc, usage_service_pb2_grpc
@@ -15,9 +21,12 @@ from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
 from mlmesh.gateway.v1 import usage_service_pb2 as usage_rpc
 from mlmesh.llm.v1 import llm_pb2
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
+from mlmesh.registry.v1 import model_pb2
+from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh_chassis.testing import expect_error
 from mlmesh_sdk.channel import mesh_channel
-from mlmesh_triton.build import digits_training_data
+from mlmesh_sdk.registry import RegistryClient
+from mlmesh_triton.build import build_digits, digits_training_data, train_digits
 
 LLM = model_reference_pb2.ModelReference(model="tiny-llama", alias="champion")
 pytestmark = pytest.mark.timeout(400)
@@ -183,9 +192,6 @@ async def test_infer_and_embed_reach_triton(admin, full_mesh):
 
 
 async def deployer_experiment_versions(mesh) -> list[int]:
-    from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as deployer_rpc
-    from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
-
     async with mesh_channel(mesh.address, mesh.api_key) as channel:
         stub = deployer_service_pb2_grpc.DeployerServiceStub(channel)
         reply = await stub.ListDeployments(deployer_rpc.ListDeploymentsRequest())
@@ -194,9 +200,6 @@ async def deployer_experiment_versions(mesh) -> list[int]:
 
 
 async def wait_for(predicate, timeout_s: float = 120.0) -> None:
-    import asyncio
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not await predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -204,17 +207,6 @@ async def wait_for(predicate, timeout_s: float = 120.0) -> None:
 
 
 async def test_ab_split_is_sticky_and_shadow_disagreements_are_recorded(admin, full_mesh, tmp_path):
-    import asyncio
-    import sqlite3
-    import uuid
-
-    from mlmesh.registry.v1 import model_pb2
-    from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
-    from mlmesh_sdk.registry import RegistryClient
-    from mlmesh_triton.build import build_digits
-
-    from mlmesh_triton.build import train_digits
-
     x, _ = digits_training_data()
     # the sample on which the two versions disagree most, for the shadow check
     gap = np.abs(train_digits(1.0).predict_proba(x) - train_digits(0.05).predict_proba(x))
