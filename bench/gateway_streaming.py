@@ -350,7 +350,9 @@ async def main(args: argparse.Namespace) -> int:
             per = s["cpu_us_per_chunk"]
             rows.append(
                 [
-                    "2000-token streams" if phase_name == "streams" else "1-token requests",
+                    f"{args.tokens}-token streams"
+                    if phase_name == "streams"
+                    else "1-token requests",
                     target,
                     s["streams_ok"],
                     sum(s["errors"].values()) + s["bad_streams"],

@@ -281,3 +281,28 @@ async def _has(mesh, version: int) -> bool:
 
 async def _lacks(mesh, version: int) -> bool:
     return version not in await deployer_experiment_versions(mesh)
+
+
+async def test_token_quota_per_period_reads_the_ledger(admin, full_mesh):
+    secret = await new_key(
+        admin, limits=pb.KeyLimits(token_quota=60, token_quota_period=pb.QUOTA_PERIOD_DAY)
+    )
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        used = 0
+        while True:
+            try:
+                chunks = [c async for c in gateway.Generate(generate(max_tokens=20))]
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+            final = chunks[-1].response.usage
+            used += final.prompt_tokens + final.completion_tokens
+            assert used <= 60
+        details = await expect_error(
+            _drain(gateway.Generate(generate(max_tokens=20))), grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    assert details.quota_failure.violations[0].description == "token_quota"
+    seconds = details.retry_info.retry_delay.ToTimedelta().total_seconds()
+    assert 0 < seconds <= 86400  # until the day ends (UTC)
+    assert int(details.error_info.metadata["used"]) == used

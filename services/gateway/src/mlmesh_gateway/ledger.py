@@ -109,6 +109,15 @@ class UsageLedger:
         except exc.IntegrityError:
             return
 
+    async def tokens_since(self, key_id: str, start: dt.datetime) -> int:
+        """Tokens (prompt + completion) the key used since ``start``."""
+        e = usage_events
+        stmt = sa.select(
+            sa.func.coalesce(sa.func.sum(e.c.prompt_tokens + e.c.completion_tokens), 0)
+        ).where(e.c.key_id == key_id, e.c.create_time >= start)
+        async with self.db.read() as c:
+            return int(await c.scalar(stmt) or 0)
+
     async def buckets(
         self,
         start: dt.datetime,

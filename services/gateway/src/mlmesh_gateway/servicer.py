@@ -131,6 +131,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 "mlmesh.request_id": inner.request_id,
             }
         )
+        await self._check_quota(key, counted + max(max_tokens, 0))
         decision = await self.throttle.admit(
             subject, inner.request_id, counted + max(max_tokens, 0), limits_of(key)
         )
@@ -184,6 +185,26 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                         status=status,
                     ),
                 )
+            )
+
+    async def _check_quota(self, key: pb.Key, reserve: int) -> None:
+        """The key's token quota per period, read from the usage ledger. Soft by
+        at most what is in flight: streams still running are not in the ledger
+        yet (the per-minute limits bound that)."""
+        quota = key.limits.token_quota
+        if quota <= 0:
+            return
+        start, end = period(key.limits.token_quota_period, dt.datetime.now(dt.UTC))
+        used = await self.ledger.tokens_since(key.id, start)
+        if used + reserve > quota:
+            REJECTIONS.labels("token_quota").inc()
+            raise ResourceExhausted(
+                f"key {key.id} used {used} of its {quota} tokens this period",
+                [QuotaViolation(f"key:{key.id}", "token_quota")],
+                (end - dt.datetime.now(dt.UTC)).total_seconds(),
+                key_id=key.id,
+                used=used,
+                quota=quota,
             )
 
     async def _settle(
@@ -480,6 +501,18 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         )
         page, token = offset_page(buckets, request.page_size, request.page_token)
         return usage_service_pb2.GetUsageResponse(buckets=page, next_page_token=token)
+
+
+def period(kind: int, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The current quota period (UTC): day (default), week (from Monday), month."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind == pb.QUOTA_PERIOD_WEEK:
+        start = day - dt.timedelta(days=day.weekday())
+        return start, start + dt.timedelta(days=7)
+    if kind == pb.QUOTA_PERIOD_MONTH:
+        start = day.replace(day=1)
+        return start, (start + dt.timedelta(days=32)).replace(day=1)
+    return day, day + dt.timedelta(days=1)
 
 
 def _to_numpy(tensor: pb.InferTensor, field: str) -> np.ndarray:
