@@ -61,7 +61,7 @@ def postgres_url() -> Iterator[str]:
 
 
 def start_mesh(
-    state_dir: Path, env: dict[str, str], services: str = ""
+    state_dir: Path, env: dict[str, str], services: str = "", extra_args: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, dict]:
     ready = state_dir / "ready.json"
     argv = [
@@ -77,6 +77,7 @@ def start_mesh(
     ]
     if services:
         argv += ["--services", services]
+    argv += list(extra_args)
     with (state_dir / "runner.log").open("wb") as log:
         process = subprocess.Popen(
             argv,

@@ -26,6 +26,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--otlp", default="", help="OTLP collector host:port for Envoy traces")
     parser.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="run N processes of a service behind Envoy (repeatable), e.g. gateway=3",
+    )
+    parser.add_argument(
         "--services", default="", help="comma-separated subset of services to run (default: all)"
     )
     return parser.parse_args()
@@ -55,6 +62,9 @@ async def _run(args: argparse.Namespace) -> None:
         envoy_concurrency=args.envoy_concurrency,
         otlp_endpoint=otlp,
         catalog=select(args.services),
+        replicas={
+            name: int(count) for name, count in (item.split("=", 1) for item in args.replicas)
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -185,7 +185,10 @@ class Mesh:
         envoy_concurrency: int = 1,
         otlp_endpoint: tuple[str, int] | None = None,
         catalog: list[ServiceSpec] | None = None,
+        replicas: dict[str, int] | None = None,
     ) -> None:
+        # How many processes of a service to run (default 1); Envoy balances them.
+        self.replicas = dict(replicas or {})
         self.state = state_dir.resolve()
         self.listen_port = listen_port
         self.admin_port = admin_port
@@ -206,13 +209,15 @@ class Mesh:
         for spec in self.catalog:
             if spec.prepare is not None:
                 await self._prepare(spec)
-            child = self._child(spec)
-            self.children[spec.name] = child
-            await self._bring_up(spec, child)
-            log.info("%s is SERVING on port %s", spec.name, child.ports["port"])
+            for instance in self.instances(spec):
+                child = self._child(spec, instance=instance)
+                self.children[instance] = child
+                await self._bring_up(spec, child)
+                log.info("%s is SERVING on port %s", instance, child.ports["port"])
         await self._start_envoy()
         for spec in self.catalog:
-            self._watchers.append(asyncio.create_task(self._watch(spec)))
+            for instance in self.instances(spec):
+                self._watchers.append(asyncio.create_task(self._watch(spec, instance)))
         ready = self.describe()
         (self.state / "ready.json").write_text(json.dumps(ready, indent=2))
         return ready
@@ -262,8 +267,14 @@ class Mesh:
             )
         log.info("prepared %s", spec.name)
 
-    def _child(self, spec: ServiceSpec, port: int = 0) -> Child:
-        port_file = self.state / "run" / f"{spec.name}.port.json"
+    def instances(self, spec: ServiceSpec) -> list[str]:
+        """Instance names: the service's name, then name.1, name.2, ..."""
+        count = max(1, self.replicas.get(spec.name, 1))
+        return [spec.name, *(f"{spec.name}.{i}" for i in range(1, count))]
+
+    def _child(self, spec: ServiceSpec, port: int = 0, instance: str = "") -> Child:
+        instance = instance or spec.name
+        port_file = self.state / "run" / f"{instance}.port.json"
         env = {
             **spec.env(self.context()),
             **os.environ,
@@ -273,10 +284,10 @@ class Mesh:
             "PYTHONUNBUFFERED": "1",
         }
         argv = list(spec.command(self.context(), port))
-        log_path = self.state / "logs" / f"{spec.name}.log"
+        log_path = self.state / "logs" / f"{instance}.log"
         if spec.port_discovery == "listening-socket":
-            return Child(spec.name, argv, env, log_path, None)
-        return Child(spec.name, argv, env, log_path, port_file)
+            return Child(instance, argv, env, log_path, None)
+        return Child(instance, argv, env, log_path, port_file)
 
     async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:
         """Starts ``child``, learns its port, waits until it is ready."""
@@ -295,7 +306,9 @@ class Mesh:
     async def _start_envoy(self) -> None:
         upstreams = [
             Upstream(
-                spec.name, spec.services(), [("127.0.0.1", self.children[spec.name].ports["port"])]
+                spec.name,
+                spec.services(),
+                [("127.0.0.1", self.children[i].ports["port"]) for i in self.instances(spec)],
             )
             for spec in self.catalog
             if spec.routed
@@ -373,21 +386,21 @@ class Mesh:
                 raise TimeoutError(f"envoy clusters not healthy: {sorted(names - healthy)}")
             await asyncio.sleep(0.1)
 
-    async def _watch(self, spec: ServiceSpec) -> None:
+    async def _watch(self, spec: ServiceSpec, instance: str) -> None:
         """Restarts a service that exits unexpectedly, on the same port."""
         backoff = 0.5
         while not self._stopping:
-            child = self.children[spec.name]
+            child = self.children[instance]
             assert child.process is not None
             code = await child.process.wait()
             if self._stopping:
                 return
-            log.warning("%s exited with %s; restarting in %.1fs", spec.name, code, backoff)
+            log.warning("%s exited with %s; restarting in %.1fs", instance, code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
-            replacement = self._child(spec, port=child.ports["port"])
+            replacement = self._child(spec, port=child.ports["port"], instance=instance)
             replacement.restarts = child.restarts + 1
-            self.children[spec.name] = replacement
+            self.children[instance] = replacement
             try:
                 await self._bring_up(spec, replacement)
                 backoff = 0.5
