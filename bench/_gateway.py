@@ -136,3 +136,42 @@ def checks_after(state: Path, redis: bool) -> dict[str, Any]:
     if redis:
         out["redis_throttle_keys"] = redis_throttle_keys()
     return out
+
+
+def disturbers() -> list[int]:
+    """Pids of test runs (``pytest`` in the command line) on the machine now:
+    they take the CPUs the measured processes share, so a run that saw one
+    says so in its checks."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(b"pytest") or b"pytest/" in arg for arg in argv[:6]):
+            out.append(int(entry.name))
+    return out
+
+
+class DisturbanceLog:
+    """Samples disturbers() at each call of check(); remembers what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.samples = 0
+        self.disturbed = 0
+
+    def check(self) -> None:
+        found = disturbers()
+        self.samples += 1
+        self.disturbed += bool(found)
+        self.seen.update(found)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "samples_with_pytest_running": self.disturbed,
+            "pytest_pids": sorted(self.seen),
+        }

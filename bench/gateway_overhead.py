@@ -318,6 +318,7 @@ async def main(args: argparse.Namespace) -> int:
     prompts = Prompts()
     digits = Digits()
     calls_made = {"infer": 0, "generate": 0}
+    disturbance = gw.DisturbanceLog()
     try:
         async with common.running_mesh(args, SERVICES) as (mesh, ready, workdir):
             services = ready["services"]
@@ -403,6 +404,7 @@ async def main(args: argparse.Namespace) -> int:
                         for r in range(args.rounds):
                             count = total // args.rounds + (1 if r < total % args.rounds else 0)
                             for target in TARGETS if r % 2 == 0 else TARGETS[::-1]:
+                                disturbance.check()
                                 before = meter.sample()
                                 if scenario == "infer":
                                     await bursts[target].run(
@@ -435,6 +437,8 @@ async def main(args: argparse.Namespace) -> int:
                             f"{d['rps']:6.0f}/s",
                             flush=True,
                         )
+                disturbance.check()
+                checks["disturbance"] = disturbance.report()
                 await asyncio.sleep(0.5)  # the last ledger writes
                 checks["gateway_calls_made"] = dict(calls_made)
                 checks.update(gw.checks_after(workdir / "state", args.redis))
@@ -541,6 +545,8 @@ async def main(args: argparse.Namespace) -> int:
     )
     print()
     print(f"checks: {checks}")
+    if disturbance.disturbed:
+        print(f"WARNING: a test run (pytest) shared the machine: {disturbance.report()}")
     payload = {
         "benchmark": NAME,
         "params": {

@@ -220,6 +220,7 @@ def summarize(burst: Burst, cpu: dict[str, float]) -> dict[str, Any]:
 
 
 async def phase(
+    disturbance: gw.DisturbanceLog,
     stubs: dict[str, Any],
     metadata: tuple[tuple[str, str], ...],
     meter: common.CpuMeter,
@@ -235,6 +236,7 @@ async def phase(
     for r in range(rounds):
         count = total // rounds + (1 if r < total % rounds else 0)
         for name in TARGETS if r % 2 == 0 else TARGETS[::-1]:
+            disturbance.check()
             before = meter.sample()
             await bursts[name].run(name, stubs, metadata, count, min(concurrency, count), tokens)
             for key, value in meter.delta(before, meter.sample()).items():
@@ -249,6 +251,7 @@ async def main(args: argparse.Namespace) -> int:
     name = NAME + ("_redis" if args.redis else "")
     results: dict[str, dict[str, Any]] = {}
     checks: dict[str, Any] = {}
+    disturbance = gw.DisturbanceLog()
     try:
         async with common.running_mesh(args, SERVICES) as (mesh, ready, workdir):
             targets = {
@@ -299,6 +302,7 @@ async def main(args: argparse.Namespace) -> int:
                             flush=True,
                         )
                 results["streams"] = await phase(
+                    disturbance,
                     stubs,
                     metadata,
                     meter,
@@ -317,6 +321,7 @@ async def main(args: argparse.Namespace) -> int:
                 )
                 if args.short_requests:
                     results["short"] = await phase(
+                        disturbance,
                         stubs,
                         metadata,
                         meter,
@@ -333,6 +338,8 @@ async def main(args: argparse.Namespace) -> int:
                         f"{d['requests_per_s']:6.0f}/s",
                         flush=True,
                     )
+                disturbance.check()
+                checks["disturbance"] = disturbance.report()
                 await asyncio.sleep(0.5)  # the last ledger writes
                 checks["gateway_generate_calls_made"] = calls
                 checks.update(gw.checks_after(workdir / "state", args.redis))
@@ -423,6 +430,8 @@ async def main(args: argparse.Namespace) -> int:
             f"(1-token requests): {'MET' if goal_cpu else 'NOT MET'} ({cpu_ms} ms)"
         )
     print(f"checks: {checks}")
+    if disturbance.disturbed:
+        print(f"WARNING: a test run (pytest) shared the machine: {disturbance.report()}")
     payload = {
         "benchmark": NAME,
         "params": {

