@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 import redis
-from conftest import MeshInfo, start_mesh, stop_mesh
+from meshkit import MeshInfo, start_mesh, stop_mesh
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
