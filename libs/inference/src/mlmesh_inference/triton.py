@@ -65,6 +65,7 @@ class TritonClient:
         self.metadata_ttl_s = metadata_ttl_s
         self._client = grpcclient.InferenceServerClient(url)
         self._signatures: dict[tuple[str, str], tuple[float, ModelSignature]] = {}
+        self._fetching: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -98,6 +99,16 @@ class TritonClient:
         cached = self._signatures.get(key)
         if cached and time.monotonic() - cached[0] < self.metadata_ttl_s:
             return cached[1]
+        # One fetch per model at a time: concurrent callers wait for it
+        # instead of all asking Triton when the cached entry expires.
+        async with self._fetching.setdefault(key, asyncio.Lock()):
+            cached = self._signatures.get(key)
+            if cached and time.monotonic() - cached[0] < self.metadata_ttl_s:
+                return cached[1]
+            return await self._fetch_signature(model, version)
+
+    async def _fetch_signature(self, model: str, version: str) -> ModelSignature:
+        key = (model, version)
         meta = await self._call(
             lambda t: self._client.get_model_metadata(
                 model, version, as_json=True, client_timeout=t
