@@ -101,6 +101,7 @@ async def mesh(tmp_path):
     database = Database(
         f"sqlite+aiosqlite:///{tmp_path}/g.db",
         name="gateway",
+        version_table="alembic_version_gateway",
         migrations=__import__("pathlib").Path(__import__("mlmesh_gateway").__file__).parent
         / "migrations",
     )

@@ -40,12 +40,16 @@ class Database:
         *,
         name: str,
         migrations: Path | None = None,
+        version_table: str = "alembic_version",
         connect_timeout: float = 2.0,
         write_lock_key: int = 0x6D6C6D,
     ) -> None:
         self.url = url
         self.name = name
         self.migrations = migrations
+        # Each service records its schema version in its own table, so
+        # services can share one database.
+        self.version_table = version_table
         self.write_lock_key = write_lock_key
         self.is_sqlite = url.startswith("sqlite")
         self._inline_reader: sa.Engine | None = None
@@ -79,7 +83,7 @@ class Database:
             return
         with self._translate_outage():
             async with self.engine.begin() as conn:
-                await conn.run_sync(_upgrade, self.migrations)
+                await conn.run_sync(_upgrade, self.migrations, self.version_table)
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -152,8 +156,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def _upgrade(connection: sa.Connection, migrations: Path) -> None:
+def _upgrade(connection: sa.Connection, migrations: Path, version_table: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(migrations))
     config.attributes["connection"] = connection
+    config.attributes["version_table"] = version_table
     command.upgrade(config, "head")

@@ -74,7 +74,10 @@ async def ensure_admin_key(keys: KeyStore, settings: GatewaySettings) -> None:
 
 async def build_server(settings: GatewaySettings) -> ServiceHost:
     database = Database(
-        settings.database_url, name="gateway", migrations=Path(__file__).parent / "migrations"
+        settings.database_url,
+        name="gateway",
+        migrations=Path(__file__).parent / "migrations",
+        version_table="alembic_version_gateway",
     )
     await database.migrate()
     pepper = settings.key_pepper or _secret_file(settings.pepper_file, secrets.token_hex(32))
