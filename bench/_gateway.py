@@ -155,13 +155,32 @@ def disturbers() -> list[int]:
     return out
 
 
+# Cores the rest of the machine may keep busy before a run counts as disturbed.
+OTHER_CORES_LIMIT = 0.25
+
+
+def other_cores(cpu: dict[str, float], seconds: float) -> float:
+    """Cores busy outside the metered processes over a burst's time (from
+    _triton.MachineCpuMeter's "other")."""
+    other = cpu.get("other")
+    if other is None or not seconds:
+        return float("nan")
+    return round(max(other, 0.0) / seconds, 2)
+
+
 class DisturbanceLog:
-    """Samples disturbers() at each call of check(); remembers what it saw."""
+    """Samples disturbers() at each call of check(); remembers what it saw.
+    The report also gives the most "other" cores any measured burst saw."""
 
     def __init__(self) -> None:
         self.seen: set[int] = set()
         self.samples = 0
         self.disturbed = 0
+        self.max_other_cores = float("nan")
+
+    @property
+    def clean(self) -> bool:
+        return not self.disturbed and not self.max_other_cores > OTHER_CORES_LIMIT
 
     def check(self) -> None:
         found = disturbers()
@@ -169,9 +188,16 @@ class DisturbanceLog:
         self.disturbed += bool(found)
         self.seen.update(found)
 
-    def report(self) -> dict[str, Any]:
+    def report(self, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        values = [s.get("other_cores", float("nan")) for s in summaries or []]
+        values = [v for v in values if v == v]
+        most = max(values) if values else float("nan")
+        self.max_other_cores = most
         return {
             "samples": self.samples,
             "samples_with_pytest_running": self.disturbed,
             "pytest_pids": sorted(self.seen),
+            "max_other_cores": most,
+            "other_cores_limit": OTHER_CORES_LIMIT,
+            "clean": not self.disturbed and not most > OTHER_CORES_LIMIT,
         }
