@@ -97,6 +97,7 @@ async def test_replicas_never_admit_more_than_the_limit(soak_mesh):
     assert rejected > 0, "demand never exceeded the limit"
     assert admitted <= LIMIT, f"admitted {admitted} tokens over a limit of {LIMIT}"
     assert admitted >= 0.97 * LIMIT, f"only {admitted / LIMIT:.1%} of the limit was used"
+    await asyncio.sleep(0.5)  # every replica writes its usage events within 100 ms
     async with mesh_channel(soak_mesh.address, soak_mesh.api_key) as channel:
         usage = usage_service_pb2_grpc.UsageServiceStub(channel)
         now = dt.datetime.now(dt.UTC)

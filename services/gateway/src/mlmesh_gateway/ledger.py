@@ -6,7 +6,10 @@ UsageService and quotas read totals from it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -14,7 +17,10 @@ import sqlalchemy as sa
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh_chassis.database import Database
 from sqlalchemy import exc
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+log = logging.getLogger("mlmesh.gateway.ledger")
 metadata = sa.MetaData()
 usage_events = sa.Table(
     "usage_events",
@@ -64,21 +70,64 @@ class UsageEvent:
 
 
 class UsageLedger:
-    def __init__(self, database: Database) -> None:
-        self.db = database
+    """Usage events, written in batches off the request path.
 
-    async def record(self, event: UsageEvent) -> bool:
-        """Writes the event; False if this request id was already recorded."""
-        try:
-            async with self.db.write() as c:
-                await c.execute(
-                    usage_events.insert().values(
-                        **event.__dict__, create_time=dt.datetime.now(dt.UTC)
-                    )
+    ``record`` queues an event; a background flush writes what is queued in
+    one transaction every ``flush_s`` (100 ms) or as soon as ``batch`` events
+    wait, with insert-or-ignore on the request id (a retried request is
+    recorded once, whichever replica saw it). Reads flush first, so a replica
+    reads its own writes; shutdown flushes what is left.
+    """
+
+    def __init__(self, database: Database, flush_s: float = 0.1, batch: int = 500) -> None:
+        self.db = database
+        self.flush_s = flush_s
+        self.batch = batch
+        self._pending: list[dict[str, object]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def record(self, event: UsageEvent) -> None:
+        self._pending.append({**event.__dict__, "create_time": dt.datetime.now(dt.UTC)})
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        if len(self._pending) >= self.batch:
+            self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_s)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as error:  # database away: keep the events, retry
+                log.warning(
+                    "usage events not written yet (%d waiting): %s", len(self._pending), error
                 )
-        except exc.IntegrityError:
-            return False
-        return True
+                await asyncio.sleep(1.0)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            rows, self._pending = self._pending, []
+            if not rows:
+                return
+            insert = (sqlite_insert if self.db.is_sqlite else postgres_insert)(usage_events)
+            try:
+                async with self.db.write() as c:
+                    await c.execute(
+                        insert.on_conflict_do_nothing(index_elements=["request_id"]), rows
+                    )
+            except BaseException:
+                self._pending[:0] = rows  # not written: keep them, in order
+                raise
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if self._flusher is not None:
+            self._flusher.cancel()
 
     async def record_shadow(
         self,
@@ -111,6 +160,7 @@ class UsageLedger:
 
     async def tokens_since(self, key_id: str, start: dt.datetime) -> int:
         """Tokens (prompt + completion) the key used since ``start``."""
+        await self.flush()
         e = usage_events
         stmt = sa.select(
             sa.func.coalesce(sa.func.sum(e.c.prompt_tokens + e.c.completion_tokens), 0)
@@ -126,6 +176,7 @@ class UsageLedger:
         models: list[str],
         granularity: int,
     ) -> list[pb.UsageBucket]:
+        await self.flush()
         e = usage_events
         stmt = sa.select(e).where(e.c.create_time >= start, e.c.create_time < end)
         if key_ids:

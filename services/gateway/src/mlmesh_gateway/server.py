@@ -114,6 +114,7 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
 
     host = await start_service(settings, register, error_domain="mlmesh.gateway")
     host.on_close.append(database.close)
+    host.on_close.append(ledger.close)
     host.on_close.append(throttle.close)
     host.on_close.append(llm.close)
     if triton is not None:
