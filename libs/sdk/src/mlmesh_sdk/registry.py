@@ -335,6 +335,22 @@ class RegistryClient:
         await self.set_alias(model, alias, version.version, reason=reason)
         return version
 
+    async def experiment_versions(self, model: str) -> set[int]:
+        """Every version the model's running experiments use (arms and shadow):
+        what serving must keep loaded beside the aliased version."""
+        reply = await self._read(
+            self.stub.ListExperiments,
+            rpc.ListExperimentsRequest(
+                model=model, state=pb.EXPERIMENT_STATE_RUNNING, page_size=1000
+            ),
+        )
+        versions: set[int] = set()
+        for experiment in reply.experiments:
+            versions |= {arm.version for arm in experiment.arms}
+            if experiment.HasField("shadow"):
+                versions.add(experiment.shadow.version)
+        return versions
+
     # versions and models
 
     async def resolve(self, reference: Reference) -> pb.ModelVersion:

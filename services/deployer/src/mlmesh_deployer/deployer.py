@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
-from mlmesh.registry.v1 import model_pb2
-from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_inference.triton import TritonClient
 from mlmesh_sdk.follow import follow
@@ -177,16 +175,7 @@ class TritonDeployer:
         if not live:
             return
         async with RegistryClient(self.registry_target) as registry:
-            reply = await registry.stub.ListExperiments(
-                registry_rpc.ListExperimentsRequest(
-                    model=deployment.model, state=model_pb2.EXPERIMENT_STATE_RUNNING
-                )
-            )
-            wanted: set[int] = set()
-            for experiment in reply.experiments:
-                wanted |= {arm.version for arm in experiment.arms}
-                if experiment.HasField("shadow"):
-                    wanted.add(experiment.shadow.version)
+            wanted = await registry.experiment_versions(deployment.model)
             wanted.discard(live)
             if wanted == deployment.experiment_versions:
                 return

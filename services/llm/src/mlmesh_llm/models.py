@@ -20,8 +20,6 @@ from pathlib import Path
 
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
-from mlmesh.registry.v1 import model_pb2
-from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_chassis.errors import FailedPrecondition, NotFound
 from mlmesh_sdk.follow import follow
@@ -208,16 +206,7 @@ class ModelManager:
             await asyncio.sleep(self.retry_seconds)
             try:
                 async with RegistryClient(self.registry_target) as registry:
-                    reply = await registry.stub.ListExperiments(
-                        registry_rpc.ListExperimentsRequest(
-                            model=model, state=model_pb2.EXPERIMENT_STATE_RUNNING
-                        )
-                    )
-                wanted: set[int] = set()
-                for experiment in reply.experiments:
-                    wanted |= {arm.version for arm in experiment.arms}
-                    if experiment.HasField("shadow"):
-                        wanted.add(experiment.shadow.version)
+                    wanted = await registry.experiment_versions(model)
                 previous = self.experiment_versions.get(model, set())
                 if wanted == previous:
                     continue
