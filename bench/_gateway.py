@@ -131,6 +131,26 @@ def redis_throttle_keys() -> int:
         client.close()
 
 
+def redis_pid() -> int | None:
+    """The pid of the redis-server listening on REDIS_URL's port (to meter its CPU)."""
+    port = REDIS_URL.rsplit(":", 1)[1].split("/", 1)[0].encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # redis-server rewrites its title: "redis-server 127.0.0.1:6379".
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()
+        except OSError:
+            continue
+        if (
+            title
+            and title[0].endswith(b"redis-server")
+            and any(t.endswith(b":" + port) for t in title[1:])
+        ):
+            return int(entry.name)
+    return None
+
+
 def checks_after(state: Path, redis: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"ledger": ledger_rows(state), "gateway_log": log_warnings(state)}
     if redis:

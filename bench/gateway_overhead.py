@@ -353,6 +353,8 @@ async def main(args: argparse.Namespace) -> int:
                 }
                 infer_calls = infer_callers(stubs["gateway"], triton, digits, metadata)
                 meter = tb.meter_for(mesh, repository, (DIGITS,))
+                if args.redis and (pid := gw.redis_pid()):
+                    meter.pids["redis"] = pid  # Redis's own CPU (JSON only)
                 checks["ledger_before"] = gw.ledger_rows(workdir / "state")
                 print(
                     f"envoy {envoy} (--concurrency {args.envoy_concurrency}), triton "

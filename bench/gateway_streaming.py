@@ -266,6 +266,8 @@ async def main(args: argparse.Namespace) -> int:
             pids = common.mesh_pids(mesh)
             checks["gateway_pid"] = ready["services"]["gateway"]["pid"]
             meter = tb.MachineCpuMeter(pids)
+            if args.redis and (pid := gw.redis_pid()):
+                meter.pids["redis"] = pid  # Redis's own CPU (JSON only)
             async with (
                 common.channel(targets["gateway"]) as gateway_ch,
                 common.channel(targets["direct"]) as direct_ch,
