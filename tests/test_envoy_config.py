@@ -54,3 +54,26 @@ def test_committed_deployment_config_is_current_and_valid(tmp_path):
         "deploy/envoy/envoy.yaml is stale: run `python -m mlmesh_runner.render_envoy`"
     )
     validate(yaml.safe_load(committed), tmp_path)
+
+
+def test_ext_authz_guards_every_route_but_the_self_authenticating_ones():
+    from mlmesh.gateway.v1 import gateway_service_pb2
+
+    gateway = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+    config = render(
+        [
+            Upstream("registry", [REGISTRY], [("127.0.0.1", 1)]),
+            Upstream("gateway", [gateway], [("127.0.0.1", 2)], frozenset({gateway.full_name})),
+        ],
+        authz_cluster="gateway",
+    )
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    assert manager["http_filters"][0]["name"] == "envoy.filters.http.ext_authz"
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    skipped = {r["name"] for r in routes if "typed_per_filter_config" in r}
+    assert skipped and all(
+        name.startswith(("/mlmesh.gateway.v1.GatewayService", "mlmesh.gateway.v1.GatewayService"))
+        for name in skipped
+    )

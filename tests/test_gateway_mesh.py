@@ -391,3 +391,17 @@ async def test_llm_ab_split_and_shadow(admin, full_mesh, tmp_path):
                 return not await loaded(treatment)
 
             await wait_for(unloaded)
+
+
+async def test_gateway_routes_check_keys_themselves(full_mesh):
+    # Envoy skips ext_authz on GatewayService routes: the gateway must refuse alone.
+    for secret in ("", "mlm_0123456789abcdef_" + "x" * 32):
+        async with mesh_channel(full_mesh.address, secret) as channel:
+            gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+            details = await expect_error(
+                _drain(gateway.Generate(generate(max_tokens=2))), grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert details.error_info.domain == "mlmesh.gateway"
+            await expect_error(
+                gateway.ListModels(rpc.ListModelsRequest()), grpc.StatusCode.UNAUTHENTICATED
+            )

@@ -56,6 +56,9 @@ class ServiceSpec:
     ready: Callable[[int], Awaitable[bool]] | None = None
     # Whether Envoy routes to it.
     routed: bool = True
+    # Its gRPC services that check API keys themselves (Envoy's external
+    # authorization is skipped on their routes).
+    authenticate_themselves: frozenset[str] = frozenset()
 
 
 def _gateway_services() -> Sequence[descriptor.ServiceDescriptor]:
@@ -208,6 +211,7 @@ CATALOG: list[ServiceSpec] = [
         name="gateway",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_gateway"],
         services=_gateway_services,
+        authenticate_themselves=frozenset({"mlmesh.gateway.v1.GatewayService"}),
         env_prefix="MLMESH_GATEWAY_",
         env=lambda ctx: {
             "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",

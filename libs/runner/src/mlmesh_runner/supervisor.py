@@ -309,6 +309,7 @@ class Mesh:
                 spec.name,
                 spec.services(),
                 [("127.0.0.1", self.children[i].ports["port"]) for i in self.instances(spec)],
+                spec.authenticate_themselves,
             )
             for spec in self.catalog
             if spec.routed
