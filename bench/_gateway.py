@@ -69,7 +69,9 @@ async def make_key(channel: Any, admin_key: str, kind: str) -> tuple[str, dict[s
             model_patterns=["*"],
             services=[gateway_pb2.PLATFORM_SERVICE_GENERATE, gateway_pb2.PLATFORM_SERVICE_INFER],
         ),
-        limits=gateway_pb2.KeyLimits(**limits),
+        limits=gateway_pb2.KeyLimits(
+            requests_per_minute=BIG, tokens_per_minute=BIG, max_concurrent_streams=MAX_STREAMS
+        ),
     )
     reply = await key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
         key_rpc.CreateKeyRequest(key=key),

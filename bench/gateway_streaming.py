@@ -274,7 +274,7 @@ async def main(args: argparse.Namespace) -> int:
             ):
                 secret, key_info = await gw.make_key(gateway_ch, admin_key, args.key)
                 metadata = (("authorization", f"Bearer {secret}"),)
-                stubs = {
+                stubs: dict[str, Any] = {
                     "gateway": gateway_service_pb2_grpc.GatewayServiceStub(gateway_ch),
                     "llm": llm_service_pb2_grpc.LlmServiceStub(direct_ch),
                 }

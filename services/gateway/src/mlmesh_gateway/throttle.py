@@ -61,13 +61,16 @@ class LocalThrottle:
 
     def __init__(self) -> None:
         self._tokens: dict[str, collections.OrderedDict[str, tuple[float, int]]] = {}
+        # Running sum of each subject's window, so a decision is O(1), not O(window).
+        self._totals: dict[str, int] = collections.defaultdict(int)
         self._requests: dict[str, collections.deque[float]] = {}
         self._streams: dict[str, set[str]] = {}
 
     def _expire(self, subject: str, now: float) -> collections.OrderedDict[str, tuple[float, int]]:
         window = self._tokens.setdefault(subject, collections.OrderedDict())
         while window and next(iter(window.values()))[0] <= now - WINDOW_S:
-            window.popitem(last=False)
+            _, (_, amount) = window.popitem(last=False)
+            self._totals[subject] -= amount
         requests = self._requests.setdefault(subject, collections.deque())
         while requests and requests[0] <= now - WINDOW_S:
             requests.popleft()
@@ -83,7 +86,7 @@ class LocalThrottle:
         if limits.requests_per_minute and len(requests) + 1 > limits.requests_per_minute:
             return Decision(False, requests[0] + WINDOW_S - now, "requests_per_minute", self.name)
         if limits.tokens_per_minute:
-            used = sum(t for _, t in window.values())
+            used = self._totals[subject]
             if used + tokens > limits.tokens_per_minute:
                 if tokens > limits.tokens_per_minute:
                     return Decision(False, WINDOW_S, "tokens_per_minute", self.name)
@@ -95,6 +98,7 @@ class LocalThrottle:
                         break
                 return Decision(False, max(retry, 0.01), "tokens_per_minute", self.name)
         window[request_id] = (now, tokens)
+        self._totals[subject] += tokens
         requests.append(now)
         streams.add(request_id)
         return Decision(True, backend=self.name)
@@ -104,11 +108,14 @@ class LocalThrottle:
         window = self._tokens.get(subject)
         if window is not None and request_id in window:
             stamp, reserved = window[request_id]
-            window[request_id] = (stamp, min(reserved, actual))
+            kept = min(reserved, actual)
+            window[request_id] = (stamp, kept)
+            self._totals[subject] -= reserved - kept
         self._streams.get(subject, set()).discard(request_id)
 
     async def used(self, subject: str) -> int:
-        return sum(t for _, t in self._expire(subject, time.monotonic()).values())
+        self._expire(subject, time.monotonic())
+        return self._totals[subject]
 
 
 # One round trip: expire, check streams / requests / tokens, reserve.
@@ -174,9 +181,16 @@ class RedisThrottle:
     def __init__(self, url: str, timeout_s: float = 0.5, stream_lease_s: float = 600.0) -> None:
         import redis.asyncio as redis
 
-        self._redis = redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        # A pool that waits for a free connection (up to the timeout) rather
+        # than failing at once, which would read as an outage under load.
+        self._pool = pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=256,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
         )
+        self._redis = redis.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self.stream_lease_ms = int(stream_lease_s * 1000)
@@ -213,6 +227,7 @@ class RedisThrottle:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.disconnect()
 
 
 class Throttle:
