@@ -158,8 +158,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 def _upgrade(connection: sa.Connection, migrations: Path, version_table: str) -> None:
+    # One Alembic environment (mlmesh_chassis/migrations) for every service;
+    # each service brings only its versions/ folder.
     config = Config()
-    config.set_main_option("script_location", str(migrations))
+    config.set_main_option("path_separator", "os")
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.set_main_option("version_locations", str(migrations / "versions"))
     config.attributes["connection"] = connection
     config.attributes["version_table"] = version_table
     command.upgrade(config, "head")

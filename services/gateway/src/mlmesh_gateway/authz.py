@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh_chassis.errors import MlmeshError, PermissionDenied, to_status
 
-from mlmesh_gateway.keys import KeyStore, authorize
+from mlmesh_gateway.keys import KeyStore, authorize, bearer
 
 log = logging.getLogger("mlmesh.gateway.authz")
 KEY_ID_HEADER = "x-mlmesh-key-id"
@@ -51,11 +51,6 @@ def scope_of(path: str) -> tuple[bool, int | None]:
         if path.startswith(prefix):
             return True, scope
     return False, None
-
-
-def bearer(value: str) -> str:
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 class Authorizer(external_auth_pb2_grpc.AuthorizationServicer):

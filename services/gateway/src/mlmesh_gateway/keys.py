@@ -161,6 +161,11 @@ class KeyStore:
 
     # ---- checks ---------------------------------------------------------------
 
+    async def authenticate_call(self, context: Any) -> pb.Key:
+        """The key in a gRPC call's `authorization: Bearer` metadata."""
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        return await self.authenticate(bearer(str(header)))
+
     async def authenticate(self, secret: str) -> pb.Key:
         """The active key ``secret`` belongs to; Unauthenticated otherwise."""
         if not secret:
@@ -204,6 +209,12 @@ class KeyStore:
         if key.HasField("expire_time") and _now() >= key.expire_time.ToDatetime(dt.UTC):
             raise Unauthenticated(f"API key {key.id} expired", key_id=key.id)
         return key
+
+
+def bearer(value: str) -> str:
+    """The token of an `authorization: Bearer <token>` value ("" otherwise)."""
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def authorize(key: pb.Key, service: int | None, model: str | None = None) -> None:

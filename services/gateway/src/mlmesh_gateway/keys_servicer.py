@@ -9,7 +9,6 @@ from mlmesh.gateway.v1 import key_service_pb2 as rpc
 from mlmesh.gateway.v1 import key_service_pb2_grpc
 from mlmesh_chassis.pagination import offset_page
 
-from mlmesh_gateway.authz import bearer
 from mlmesh_gateway.keys import KeyStore, authorize
 
 DEFAULT_GRACE = dt.timedelta(hours=1)
@@ -22,8 +21,7 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     async def _admin(self, context) -> pb.Key:  # type: ignore[no-untyped-def]
         """The caller's key, which must have ADMIN scope (checked here too, not
         only by Envoy: this service must not trust a caller that bypassed it)."""
-        header = dict(context.invocation_metadata() or ()).get("authorization", "")
-        key = await self.keys.authenticate(bearer(str(header)))
+        key = await self.keys.authenticate_call(context)
         authorize(key, pb.PLATFORM_SERVICE_ADMIN)
         return key
 

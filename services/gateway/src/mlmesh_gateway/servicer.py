@@ -27,7 +27,6 @@ from mlmesh_chassis.pagination import offset_page
 from mlmesh_inference.triton import TritonClient
 from tritonclient.utils import triton_to_np_dtype
 
-from mlmesh_gateway.authz import bearer
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.experiments import choose_arm, mirror
@@ -41,7 +40,7 @@ from mlmesh_gateway.telemetry import (
     TOKENS,
     annotate,
 )
-from mlmesh_gateway.throttle import Limits, Throttle
+from mlmesh_gateway.throttle import Decision, Limits, Throttle
 
 log = logging.getLogger("mlmesh.gateway")
 DEFAULT_MAX_TOKENS = 256
@@ -99,8 +98,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self._background: set[asyncio.Task[None]] = set()
 
     async def _caller(self, context) -> pb.Key:  # type: ignore[no-untyped-def]
-        header = dict(context.invocation_metadata() or ()).get("authorization", "")
-        return await self.keys.authenticate(bearer(str(header)))
+        return await self.keys.authenticate_call(context)
 
     # ---- Generate ---------------------------------------------------------------
 
@@ -150,13 +148,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
         if not decision.admitted:
             REJECTIONS.labels(decision.violated).inc()
-            raise ResourceExhausted(
-                f"key {key.id} is over its {decision.violated} limit",
-                [QuotaViolation(subject, decision.violated)],
-                decision.retry_after_s,
-                key_id=key.id,
-                limit=decision.violated,
-            )
+            raise over_limit(key, decision)
         started = time.monotonic()
         streamed, prompt_tokens, version, status = 0, counted, 0, "OK"
         text: list[str] = []
@@ -518,13 +510,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     async def _admit_unary(self, key: pb.Key, request_id: str) -> None:
         decision = await self.throttle.admit(f"key:{key.id}", request_id, 0, limits_of(key))
         if not decision.admitted:
-            raise ResourceExhausted(
-                f"key {key.id} is over its {decision.violated} limit",
-                [QuotaViolation(f"key:{key.id}", decision.violated)],
-                decision.retry_after_s,
-                key_id=key.id,
-                limit=decision.violated,
-            )
+            raise over_limit(key, decision)
 
     def _triton(self) -> TritonClient:
         if self.triton is None:
@@ -565,6 +551,17 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         )
         page, token = offset_page(buckets, request.page_size, request.page_token)
         return usage_service_pb2.GetUsageResponse(buckets=page, next_page_token=token)
+
+
+def over_limit(key: pb.Key, decision: Decision) -> ResourceExhausted:
+    """The rejection for a throttle decision: QuotaFailure + RetryInfo."""
+    return ResourceExhausted(
+        f"key {key.id} is over its {decision.violated} limit",
+        [QuotaViolation(f"key:{key.id}", decision.violated)],
+        decision.retry_after_s,
+        key_id=key.id,
+        limit=decision.violated,
+    )
 
 
 def period(kind: int, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

@@ -1,4 +1,5 @@
-"""Alembic environment: runs on the connection mlmesh_chassis.database hands it,
+"""The Alembic environment of every service: runs on the connection
+mlmesh_chassis.database hands it,
 recording the schema version in the service's own version table (services
 may share one database)."""
 
