@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from mlmesh_gateway.throttle import Limits, LocalThrottle, Throttle
+from mlmesh_gateway.throttle import Limits, LocalThrottle, RedisThrottle, Throttle
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -106,3 +106,145 @@ async def test_local_window_frees_budget_after_a_minute(monkeypatch):
     assert not denied.admitted and denied.retry_after_s == pytest.approx(30)
     clock[0] += 30.01
     assert (await local.admit("k", "b", 50, limits)).admitted
+
+
+@pytest.fixture(params=["local", "redis"])
+async def backend(request, redis_server):
+    """A factory of one backend (LocalThrottle or RedisThrottle) with a given window."""
+    url, _stop, _start = redis_server
+    made: list[RedisThrottle] = []
+
+    async def make(window_s: float = 60.0) -> LocalThrottle | RedisThrottle:
+        if request.param == "local":
+            return LocalThrottle(window_s=window_s)
+        shared = RedisThrottle(url, timeout_s=5.0, window_s=window_s)
+        made.append(shared)
+        if len(made) == 1:
+            await shared._redis.flushall()
+        return shared
+
+    yield make
+    for shared in made:
+        await shared.close()
+
+
+async def _stored(throttle: RedisThrottle, subject: str) -> tuple[int, int]:
+    """(running total as stored, sum of the reservations' hash) in Redis."""
+    _, th, _, _, tt = RedisThrottle._keys(subject)
+    total = await throttle._redis.get(tt)
+    return int(total) if total is not None else -1, sum(
+        int(v) for v in await throttle._redis.hvals(th)
+    )
+
+
+async def test_running_total_is_the_exact_sum_after_reservations_and_settles(backend):
+    throttle = await backend()
+    limits = Limits(tokens_per_minute=10**9)
+    expected: dict[str, int] = {}
+    for i in range(600):
+        reserved = 100 + (i * 37) % 900
+        assert (await throttle.admit("key:sum", f"r{i}", reserved, limits)).admitted
+        expected[f"r{i}"] = reserved
+    for i in range(0, 600, 2):  # half end with fewer tokens than they reserved
+        actual = (i * 13) % 100
+        await throttle.settle("key:sum", f"r{i}", actual)
+        expected[f"r{i}"] = actual
+    for i in range(1, 600, 6):  # more than reserved, or unknown ids: no change
+        await throttle.settle("key:sum", f"r{i}", 10**6)
+    await throttle.settle("key:sum", "never-admitted", 5)
+    await throttle.settle("key:sum", "r0", 0)  # settled twice: the second never raises it
+    expected["r0"] = 0
+    # An id admitted again replaces its reservation.
+    assert (await throttle.admit("key:sum", "r3", 7, limits)).admitted
+    expected["r3"] = 7
+    assert await throttle.used("key:sum") == sum(expected.values())
+    if isinstance(throttle, RedisThrottle):
+        assert await _stored(throttle, "key:sum") == (sum(expected.values()),) * 2
+
+
+def _fake_clock(monkeypatch) -> list[float]:
+    """One clock for both backends (in-process: monotonic; Redis: the
+    client's time.time, sent with each decision)."""
+    clock = [5000.0]
+    monkeypatch.setattr("mlmesh_gateway.throttle.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("mlmesh_gateway.throttle.time.time", lambda: clock[0])
+    return clock
+
+
+async def test_expiry_subtracts_the_expired_reservations(backend, monkeypatch):
+    clock = _fake_clock(monkeypatch)
+    throttle = await backend(window_s=0.5)
+    limits = Limits(tokens_per_minute=1000)
+    assert (await throttle.admit("key:exp", "a", 400, limits)).admitted
+    assert (await throttle.admit("key:exp", "b", 500, limits)).admitted
+    await throttle.settle("key:exp", "b", 100)  # b keeps 100 of its 500
+    assert await throttle.used("key:exp") == 500
+    clock[0] += 0.3
+    assert (await throttle.admit("key:exp", "c", 450, limits)).admitted
+    denied = await throttle.admit("key:exp", "d", 100, limits)  # 950 + 100
+    assert not denied.admitted and denied.retry_after_s == pytest.approx(0.2, abs=0.002)
+    clock[0] += 0.3  # a and b have left the window, c has not
+    assert (await throttle.admit("key:exp", "d", 550, limits)).admitted
+    assert await throttle.used("key:exp") == 1000
+    if isinstance(throttle, RedisThrottle):
+        assert await _stored(throttle, "key:exp") == (1000, 1000)
+    clock[0] += 0.6  # all gone: the next decision starts from nothing
+    assert (await throttle.admit("key:exp", "e", 1000, limits)).admitted
+    assert await throttle.used("key:exp") == 1000
+    if isinstance(throttle, RedisThrottle):
+        assert await _stored(throttle, "key:exp") == (1000, 1000)
+
+
+async def test_rejection_waits_for_the_oldest_reservations(backend, monkeypatch):
+    """The retry time walks reservations oldest first, past Redis's first page."""
+    clock = _fake_clock(monkeypatch)
+    throttle = await backend()
+    limits = Limits(tokens_per_minute=10_000)
+    for i in range(100):  # 100 x 100 tokens, one every 100 ms
+        assert (await throttle.admit("key:walk", f"r{i:03}", 100, limits)).admitted
+        clock[0] += 0.1
+    # 5000 more needs the oldest 50 gone: r049 leaves at 4.9 s + 60 s.
+    denied = await throttle.admit("key:walk", "big", 5000, limits)
+    assert not denied.admitted and denied.violated == "tokens_per_minute"
+    assert denied.retry_after_s == pytest.approx(4.9 + 60 - 10.0, abs=0.002)
+    clock[0] += 54.9
+    assert (await throttle.admit("key:walk", "big", 5000, limits)).admitted
+
+
+async def test_redis_total_heals_when_missing_or_drifted(redis_server):
+    url, _stop, _start = redis_server
+    throttle = RedisThrottle(url, timeout_s=5.0)
+    try:
+        await throttle._redis.flushall()
+        await _heals(throttle)
+    finally:
+        await throttle.close()
+
+
+async def _heals(throttle: RedisThrottle) -> None:
+    limits = Limits(tokens_per_minute=1000)
+    keys = RedisThrottle._keys("key:heal")
+    tt = keys[-1]
+    assert len({key.split("}")[0] for key in keys}) == 1  # one hash tag: one cluster slot
+    r = throttle._redis
+    for i in range(5):
+        assert (await throttle.admit("key:heal", f"r{i}", 100, limits)).admitted
+    assert all([await r.pttl(key) > 0 for key in keys])
+
+    await r.delete(tt)  # the total expired or was evicted, the hash was not
+    await throttle.settle("key:heal", "r0", 40)  # settling does not make a total up
+    assert await r.exists(tt) == 0
+    assert await throttle.used("key:heal") == 440  # read from the hash meanwhile
+    assert not (await throttle.admit("key:heal", "x", 600, limits)).admitted
+    assert await _stored(throttle, "key:heal") == (440, 440)  # recounted once
+    assert await r.pttl(tt) > 0
+
+    await r.set(tt, -7)  # drifted below zero
+    assert (await throttle.admit("key:heal", "r5", 60, limits)).admitted
+    assert await _stored(throttle, "key:heal") == (500, 500)
+
+    await r.delete(keys[0], keys[1])  # the reservations are gone, a total is not
+    await r.set(tt, 999)
+    assert (await throttle.admit("key:heal", "r6", 1000, limits)).admitted
+    assert await _stored(throttle, "key:heal") == (1000, 1000)
+    assert await throttle.used("key:heal") == 1000

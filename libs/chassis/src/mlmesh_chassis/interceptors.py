@@ -202,19 +202,30 @@ def _wrap(
     )
 
 
-def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+def propagation(timeout: float | None = None) -> tuple[list[tuple[str, str]], float | None]:
+    """What a call to a peer carries from the call being served: trace
+    context and request id (as metadata) and the remaining deadline (as the
+    timeout, shortened from ``timeout``). The client interceptors add these
+    to every call; hot paths that skip the interceptors (they wrap every
+    streamed message) pass them explicitly: ``stub.M(req, metadata=m, timeout=t)``."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    for key, value in carrier.items():
-        metadata[key] = value
+    metadata = list(carrier.items())
     request_id = request_id_var.get()
-    if request_id and REQUEST_ID_HEADER not in metadata:
-        metadata[REQUEST_ID_HEADER] = request_id
-    timeout = details.timeout
+    if request_id:
+        metadata.append((REQUEST_ID_HEADER, request_id))
     left = remaining_time()
     if left is not None:
         timeout = left if timeout is None else min(timeout, left)
+    return metadata, timeout
+
+
+def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+    extra, timeout = propagation(details.timeout)
+    for key, value in extra:
+        if key != REQUEST_ID_HEADER or key not in metadata:
+            metadata[key] = value
     return grpc.aio.ClientCallDetails(
         details.method, timeout, metadata, details.credentials, details.wait_for_ready
     )

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
 import grpc
 
 from mlmesh_chassis.errors import ErrorDetails, details_of
@@ -18,3 +24,59 @@ async def expect_error(awaitable, code: grpc.StatusCode) -> ErrorDetails:  # typ
         )
         return details
     raise AssertionError(f"expected {code.name}, but the call succeeded")
+
+
+class RedisServer:
+    """A real, private redis-server (no persistence) that a test can stop and
+    start again: on a unix socket, or on a TCP port of its own (for other
+    processes, e.g. gateway replicas started by the runner)."""
+
+    def __init__(self, folder: Path, tcp: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is required (the machine's Redis package has it)")
+        self.binary = binary
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.port = _free_port() if tcp else 0
+        self.url = f"redis://127.0.0.1:{self.port}/0" if tcp else f"unix://{self.socket}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--unixsocket",
+                str(self.socket),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            if self.socket.exists():
+                return
+            time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+        self.socket.unlink(missing_ok=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -33,6 +33,14 @@ def _parse() -> argparse.Namespace:
         help="run N processes of a service behind Envoy (repeatable), e.g. gateway=3",
     )
     parser.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="INSTANCE=REGION",
+        help="place an instance in a region (repeatable; default 'local'), "
+        "e.g. llm.2=east; the gateway routes LLM requests region-first",
+    )
+    parser.add_argument(
         "--services", default="", help="comma-separated subset of services to run (default: all)"
     )
     return parser.parse_args()
@@ -65,6 +73,7 @@ async def _run(args: argparse.Namespace) -> None:
         replicas={
             name: int(count) for name, count in (item.split("=", 1) for item in args.replicas)
         },
+        regions=dict(item.split("=", 1) for item in args.region),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,16 +14,27 @@ from typing import Literal
 
 from google.protobuf import descriptor
 
+DEFAULT_REGION = "local"
+
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a spec may use: the state directory and the services started so far."""
+    """What a spec may use: the state directory, the instances started so far
+    (``llm``, ``llm.1``, ...) and the region each instance is placed in."""
 
     state: Path
     ports: dict[str, int]
+    regions: dict[str, str] = field(default_factory=dict)
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def region(self, instance: str) -> str:
+        return self.regions.get(instance, DEFAULT_REGION)
+
+    def instances(self, service: str) -> list[str]:
+        """The started instances of a service: its name, then name.1, name.2, ..."""
+        return [name for name in self.ports if name == service or name.startswith(f"{service}.")]
 
 
 @dataclass(frozen=True)
@@ -224,8 +235,11 @@ CATALOG: list[ServiceSpec] = [
             ),
             **(
                 {
-                    "MLMESH_GATEWAY_LLM_ENDPOINTS": f"local={ctx.address('llm')}",
-                    "MLMESH_GATEWAY_REGION": "local",
+                    # Every llm replica, in the region the runner placed it.
+                    "MLMESH_GATEWAY_LLM_ENDPOINTS": ",".join(
+                        f"{ctx.region(i)}={ctx.address(i)}" for i in ctx.instances("llm")
+                    ),
+                    "MLMESH_GATEWAY_REGION": ctx.region("gateway"),
                 }
                 if "llm" in ctx.ports
                 else {}

@@ -186,9 +186,13 @@ class Mesh:
         otlp_endpoint: tuple[str, int] | None = None,
         catalog: list[ServiceSpec] | None = None,
         replicas: dict[str, int] | None = None,
+        regions: dict[str, str] | None = None,
     ) -> None:
         # How many processes of a service to run (default 1); Envoy balances them.
         self.replicas = dict(replicas or {})
+        # The region of each instance ("llm.2": "east"; default "local"): the
+        # gateway routes LLM requests region-first.
+        self.regions = dict(regions or {})
         self.state = state_dir.resolve()
         self.listen_port = listen_port
         self.admin_port = admin_port
@@ -227,7 +231,11 @@ class Mesh:
             "address": self.address,
             "admin": self.admin_address,
             "services": {
-                name: {**child.ports, "log": str(child.log_path)}
+                name: {
+                    **child.ports,
+                    "log": str(child.log_path),
+                    "region": self.context().region(name),
+                }
                 for name, child in self.children.items()
             },
             "envoy_log": str(self.state / "logs" / "envoy.log"),
@@ -247,6 +255,7 @@ class Mesh:
                 for name, child in self.children.items()
                 if child.ports
             },
+            self.regions,
         )
 
     async def _prepare(self, spec: ServiceSpec) -> None:
@@ -405,7 +414,9 @@ class Mesh:
             try:
                 await self._bring_up(spec, replacement)
                 backoff = 0.5
-                log.info("%s is back (restart %d)", spec.name, replacement.restarts)
+                log.info("%s is back (restart %d)", instance, replacement.restarts)
+                # The same port, a new pid: keep the ready file true.
+                (self.state / "ready.json").write_text(json.dumps(self.describe(), indent=2))
             except (RuntimeError, TimeoutError) as error:
                 log.error("%s restart failed: %s", spec.name, error)
 

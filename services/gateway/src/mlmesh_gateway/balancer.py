@@ -6,7 +6,10 @@ region is preferred; when every endpoint there is saturated (reported
 waiting, or in-flight at capacity) or ejected, requests spill over to the
 best endpoint elsewhere, and come back when the region drains. An endpoint
 that fails is ejected for a backoff that doubles with each failure in a row
-(capped), then tried again.
+(capped), then tried again. An endpoint that has not answered for a while
+(because it was slow and so not picked) has its average halved every
+``stale_half_life_s``, so it is tried again and can win traffic back once it
+has recovered.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any
 
 import grpc
 from mlmesh.llm.v1 import llm_service_pb2_grpc
-from mlmesh_chassis.interceptors import client_interceptors
 
 
 @dataclass(eq=False)
@@ -30,6 +32,8 @@ class Endpoint:
     waiting: int = 0
     running: int = 0
     ttft_ewma: float = 0.05
+    observed_at: float = field(default_factory=time.monotonic)
+    stale_half_life_s: float = 5.0
     failures: int = 0
     ejected_until: float = 0.0
     picks: int = 0
@@ -39,7 +43,9 @@ class Endpoint:
         return time.monotonic() >= self.ejected_until
 
     def score(self) -> float:
-        return (self.in_flight + self.waiting + 1) * self.ttft_ewma
+        age = time.monotonic() - self.observed_at
+        ttft = self.ttft_ewma * 0.5 ** (age / self.stale_half_life_s)
+        return (self.in_flight + self.waiting + 1) * ttft
 
 
 @dataclass
@@ -62,10 +68,11 @@ class LatencyAwareBalancer:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             region, _, address = part.rpartition("=")
             endpoint = Endpoint(address, region or "default")
+            # No client interceptors: they wrap every streamed message (about
+            # a seventh of the relay's CPU); calls pass trace context, request
+            # id and deadline themselves (mlmesh_chassis.interceptors.propagation).
             endpoint.channel = grpc.aio.insecure_channel(
-                address,
-                interceptors=client_interceptors(),
-                options=[("grpc.max_receive_message_length", 16 << 20)],
+                address, options=[("grpc.max_receive_message_length", 16 << 20)]
             )
             endpoint.stub = llm_service_pb2_grpc.LlmServiceStub(endpoint.channel)
             endpoints.append(endpoint)
@@ -75,21 +82,23 @@ class LatencyAwareBalancer:
         return endpoint.in_flight + endpoint.waiting >= self.saturation
 
     def candidates(self, region: str = "") -> list[Endpoint]:
-        """Endpoints in the order to try: the best usable one in the region
-        first; the others (spill-over) after; ejected ones last."""
+        """Endpoints in the order to try: the region's unsaturated ones, best
+        first; then other regions' unsaturated ones (spill-over); then the
+        saturated ones; ejected ones last."""
         region = region or self.home_region
         healthy = [e for e in self.endpoints if e.healthy]
-        local = sorted(
-            (e for e in healthy if e.region == region and not self.saturated(e)), key=Endpoint.score
-        )
-        remote = sorted((e for e in healthy if e not in local), key=Endpoint.score)
+        open_ = [e for e in healthy if not self.saturated(e)]
+        local = sorted((e for e in open_ if e.region == region), key=Endpoint.score)
+        remote = sorted((e for e in open_ if e.region != region), key=Endpoint.score)
+        saturated = sorted((e for e in healthy if self.saturated(e)), key=Endpoint.score)
         ejected = sorted(
             (e for e in self.endpoints if not e.healthy), key=lambda e: e.ejected_until
         )
-        return [*local, *remote, *ejected]
+        return [*local, *remote, *saturated, *ejected]
 
     def observe_first_token(self, endpoint: Endpoint, seconds: float) -> None:
         endpoint.ttft_ewma += self.alpha * (seconds - endpoint.ttft_ewma)
+        endpoint.observed_at = time.monotonic()
         endpoint.failures = 0
 
     def observe_load(self, endpoint: Endpoint, metadata: Any) -> None:

@@ -1,7 +1,8 @@
 """The usage ledger: one durable event per request, written once.
 
 Idempotent by request id: a retried request (same id) is recorded once.
-UsageService and quotas read totals from it.
+UsageService and quotas read totals from it (quotas through a per-key running
+total, see ``UsageLedger.tokens_since``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 import sqlalchemy as sa
 from mlmesh.gateway.v1 import gateway_pb2 as pb
@@ -37,6 +40,8 @@ usage_events = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    # Indexes (migrations): ix_usage_time (create_time), ix_usage_key_time
+    # (key_id, create_time) for a key's usage over its quota period.
 )
 
 
@@ -69,6 +74,16 @@ class UsageEvent:
     status: str = "OK"
 
 
+@dataclass
+class _KeyTotal:
+    """A key's tokens since ``start``: read from the database at ``loaded``
+    (monotonic), plus what this process recorded for the key since."""
+
+    start: dt.datetime
+    tokens: int
+    loaded: float
+
+
 class UsageLedger:
     """Usage events, written in batches off the request path.
 
@@ -77,19 +92,34 @@ class UsageLedger:
     wait, with insert-or-ignore on the request id (a retried request is
     recorded once, whichever replica saw it). Reads flush first, so a replica
     reads its own writes; shutdown flushes what is left.
+
+    Quota checks (``tokens_since``) read a per-key running total instead of
+    the table: loaded from the database at most every ``refresh_s`` (5 s)
+    per key, plus the tokens this process records in between.
     """
 
-    def __init__(self, database: Database, flush_s: float = 0.1, batch: int = 500) -> None:
+    def __init__(
+        self,
+        database: Database,
+        flush_s: float = 0.1,
+        batch: int = 500,
+        refresh_s: float = 5.0,
+    ) -> None:
         self.db = database
         self.flush_s = flush_s
         self.batch = batch
+        self.refresh_s = refresh_s
         self._pending: list[dict[str, object]] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._totals: dict[str, _KeyTotal] = {}  # key id -> its quota period's total
 
     async def record(self, event: UsageEvent) -> None:
         self._pending.append({**event.__dict__, "create_time": dt.datetime.now(dt.UTC)})
+        total = self._totals.get(event.key_id)
+        if total is not None:  # a key with a quota: keep its running total
+            total.tokens += event.prompt_tokens + event.completion_tokens
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
         if len(self._pending) >= self.batch:
@@ -110,18 +140,20 @@ class UsageLedger:
 
     async def flush(self) -> None:
         async with self._lock:
-            rows, self._pending = self._pending, []
-            if not rows:
-                return
-            insert = (sqlite_insert if self.db.is_sqlite else postgres_insert)(usage_events)
-            try:
-                async with self.db.write() as c:
-                    await c.execute(
-                        insert.on_conflict_do_nothing(index_elements=["request_id"]), rows
-                    )
-            except BaseException:
-                self._pending[:0] = rows  # not written: keep them, in order
-                raise
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        """Writes what is queued; the caller holds ``_lock``."""
+        rows, self._pending = self._pending, []
+        if not rows:
+            return
+        insert = (sqlite_insert if self.db.is_sqlite else postgres_insert)(usage_events)
+        try:
+            async with self.db.write() as c:
+                await c.execute(insert.on_conflict_do_nothing(index_elements=["request_id"]), rows)
+        except BaseException:
+            self._pending[:0] = rows  # not written: keep them, in order
+            raise
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -159,14 +191,47 @@ class UsageLedger:
             return
 
     async def tokens_since(self, key_id: str, start: dt.datetime) -> int:
-        """Tokens (prompt + completion) the key used since ``start``."""
-        await self.flush()
-        e = usage_events
-        stmt = sa.select(
-            sa.func.coalesce(sa.func.sum(e.c.prompt_tokens + e.c.completion_tokens), 0)
-        ).where(e.c.key_id == key_id, e.c.create_time >= start)
-        async with self.db.read() as c:
-            return int(await c.scalar(stmt) or 0)
+        """Tokens (prompt + completion) the key used since ``start`` (the
+        start of its current quota period: events are recorded at "now").
+
+        Called on every Generate of a key with a quota, so it reads the
+        database at most once every ``refresh_s`` per key (and when ``start``
+        changes, i.e. a new period): it flushes what is queued, then sums the
+        key's events since ``start`` (index ix_usage_key_time). In between it
+        answers from memory: that total plus the tokens this process has
+        recorded since. Staleness: what other replicas recorded is seen
+        within ``refresh_s`` (plus their ``flush_s``), so a quota shared by
+        replicas is soft by what the others used in that time; this process's
+        own usage is always counted (a request id recorded twice here counts
+        twice until the next read, never less).
+        """
+        total = self._totals.get(key_id)
+        if total is not None and total.start == start and self._fresh(total):
+            return total.tokens
+        async with self._lock:
+            total = self._totals.get(key_id)  # another call may have read it meanwhile
+            if total is not None and total.start == start and self._fresh(total):
+                return total.tokens
+            loaded = time.monotonic()
+            await self._write_pending()
+            e = usage_events
+            stmt = sa.select(
+                sa.func.coalesce(sa.func.sum(e.c.prompt_tokens + e.c.completion_tokens), 0)
+            ).where(e.c.key_id == key_id, e.c.create_time >= start)
+            async with self.db.read() as c:
+                tokens = int(await c.scalar(stmt) or 0)
+            # Holding the lock, nothing was written since that read: what is
+            # queued now was recorded meanwhile and is not in it yet.
+            tokens += sum(
+                cast(int, row["prompt_tokens"]) + cast(int, row["completion_tokens"])
+                for row in self._pending
+                if row["key_id"] == key_id
+            )
+            self._totals[key_id] = _KeyTotal(start, tokens, loaded)
+            return tokens
+
+    def _fresh(self, total: _KeyTotal) -> bool:
+        return time.monotonic() - total.loaded < self.refresh_s
 
     async def buckets(
         self,

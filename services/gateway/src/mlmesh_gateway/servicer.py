@@ -23,6 +23,7 @@ from mlmesh_chassis.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from mlmesh_chassis.interceptors import propagation
 from mlmesh_chassis.pagination import offset_page
 from mlmesh_inference.triton import TritonClient
 from tritonclient.utils import triton_to_np_dtype
@@ -155,6 +156,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         endpoint: Endpoint | None = None
         try:
             async for endpoint, chunk in self._stream(request.region, inner, started):
+                if not text:  # the first chunk: say which backend serves the stream
+                    await context.send_initial_metadata(
+                        (
+                            ("x-mlmesh-backend", endpoint.address),
+                            ("x-mlmesh-region", endpoint.region),
+                        )
+                    )
                 if streamed == 0 and chunk.token_count:
                     TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - started)
                 streamed += chunk.token_count
@@ -246,7 +254,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         last: grpc.RpcError | None = None
         for endpoint in candidates[:3]:
             try:
-                reply = await endpoint.stub.CountTokens(request, timeout=10)
+                metadata, timeout = propagation(10.0)
+                reply = await endpoint.stub.CountTokens(request, metadata=metadata, timeout=timeout)
                 return int(reply.token_count)
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE:  # type: ignore[attr-defined]
@@ -273,7 +282,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             endpoint.in_flight += 1
             endpoint.picks += 1
             BACKEND_PICKS.labels(endpoint.address, endpoint.region).inc()
-            call = endpoint.stub.Generate(inner)
+            metadata, timeout = propagation()
+            call = endpoint.stub.Generate(inner, metadata=metadata, timeout=timeout)
             first = True
             try:
                 async for chunk in call:
@@ -407,7 +417,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             async with self._shadows:
                 try:
                     endpoint = self.llm.candidates()[0]
-                    chunks = [c async for c in endpoint.stub.Generate(mirrored, timeout=60)]
+                    metadata, _ = propagation()
+                    chunks = [
+                        c
+                        async for c in endpoint.stub.Generate(
+                            mirrored, metadata=metadata, timeout=60
+                        )
+                    ]
                     shadow_text = "".join(c.text for c in chunks)
                     agreed = shadow_text == primary_text
                     await self.ledger.record_shadow(

@@ -59,7 +59,8 @@ class LocalThrottle:
 
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = WINDOW_S) -> None:
+        self.window_s = window_s
         self._tokens: dict[str, collections.OrderedDict[str, tuple[float, int]]] = {}
         # Running sum of each subject's window, so a decision is O(1), not O(window).
         self._totals: dict[str, int] = collections.defaultdict(int)
@@ -68,11 +69,11 @@ class LocalThrottle:
 
     def _expire(self, subject: str, now: float) -> collections.OrderedDict[str, tuple[float, int]]:
         window = self._tokens.setdefault(subject, collections.OrderedDict())
-        while window and next(iter(window.values()))[0] <= now - WINDOW_S:
+        while window and next(iter(window.values()))[0] <= now - self.window_s:
             _, (_, amount) = window.popitem(last=False)
             self._totals[subject] -= amount
         requests = self._requests.setdefault(subject, collections.deque())
-        while requests and requests[0] <= now - WINDOW_S:
+        while requests and requests[0] <= now - self.window_s:
             requests.popleft()
         return window
 
@@ -84,19 +85,25 @@ class LocalThrottle:
             return Decision(False, 1.0, "concurrent_streams", self.name)
         requests = self._requests[subject]
         if limits.requests_per_minute and len(requests) + 1 > limits.requests_per_minute:
-            return Decision(False, requests[0] + WINDOW_S - now, "requests_per_minute", self.name)
+            retry = requests[0] + self.window_s - now
+            return Decision(False, retry, "requests_per_minute", self.name)
         if limits.tokens_per_minute:
             used = self._totals[subject]
             if used + tokens > limits.tokens_per_minute:
                 if tokens > limits.tokens_per_minute:
-                    return Decision(False, WINDOW_S, "tokens_per_minute", self.name)
-                freed, retry = 0, WINDOW_S
+                    return Decision(False, self.window_s, "tokens_per_minute", self.name)
+                freed, retry = 0, self.window_s
                 for stamp, amount in window.values():
                     freed += amount
                     if used - freed + tokens <= limits.tokens_per_minute:
-                        retry = stamp + WINDOW_S - now
+                        retry = stamp + self.window_s - now
                         break
                 return Decision(False, max(retry, 0.01), "tokens_per_minute", self.name)
+        # A re-admitted id replaces its reservation (as in Redis), so the
+        # running total stays the sum of the window.
+        previous = window.pop(request_id, None)
+        if previous is not None:
+            self._totals[subject] -= previous[1]
         window[request_id] = (now, tokens)
         self._totals[subject] += tokens
         requests.append(now)
@@ -119,16 +126,44 @@ class LocalThrottle:
 
 
 # One round trip: expire, check streams / requests / tokens, reserve.
+#
+# The tokens in the window are kept as a running total (tt) beside the
+# reservations (th: id -> tokens, tz: id by time), so a decision is O(1) plus
+# what it expires, not O(reservations in the window): admit adds a
+# reservation's tokens, expiry subtracts the expired ones', settle subtracts
+# what a request returns. The total heals itself: where it is missing (expired
+# or evicted apart from the hash, or written by an older gateway) or has gone
+# negative, it is recounted once from the hash; an empty hash means 0. Only a
+# rejection walks reservations (oldest first, a page at a time, stopping as
+# soon as enough would have left the window) to say when to retry.
 _ADMIT = """
-local tz, th, rz, sz = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local tz, th, rz, sz, tt = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local id, tokens = ARGV[3], tonumber(ARGV[4])
 local tpm, rpm = tonumber(ARGV[5]), tonumber(ARGV[6])
 local streams, lease = tonumber(ARGV[7]), tonumber(ARGV[8])
+local stored = redis.call('GET', tt)
+local total = stored and tonumber(stored) or -1
 local old = redis.call('ZRANGEBYSCORE', tz, '-inf', now - window)
-if #old > 0 then
-  redis.call('HDEL', th, unpack(old))
-  redis.call('ZREMRANGEBYSCORE', tz, '-inf', now - window)
+for first = 1, #old, 1000 do
+  local ids = {unpack(old, first, math.min(first + 999, #old))}
+  if total >= 0 then
+    for _, v in ipairs(redis.call('HMGET', th, unpack(ids))) do
+      total = total - tonumber(v or '0')
+    end
+  end
+  redis.call('HDEL', th, unpack(ids))
+end
+if #old > 0 then redis.call('ZREMRANGEBYSCORE', tz, '-inf', now - window) end
+if redis.call('HLEN', th) == 0 then
+  if stored then redis.call('DEL', tt) end
+  total = 0
+elseif total < 0 then
+  total = 0
+  for _, v in ipairs(redis.call('HVALS', th)) do total = total + tonumber(v) end
+  redis.call('SET', tt, string.format('%d', total), 'PX', window * 2 + lease)
+elseif total ~= tonumber(stored) then
+  redis.call('DECRBY', tt, string.format('%d', tonumber(stored) - total))
 end
 redis.call('ZREMRANGEBYSCORE', rz, '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', sz, '-inf', now)
@@ -141,34 +176,47 @@ if rpm > 0 and redis.call('ZCARD', rz) + 1 > rpm then
 end
 if tpm > 0 then
   if tokens > tpm then return {0, window, 'tokens_per_minute'} end
-  local used = 0
-  for _, v in ipairs(redis.call('HVALS', th)) do used = used + tonumber(v) end
-  if used + tokens > tpm then
-    local freed, retry = 0, window
-    local entries = redis.call('ZRANGE', tz, 0, -1, 'WITHSCORES')
-    for i = 1, #entries, 2 do
-      freed = freed + tonumber(redis.call('HGET', th, entries[i]) or '0')
-      if used - freed + tokens <= tpm then
-        retry = tonumber(entries[i + 1]) + window - now
-        break
+  if total + tokens > tpm then
+    local freed, retry, start, page, done = 0, window, 0, 32, false
+    while not done do
+      local entries = redis.call('ZRANGE', tz, start, start + page - 1, 'WITHSCORES')
+      if #entries == 0 then break end
+      local ids = {}
+      for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
+      local amounts = redis.call('HMGET', th, unpack(ids))
+      for j = 1, #ids do
+        freed = freed + tonumber(amounts[j] or '0')
+        if total - freed + tokens <= tpm then
+          retry = tonumber(entries[j * 2]) + window - now
+          done = true
+          break
+        end
       end
+      start, page = start + page, math.min(page * 2, 1000)
     end
     return {0, math.max(retry, 10), 'tokens_per_minute'}
   end
 end
+local previous = tonumber(redis.call('HGET', th, id) or '0')
 redis.call('ZADD', tz, now, id)
 redis.call('HSET', th, id, tokens)
+redis.call('INCRBY', tt, string.format('%d', tokens - previous))
 redis.call('ZADD', rz, now, id)
 redis.call('ZADD', sz, now + lease, id)
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, window * 2 + lease) end
 return {1, 0, ''}
 """
 _SETTLE = """
-local reserved = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-if reserved >= 0 and tonumber(ARGV[2]) < reserved then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local th, sz, tt = KEYS[1], KEYS[2], KEYS[3]
+local reserved = tonumber(redis.call('HGET', th, ARGV[1]) or '-1')
+local actual = tonumber(ARGV[2])
+if reserved >= 0 and actual < reserved then
+  redis.call('HSET', th, ARGV[1], ARGV[2])
+  if redis.call('EXISTS', tt) == 1 then
+    redis.call('DECRBY', tt, string.format('%d', reserved - actual))
+  end
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', sz, ARGV[1])
 return 1
 """
 
@@ -178,7 +226,13 @@ class RedisThrottle:
 
     name = "redis"
 
-    def __init__(self, url: str, timeout_s: float = 0.5, stream_lease_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 0.5,
+        stream_lease_s: float = 600.0,
+        window_s: float = WINDOW_S,
+    ) -> None:
         import redis.asyncio as redis
 
         # A pool that waits for a free connection (up to the timeout) rather
@@ -194,10 +248,13 @@ class RedisThrottle:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self.stream_lease_ms = int(stream_lease_s * 1000)
+        self.window_ms = int(window_s * 1000)
 
     @staticmethod
     def _keys(subject: str) -> list[str]:
-        return [f"mlmesh:throttle:{{{subject}}}:{part}" for part in ("tz", "th", "rz", "sz")]
+        # One hash tag per subject: every key of a decision is in one Redis
+        # Cluster slot. tt: the running total of the tokens in th.
+        return [f"mlmesh:throttle:{{{subject}}}:{part}" for part in ("tz", "th", "rz", "sz", "tt")]
 
     async def admit(self, subject: str, request_id: str, tokens: int, limits: Limits) -> Decision:
         now_ms = int(time.time() * 1000)
@@ -205,7 +262,7 @@ class RedisThrottle:
             keys=self._keys(subject),
             args=[
                 now_ms,
-                int(WINDOW_S * 1000),
+                self.window_ms,
                 request_id,
                 tokens,
                 limits.tokens_per_minute,
@@ -218,12 +275,21 @@ class RedisThrottle:
         return Decision(bool(admitted), int(retry_ms) / 1000, violated, self.name)
 
     async def settle(self, subject: str, request_id: str, actual: int) -> None:
-        _, th, _, sz = self._keys(subject)
-        await self._settle(keys=[th, sz], args=[request_id, actual])
+        _, th, _, sz, tt = self._keys(subject)
+        await self._settle(keys=[th, sz, tt], args=[request_id, actual])
 
     async def used(self, subject: str) -> int:
-        values = await self._redis.hvals(self._keys(subject)[1])
-        return sum(int(v) for v in values)
+        """Tokens reserved in the window (as of the subject's last decision)."""
+        _, th, _, _, tt = self._keys(subject)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(tt)
+            pipe.exists(th)
+            total, present = await pipe.execute()
+        if not present:
+            return 0
+        if total is None or int(total) < 0:  # not kept yet: the next decision recounts it
+            return sum(int(v) for v in await self._redis.hvals(th))
+        return int(total)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -31,6 +31,9 @@ class LlmSettings(ServiceSettings):
     max_context: int = 0
     torch_threads: int = 0
     max_prefill_per_step: int = 8
+    # null engine: seconds per token (0: as fast as it can), a stand-in for a
+    # model's pace in load and routing tests.
+    null_token_seconds: float = 0.0
     # vLLM: AsyncEngineArgs options as JSON (tensor_parallel_size,
     # speculative_config, limit_mm_per_prompt, ...).
     vllm_options: str = "{}"

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -178,10 +179,23 @@ class ModelManager:
             return existing
         folder = self.cache_dir / model / str(version)
         if not (folder / ".complete").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            # Into a folder of this process's own, then renamed into place:
+            # replicas sharing a cache never see (or delete) a half download.
+            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
             async with RegistryClient(self.registry_target) as registry:
-                await registry.download_folder(ModelReference(model=model, version=version), folder)
-            (folder / ".complete").touch()
+                await registry.download_folder(
+                    ModelReference(model=model, version=version), partial
+                )
+            (partial / ".complete").touch()
+            try:
+                partial.rename(folder)
+            except OSError:  # another replica finished first (or a stale folder)
+                if not (folder / ".complete").exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    partial.rename(folder)
+                else:
+                    shutil.rmtree(partial, ignore_errors=True)
         engine = self.engine_factory(folder)
         await engine.start()
         loaded = LoadedVersion(model, version, engine, dt.datetime.now(dt.UTC))

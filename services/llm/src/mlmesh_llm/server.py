@@ -49,7 +49,7 @@ def engine_factory(settings: LlmSettings):  # type: ignore[no-untyped-def]
         return make_vllm
     from mlmesh_llm.engines.null import NullEngine
 
-    return lambda folder: NullEngine()
+    return lambda folder: NullEngine(token_seconds=settings.null_token_seconds)
 
 
 async def build_server(settings: LlmSettings) -> ServiceHost:

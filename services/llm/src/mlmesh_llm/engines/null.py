@@ -2,7 +2,10 @@
 
 It exists to measure the service itself (gRPC streaming, the interceptor,
 the servicer), not a model: bench/llm_streaming.py uses it. Tokens are
-whitespace-separated words; each Delta carries one token.
+whitespace-separated words; each Delta carries one token. With
+``token_seconds`` it keeps a model's pace (each stream waits that long per
+token, streams overlapping as in continuous batching): the gateway's routing
+tests use it so that a replica's speed is visible without its CPU cost.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class WordTokenizer:
 class NullEngine:
     name = "null"
 
-    def __init__(self, context_length: int = 4096) -> None:
+    def __init__(self, context_length: int = 4096, token_seconds: float = 0.0) -> None:
+        self.token_seconds = token_seconds
         self.tokenizer = WordTokenizer()
         self.info = ModelInfo(context_length=context_length, chat=True, image_input=False)
         self._running = 0
@@ -64,6 +68,8 @@ class NullEngine:
                     delta.completion_tokens = total
                     delta.first_token_seconds = 0.0
                     delta.per_token_seconds = (time.monotonic() - start) / max(total, 1)
+                if self.token_seconds:
+                    await asyncio.sleep(self.token_seconds)
                 yield delta
                 if i % 16 == 15:
                     await asyncio.sleep(0)  # let other streams run
