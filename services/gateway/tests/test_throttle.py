@@ -57,6 +57,41 @@ async def test_requests_and_concurrent_streams(throttle):
     assert not over.admitted and over.violated == "requests_per_minute"
 
 
+async def test_unary_calls_count_requests_but_are_not_streams(throttle):
+    limits = Limits(requests_per_minute=3, max_concurrent_streams=1, tokens_per_minute=10)
+    assert (await throttle.admit("key:u", "stream", 10, limits)).admitted
+    # A stream holds the one slot and every token; unary calls still pass,
+    # reserve nothing and are never settled.
+    assert (await throttle.admit("key:u", "u1", 0, limits, stream=False)).admitted
+    assert (await throttle.admit("key:u", "u2", 0, limits, stream=False)).admitted
+    over = await throttle.admit("key:u", "u3", 0, limits, stream=False)
+    assert not over.admitted and over.violated == "requests_per_minute"
+    assert await throttle.local.used("key:u") == 10
+    if throttle.redis is not None:
+        assert await throttle.redis.used("key:u") == 10
+        streams = await throttle.redis._redis.zrange(RedisThrottle._keys("key:u")[3], 0, -1)
+        assert streams == [b"stream"]
+
+
+async def test_the_fallback_starts_from_what_this_replica_admitted_through_redis(redis_server):
+    url, stop, start = redis_server
+    throttle = Throttle(url, replicas=2, redis_timeout_s=5.0)
+    await throttle.redis._redis.flushall()
+    limits = Limits(tokens_per_minute=1000)
+    try:
+        for i in range(4):  # 400 tokens through Redis: 100 under this replica's share
+            assert (await throttle.admit("key:f", f"r{i}", 100, limits)).backend == "redis"
+        await throttle.settle("key:f", "r0", 50)  # settles reach the copy too
+        stop()
+        decisions = [await throttle.admit("key:f", f"o{i}", 100, limits) for i in range(4)]
+        assert {d.backend for d in decisions} == {"local"}
+        # 350 of this replica's 500 were used before Redis went away.
+        assert sum(d.admitted for d in decisions) == 1
+    finally:
+        start()
+        await throttle.close()
+
+
 async def test_replicas_share_one_budget_through_redis(redis_server):
     url, _stop, _start = redis_server
     # A generous timeout: this test is about sharing one budget, not about a

@@ -360,7 +360,6 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                     )
                 )
             )
-            await self.throttle.settle(f"key:{key.id}", request_id, 0)
         return rpc.InferResponse(
             model=model_reference_pb2.ModelReference(
                 model=model, version=int(result.model_version or 0)
@@ -498,10 +497,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request_id = uuid.uuid4().hex
         await self._admit_unary(key, request_id)
         texts = np.array([[text] for text in request.texts], dtype=object)
-        try:
-            result = await self._triton().infer(model, {"text": texts}, request_id=request_id)
-        finally:
-            await self.throttle.settle(f"key:{key.id}", request_id, 0)
+        result = await self._triton().infer(model, {"text": texts}, request_id=request_id)
         vectors = next(iter(result.outputs.values()))
         if request.normalize:
             vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
@@ -524,7 +520,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
 
     async def _admit_unary(self, key: pb.Key, request_id: str) -> None:
-        decision = await self.throttle.admit(f"key:{key.id}", request_id, 0, limits_of(key))
+        decision = await self.throttle.admit(
+            f"key:{key.id}", request_id, 0, limits_of(key), stream=False
+        )
         if not decision.admitted:
             raise over_limit(key, decision)
 

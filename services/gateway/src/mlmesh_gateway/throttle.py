@@ -13,7 +13,16 @@ Lua script, one round trip per decision, shared by every gateway replica).
 Redis unreachable: the stated policy is to fall back to in-process limits
 divided by the number of replicas, and to try Redis again after a second;
 never to fail open and never to hang (socket timeouts are short: 0.5 s by
-default).
+default). Each replica also keeps, in process, what it admitted through
+Redis in the last minute, so its fallback window starts from its own recent
+usage rather than from zero: with the replicas' shares even, the three
+together stay within the limit across the switch. (A Redis that comes back
+empty has forgotten the minute before: that minute can admit up to twice
+the limit.)
+
+Unary calls (Infer, Embed) are not streams: they count against requests per
+minute only, reserve no tokens and need no settle, so a decision for them is
+one round trip and nothing after.
 """
 
 from __future__ import annotations
@@ -77,11 +86,17 @@ class LocalThrottle:
             requests.popleft()
         return window
 
-    async def admit(self, subject: str, request_id: str, tokens: int, limits: Limits) -> Decision:
+    async def admit(
+        self, subject: str, request_id: str, tokens: int, limits: Limits, stream: bool = True
+    ) -> Decision:
         now = time.monotonic()
         window = self._expire(subject, now)
         streams = self._streams.setdefault(subject, set())
-        if limits.max_concurrent_streams and len(streams) >= limits.max_concurrent_streams:
+        if (
+            stream
+            and limits.max_concurrent_streams
+            and len(streams) >= limits.max_concurrent_streams
+        ):
             return Decision(False, 1.0, "concurrent_streams", self.name)
         requests = self._requests[subject]
         if limits.requests_per_minute and len(requests) + 1 > limits.requests_per_minute:
@@ -99,16 +114,34 @@ class LocalThrottle:
                         retry = stamp + self.window_s - now
                         break
                 return Decision(False, max(retry, 0.01), "tokens_per_minute", self.name)
+        self._reserve(subject, window, request_id, tokens, now, stream)
+        return Decision(True, backend=self.name)
+
+    def record(self, subject: str, request_id: str, tokens: int, stream: bool = True) -> None:
+        """Counts a request another backend admitted (Redis), unchecked."""
+        now = time.monotonic()
+        self._reserve(subject, self._expire(subject, now), request_id, tokens, now, stream)
+
+    def _reserve(
+        self,
+        subject: str,
+        window: collections.OrderedDict[str, tuple[float, int]],
+        request_id: str,
+        tokens: int,
+        now: float,
+        stream: bool,
+    ) -> None:
         # A re-admitted id replaces its reservation (as in Redis), so the
         # running total stays the sum of the window.
         previous = window.pop(request_id, None)
         if previous is not None:
             self._totals[subject] -= previous[1]
-        window[request_id] = (now, tokens)
-        self._totals[subject] += tokens
-        requests.append(now)
-        streams.add(request_id)
-        return Decision(True, backend=self.name)
+        if tokens:
+            window[request_id] = (now, tokens)
+            self._totals[subject] += tokens
+        self._requests[subject].append(now)
+        if stream:
+            self._streams.setdefault(subject, set()).add(request_id)
 
     async def settle(self, subject: str, request_id: str, actual: int) -> None:
         """Sets the request's tokens to what it used, and ends its stream."""
@@ -167,7 +200,7 @@ elseif total ~= tonumber(stored) then
 end
 redis.call('ZREMRANGEBYSCORE', rz, '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', sz, '-inf', now)
-if streams > 0 and redis.call('ZCARD', sz) >= streams then
+if streams > 0 and lease >= 0 and redis.call('ZCARD', sz) >= streams then
   return {0, 1000, 'concurrent_streams'}
 end
 if rpm > 0 and redis.call('ZCARD', rz) + 1 > rpm then
@@ -197,13 +230,15 @@ if tpm > 0 then
     return {0, math.max(retry, 10), 'tokens_per_minute'}
   end
 end
-local previous = tonumber(redis.call('HGET', th, id) or '0')
-redis.call('ZADD', tz, now, id)
-redis.call('HSET', th, id, tokens)
-redis.call('INCRBY', tt, string.format('%d', tokens - previous))
+if tokens > 0 then
+  local previous = tonumber(redis.call('HGET', th, id) or '0')
+  redis.call('ZADD', tz, now, id)
+  redis.call('HSET', th, id, tokens)
+  redis.call('INCRBY', tt, string.format('%d', tokens - previous))
+end
 redis.call('ZADD', rz, now, id)
-redis.call('ZADD', sz, now + lease, id)
-for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, window * 2 + lease) end
+if lease >= 0 then redis.call('ZADD', sz, now + lease, id) end
+for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, window * 2 + math.max(lease, 0)) end
 return {1, 0, ''}
 """
 _SETTLE = """
@@ -256,7 +291,9 @@ class RedisThrottle:
         # Cluster slot. tt: the running total of the tokens in th.
         return [f"mlmesh:throttle:{{{subject}}}:{part}" for part in ("tz", "th", "rz", "sz", "tt")]
 
-    async def admit(self, subject: str, request_id: str, tokens: int, limits: Limits) -> Decision:
+    async def admit(
+        self, subject: str, request_id: str, tokens: int, limits: Limits, stream: bool = True
+    ) -> Decision:
         now_ms = int(time.time() * 1000)
         admitted, retry_ms, violated = await self._admit(
             keys=self._keys(subject),
@@ -268,7 +305,7 @@ class RedisThrottle:
                 limits.tokens_per_minute,
                 limits.requests_per_minute,
                 limits.max_concurrent_streams,
-                self.stream_lease_ms,
+                self.stream_lease_ms if stream else -1,  # -1: not a stream
             ],
         )
         violated = violated.decode() if isinstance(violated, bytes) else str(violated)
@@ -314,12 +351,19 @@ class Throttle:
         self._redis_down_until = 0.0
         self._where: dict[str, Any] = {}  # request id -> backend that admitted it
 
-    async def admit(self, subject: str, request_id: str, tokens: int, limits: Limits) -> Decision:
+    async def admit(
+        self, subject: str, request_id: str, tokens: int, limits: Limits, stream: bool = True
+    ) -> Decision:
+        """``stream``: a Generate stream, to be settled; False: a unary call
+        (requests per minute only; no settle needed)."""
         if self.redis is not None and time.monotonic() >= self._redis_down_until:
             try:
-                decision = await self.redis.admit(subject, request_id, tokens, limits)
+                decision = await self.redis.admit(subject, request_id, tokens, limits, stream)
                 if decision.admitted:
-                    self._where[request_id] = self.redis
+                    # Kept in process too: the outage fallback starts from it.
+                    self.local.record(subject, request_id, tokens, stream)
+                    if stream:
+                        self._where[request_id] = self.redis
                 return decision
             except Exception as error:  # connection refused, timeout: the policy below
                 self._redis_down_until = time.monotonic() + self.retry_redis_s
@@ -327,8 +371,8 @@ class Throttle:
                     "Redis unreachable (%s); local limits / %d replicas", error, self.replicas
                 )
         scaled = limits.scaled(self.replicas) if self.redis is not None else limits
-        decision = await self.local.admit(subject, request_id, tokens, scaled)
-        if decision.admitted:
+        decision = await self.local.admit(subject, request_id, tokens, scaled, stream)
+        if decision.admitted and stream:
             self._where[request_id] = self.local
         return decision
 
@@ -336,6 +380,8 @@ class Throttle:
         backend = self._where.pop(request_id, None)
         if backend is None:
             return
+        if backend is not self.local:
+            await self.local.settle(subject, request_id, actual)  # the in-process copy
         try:
             await asyncio.wait_for(backend.settle(subject, request_id, actual), 1.0)
         except Exception as error:  # the reservation expires with its window
