@@ -8,7 +8,7 @@ port in the same run, and the gateway process's CPU per chunk and per request.
 Starts its own mesh (registry + llm + gateway + Envoy) with
 MLMESH_LLM_ENGINE=null (checked through GetModel), whose engine "generates"
 instantly, one token per chunk, so what is measured is the relay: Envoy
-(ext_authz Check to the gateway, then the route), the gateway (key check,
+(the route; GatewayService skips ext_authz), the gateway (key check,
 CountTokens round trip to the llm, throttle admit/settle, the relay of every
 chunk, the usage ledger write) and the llm service, against the llm service
 alone. The key goes as `authorization: Bearer ...` metadata on each gateway
