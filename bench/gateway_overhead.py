@@ -11,7 +11,8 @@ deployer serves digits@champion on Triton, the llm service tiny-llama@champion)
 in a temporary state directory. The gateway path is the whole production
 path: Envoy's route (GatewayService routes skip ext_authz: the gateway checks
 keys itself), the gateway's key check, throttle admit (settle for streams;
-in-process, or Redis database 15 with --redis: flushed before and after, and checked to hold the throttle's keys afterwards), the
+in-process, or Redis database 15 with --redis: flushed before and after,
+and checked to hold the throttle's keys afterwards), the
 usage ledger write (SQLite), and for Generate the CountTokens round trip to
 the llm service before the stream. "direct" is the same backend call without
 any of that: Infer with mlmesh_inference.triton.TritonClient (the client the
