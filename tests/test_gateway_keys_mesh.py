@@ -11,10 +11,11 @@ import pytest
 from google.protobuf import duration_pb2
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh.gateway.v1 import gateway_service_pb2 as gateway_rpc
+from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc
 from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
-from mlmesh.gateway.v1 import key_service_pb2_grpc
+from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
-from mlmesh.llm.v1 import llm_service_pb2_grpc
 from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_chassis.testing import expect_error
@@ -80,7 +81,7 @@ async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
             llm.CountTokens(llm_rpc.CountTokensRequest(model=MODEL, text="hi")), DENIED
         )
         assert details.error_info.reason == "PERMISSION_DENIED"
-        assert details.error_info.metadata["service"] == "GENERATE"
+        assert details.error_info.metadata["service"] == "ADMIN"
         keys = key_service_pb2_grpc.KeyServiceStub(channel)
         await expect_error(keys.ListKeys(keys_rpc.ListKeysRequest()), DENIED)
     # a key created with no services gets the model-serving ones
@@ -91,8 +92,21 @@ async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
         pb.PLATFORM_SERVICE_EMBED,
     }
     async with mesh_channel(full_mesh.address, secret) as channel:
+        # Models are served only through the gateway: the llm service's own
+        # route (the gateway's backend, no limits, no usage) is for admins.
         llm = llm_service_pb2_grpc.LlmServiceStub(channel)
-        await llm.CountTokens(llm_rpc.CountTokensRequest(model=MODEL, text="hi"))
+        details = await expect_error(
+            llm.CountTokens(llm_rpc.CountTokensRequest(model=MODEL, text="hi")), DENIED
+        )
+        assert details.error_info.metadata["service"] == "ADMIN"
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        request = gateway_rpc.GenerateRequest(
+            request=llm_rpc.GenerateRequest(
+                model=MODEL, text="hi", sampling=llm_pb2.SamplingParams(max_tokens=2)
+            )
+        )
+        chunks = [chunk async for chunk in gateway.Generate(request)]
+        assert sum(chunk.response.token_count for chunk in chunks) == 2
 
 
 async def test_a_revoked_key_stops_working_within_one_second(admin, full_mesh):

@@ -35,7 +35,9 @@ ROUTE_SCOPES: list[tuple[str, int | None]] = [
     ("/mlmesh.gateway.v1.GatewayService/ListModels", _ANY_KEY),
     ("/mlmesh.gateway.v1.KeyService/", pb.PLATFORM_SERVICE_ADMIN),
     ("/mlmesh.gateway.v1.UsageService/", pb.PLATFORM_SERVICE_ADMIN),
-    ("/mlmesh.llm.v1.LlmService/", pb.PLATFORM_SERVICE_GENERATE),
+    # The llm service is the gateway's backend: callers generate through
+    # GatewayService (limits, usage); straight to it is for operators only.
+    ("/mlmesh.llm.v1.LlmService/", pb.PLATFORM_SERVICE_ADMIN),
     ("/mlmesh.registry.v1.RegistryService/", pb.PLATFORM_SERVICE_REGISTRY),
     ("/mlmesh.deployer.", pb.PLATFORM_SERVICE_ADMIN),
     ("/mlmesh.features.", pb.PLATFORM_SERVICE_FEATURES),
