@@ -72,3 +72,38 @@ def stop_mesh(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# ---- the gateway's API, as the mesh tests call it --------------------------------
+
+
+def generate_request(
+    text: str = "The gateway serves", region: str = "local", request_id: str = "", **sampling
+):
+    """A GatewayService/Generate request for tiny-llama@champion."""
+    from mlmesh.common.v1 import model_reference_pb2
+    from mlmesh.gateway.v1 import gateway_service_pb2
+    from mlmesh.llm.v1 import llm_pb2, llm_service_pb2
+
+    return gateway_service_pb2.GenerateRequest(
+        region=region,
+        request=llm_service_pb2.GenerateRequest(
+            model=model_reference_pb2.ModelReference(model="tiny-llama", alias="champion"),
+            text=text,
+            request_id=request_id,
+            sampling=llm_pb2.SamplingParams(**sampling),
+        ),
+    )
+
+
+async def usage_buckets(usage, key_id: str) -> list:
+    """A key's usage buckets over the last hour, from a UsageService stub."""
+    import datetime as dt
+
+    from mlmesh.gateway.v1 import usage_service_pb2
+
+    now = dt.datetime.now(dt.UTC)
+    request = usage_service_pb2.GetUsageRequest(key_ids=[key_id])
+    request.start_time.FromDatetime(now - dt.timedelta(hours=1))
+    request.end_time.FromDatetime(now + dt.timedelta(minutes=1))
+    return list((await usage.GetUsage(request)).buckets)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sqlite3
 import time
 import uuid
@@ -11,6 +10,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from meshkit import generate_request, usage_buckets
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2 as deployer_rpc
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
@@ -18,8 +18,6 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc, usage_service_pb2_grpc
 from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
-from mlmesh.gateway.v1 import usage_service_pb2 as usage_rpc
-from mlmesh.llm.v1 import llm_pb2
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh.registry.v1 import model_pb2
 from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
@@ -57,22 +55,12 @@ async def new_key(admin, **fields) -> str:
     return reply.secret
 
 
-def generate(text: str = "The gateway serves", request_id: str = "", **sampling):
-    return rpc.GenerateRequest(
-        region="local",
-        request=llm_rpc.GenerateRequest(
-            model=LLM, text=text, request_id=request_id, sampling=llm_pb2.SamplingParams(**sampling)
-        ),
-    )
+generate = generate_request
 
 
 async def usage_of(admin, key_id: str) -> list[pb.UsageBucket]:
     _, usage = admin
-    now = dt.datetime.now(dt.UTC)
-    request = usage_rpc.GetUsageRequest(key_ids=[key_id])
-    request.start_time.FromDatetime(now - dt.timedelta(hours=1))
-    request.end_time.FromDatetime(now + dt.timedelta(minutes=1))
-    return list((await usage.GetUsage(request)).buckets)
+    return await usage_buckets(usage, key_id)
 
 
 async def test_generate_relays_the_stream_and_records_usage_once(admin, full_mesh):

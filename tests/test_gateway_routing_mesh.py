@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import signal
@@ -22,15 +21,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from meshkit import MeshInfo, start_mesh, stop_mesh
-from mlmesh.common.v1 import model_reference_pb2
+from meshkit import MeshInfo, generate_request, start_mesh, stop_mesh, usage_buckets
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc, usage_service_pb2_grpc
 from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
-from mlmesh.gateway.v1 import usage_service_pb2 as usage_rpc
-from mlmesh.llm.v1 import llm_pb2
-from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_sdk.channel import mesh_channel
 
 pytestmark = pytest.mark.timeout(400)
@@ -99,17 +94,8 @@ def slowed_down(pid: int, factor: int = 10, period_s: float = 0.05) -> Iterator[
         os.kill(pid, signal.SIGCONT)
 
 
-def generate(
-    max_tokens: int, region: str = "west", text: str = "routing test"
-) -> rpc.GenerateRequest:
-    return rpc.GenerateRequest(
-        region=region,
-        request=llm_rpc.GenerateRequest(
-            model=model_reference_pb2.ModelReference(model="tiny-llama", alias="champion"),
-            text=text,
-            sampling=llm_pb2.SamplingParams(max_tokens=max_tokens),
-        ),
-    )
+def generate(max_tokens: int, region: str = "west") -> rpc.GenerateRequest:
+    return generate_request("routing test", region=region, max_tokens=max_tokens)
 
 
 async def served_by(gateway, request: rpc.GenerateRequest) -> tuple[str, str, int]:
@@ -205,11 +191,8 @@ async def test_a_replica_killed_mid_stream_bills_what_was_sent(routing_mesh, gat
     # Exactly what reached the client is billed, once.
     await asyncio.sleep(0.5)  # the ledger writes within 100 ms
     async with mesh_channel(routing_mesh.address, routing_mesh.api_key) as channel:
-        now = dt.datetime.now(dt.UTC)
-        request = usage_rpc.GetUsageRequest(key_ids=[created.key.id])
-        request.start_time.FromDatetime(now - dt.timedelta(hours=1))
-        request.end_time.FromDatetime(now + dt.timedelta(minutes=1))
-        buckets = (await usage_service_pb2_grpc.UsageServiceStub(channel).GetUsage(request)).buckets
+        usage = usage_service_pb2_grpc.UsageServiceStub(channel)
+        buckets = await usage_buckets(usage, created.key.id)
     assert sum(b.request_count for b in buckets) == 1
     assert sum(b.usage.completion_tokens for b in buckets) == received
     assert killed is not None

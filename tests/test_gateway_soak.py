@@ -5,20 +5,15 @@ stopped mid-run (the outage policy: each replica enforces limits / 3)."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 
 import grpc
 import pytest
-from meshkit import MeshInfo, start_mesh, stop_mesh
-from mlmesh.common.v1 import model_reference_pb2
+from meshkit import MeshInfo, generate_request, start_mesh, stop_mesh, usage_buckets
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc, usage_service_pb2_grpc
 from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
-from mlmesh.gateway.v1 import usage_service_pb2 as usage_rpc
-from mlmesh.llm.v1 import llm_pb2
-from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.testing import RedisServer
 from mlmesh_sdk.channel import mesh_channel
 
@@ -71,14 +66,7 @@ async def create_key(
 
 
 def generate(text: str, max_tokens: int = 100) -> rpc.GenerateRequest:
-    return rpc.GenerateRequest(
-        region="local",
-        request=llm_rpc.GenerateRequest(
-            model=model_reference_pb2.ModelReference(model="tiny-llama", alias="champion"),
-            text=text,
-            sampling=llm_pb2.SamplingParams(max_tokens=max_tokens),
-        ),
-    )
+    return generate_request(text, max_tokens=max_tokens)
 
 
 async def test_replicas_never_admit_more_than_the_limit(soak_mesh):
@@ -117,11 +105,7 @@ async def test_replicas_never_admit_more_than_the_limit(soak_mesh):
     await asyncio.sleep(0.5)  # every replica writes its usage events within 100 ms
     async with mesh_channel(soak_mesh.address, soak_mesh.api_key) as channel:
         usage = usage_service_pb2_grpc.UsageServiceStub(channel)
-        now = dt.datetime.now(dt.UTC)
-        request = usage_rpc.GetUsageRequest(key_ids=[created.key.id])
-        request.start_time.FromDatetime(now - dt.timedelta(hours=1))
-        request.end_time.FromDatetime(now + dt.timedelta(minutes=1))
-        buckets = (await usage.GetUsage(request)).buckets
+        buckets = await usage_buckets(usage, created.key.id)
     ledger_completion = sum(b.usage.completion_tokens for b in buckets)
     ledger_total = sum(b.usage.prompt_tokens + b.usage.completion_tokens for b in buckets)
     assert ledger_completion == streamed  # every streamed token billed, once
