@@ -227,6 +227,7 @@ class Mesh:
         return ready
 
     def describe(self) -> dict[str, Any]:
+        context = self.context()
         return {
             "address": self.address,
             "admin": self.admin_address,
@@ -234,7 +235,7 @@ class Mesh:
                 name: {
                     **child.ports,
                     "log": str(child.log_path),
-                    "region": self.context().region(name),
+                    "region": context.region(name),
                 }
                 for name, child in self.children.items()
             },
