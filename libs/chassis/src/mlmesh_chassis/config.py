@@ -41,6 +41,15 @@ class ServiceSettings(BaseSettings):
     # OpenTelemetry: "" (spans kept in-process only), "console", or an OTLP
     # gRPC endpoint such as http://127.0.0.1:4317.
     otel_exporter: str = ""
+    # Callers' keys (mlmesh_chassis.auth): the gateway's KeyDirectoryService,
+    # as host:port or as the path of its port file (read at each reconnect).
+    keys_target: str = ""
+    keys_target_file: Path | None = None
+    # This service's own key (a file holding the secret; replace it to rotate).
+    service_key_file: Path | None = None
+    # Bootstrap keys (WatchKeysResponse JSON: the operator's service and admin
+    # keys), trusted until the first snapshot from the key directory.
+    bootstrap_keys_file: Path | None = None
 
     @classmethod
     def settings_customise_sources(

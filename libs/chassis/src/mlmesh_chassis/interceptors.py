@@ -1,9 +1,16 @@
 """Server and client interceptors: the cross-cutting work of every call.
 
-The server side does, in one wrapper per call: request id (from
-``x-request-id`` or new), W3C trace context extraction and a server span,
-the call's deadline into a contextvar, metrics, an access log line for
+The server side does, in one wrapper per call: the caller's key check
+(``mlmesh_chassis.auth``: every RPC but health and reflection), request id
+(from ``x-request-id`` or new), W3C trace context extraction and a server
+span, the call's deadline into a contextvar, metrics, an access log line for
 failures, and the single mapping of domain errors to google.rpc.Status.
+Requests that do not decode (invalid protobuf bytes) get INVALID_ARGUMENT.
+
+Each call runs in a task of its own, with its own copy of the context, so
+the contextvars set here are never reset: a stream's generator may be
+finalised from another context (a client that went away), where resetting
+would fail.
 
 The client side injects trace context and the request id, and shrinks each
 outgoing call's timeout to what is left of the current call's deadline.
@@ -18,10 +25,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mlmesh_chassis import metrics
+from mlmesh_chassis.auth import (
+    CallerCheck,
+    LiveCall,
+    Principal,
+    principal_var,
+    service_identity,
+)
 from mlmesh_chassis.context import (
     REQUEST_ID_HEADER,
     deadline_var,
@@ -29,7 +44,7 @@ from mlmesh_chassis.context import (
     remaining_time,
     request_id_var,
 )
-from mlmesh_chassis.errors import MlmeshError, Reason, to_status
+from mlmesh_chassis.errors import InvalidArgument, MlmeshError, Reason, Unauthenticated, to_status
 
 log = logging.getLogger("mlmesh.rpc")
 _tracer = trace.get_tracer("mlmesh.chassis")
@@ -38,7 +53,7 @@ _tracer = trace.get_tracer("mlmesh.chassis")
 class _CallScope:
     """Everything set up for one served call, and its teardown."""
 
-    __slots__ = ("code", "method", "service", "span", "start", "tokens")
+    __slots__ = ("code", "live", "method", "service", "span", "start")
 
     def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
         self.service = service
@@ -61,12 +76,27 @@ class _CallScope:
                 "mlmesh.request_id": request_id,
             },
         )
-        self.tokens = (
-            request_id_var.set(request_id),
-            deadline_var.set(deadline),
-            trace.context_api.attach(trace.set_span_in_context(self.span)),
-        )
+        request_id_var.set(request_id)
+        deadline_var.set(deadline)
+        trace.context_api.attach(trace.set_span_in_context(self.span))
+        self.live: LiveCall | None = None
         metrics.RPC_IN_FLIGHT.labels(service).inc()
+
+    def authenticate(
+        self, callers: CallerCheck | None, context: grpc.aio.ServicerContext, stream: bool
+    ) -> None:
+        """Verifies the caller (raises a domain error); streams are followed
+        so that a key revoked mid-stream ends them."""
+        if callers is None:
+            return
+        principal: Principal = callers.check(self.method, context)
+        principal_var.set(principal)
+        self.span.set_attribute("mlmesh.key_id", principal.key_id)
+        if stream:
+            self.live = callers.live.add(principal)
+
+    def ended_because(self) -> str | None:
+        return self.live.ended_because if self.live is not None else None
 
     async def fail(
         self, error: BaseException, context: grpc.aio.ServicerContext, domain: str
@@ -97,7 +127,9 @@ class _CallScope:
             log.info("%s failed: %s %s", self.method, mapped.code.name, mapped.message)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
-    def close(self, error: BaseException | None = None) -> None:
+    def close(self, callers: CallerCheck | None, error: BaseException | None = None) -> None:
+        if self.live is not None and callers is not None:
+            callers.live.discard(self.live)
         if isinstance(error, asyncio.CancelledError):
             self.code = grpc.StatusCode.CANCELLED
         elif isinstance(error, Exception) and self.code is grpc.StatusCode.OK:
@@ -111,18 +143,15 @@ class _CallScope:
         if self.code is not grpc.StatusCode.OK:
             self.span.set_status(Status(StatusCode.ERROR, self.code.name))
         self.span.end()
-        request_token, deadline_token, context_token = self.tokens
-        trace.context_api.detach(context_token)
-        deadline_var.reset(deadline_token)
-        request_id_var.reset(request_token)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """The chassis' one server interceptor (see the module docstring)."""
 
-    def __init__(self, service: str, error_domain: str) -> None:
+    def __init__(self, service: str, error_domain: str, callers: CallerCheck | None = None) -> None:
         self.service = service
         self.domain = error_domain
+        self.callers = callers
 
     async def intercept_service(
         self,
@@ -133,12 +162,79 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None or method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        return _wrap(handler, self.service, method, self.domain)
+        return _wrap(handler, self.service, method, self.domain, self.callers)
+
+
+class _Undecodable:
+    """What a request that failed to decode becomes (see ``_decoding``)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that turns bad bytes into ``_Undecodable`` instead of
+    raising inside grpc (which answers UNKNOWN and logs a traceback)."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as error:
+            return _Undecodable(error)
+
+    return decode
+
+
+def _undecodable() -> InvalidArgument:
+    return InvalidArgument.field("request", "the request is not a valid protobuf message")
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise _undecodable()
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
+async def _aborting(
+    scope: _CallScope,
+    error: BaseException,
+    context: grpc.aio.ServicerContext,
+    domain: str,
+) -> None:
+    """Maps what ended a call to a status (always raises)."""
+    ended = scope.ended_because()
+    if ended is not None and isinstance(error, asyncio.CancelledError | Exception):
+        # Its key stopped authenticating: LiveCalls cancelled the call's task.
+        await scope.fail(Unauthenticated(f"stream ended: {ended}"), context, domain)
+    if isinstance(error, grpc.aio.AbortError | asyncio.CancelledError) or not isinstance(
+        error, Exception
+    ):
+        raise error
+    await scope.fail(error, context, domain)
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, service: str, method: str, domain: str
+    handler: grpc.RpcMethodHandler,
+    service: str,
+    method: str,
+    domain: str,
+    callers: CallerCheck | None,
 ) -> grpc.RpcMethodHandler:
+    client_streams = bool(handler.stream_unary or handler.stream_stream)
+    decode = _decoding(handler.request_deserializer)
+
+    def request_of(request: Any) -> Any:
+        return _checked_stream(request) if client_streams else _checked(request)
+
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
@@ -146,17 +242,13 @@ def _wrap(
             scope = _CallScope(service, method, context)
             error: BaseException | None = None
             try:
-                return await inner(request, context)
-            except Exception as exc:  # mapped to a status below
+                scope.authenticate(callers, context, stream=client_streams)
+                return await inner(request_of(request), context)
+            except BaseException as exc:  # mapped to a status
                 error = exc
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                await scope.fail(exc, context, domain)
-            except BaseException as exc:
-                error = exc
-                raise
+                await _aborting(scope, exc, context, domain)
             finally:
-                scope.close(error)
+                scope.close(callers, error)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -165,7 +257,7 @@ def _wrap(
         )
         return factory(
             unary_response,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=decode,
             response_serializer=handler.response_serializer,
         )
 
@@ -177,18 +269,16 @@ def _wrap(
         scope = _CallScope(service, method, context)
         error: BaseException | None = None
         try:
-            async for response in inner_stream(request, context):
+            scope.authenticate(callers, context, stream=True)
+            async for response in inner_stream(request_of(request), context):
                 yield response
-        except Exception as exc:  # mapped to a status below
+                if scope.ended_because() is not None:
+                    raise asyncio.CancelledError
+        except BaseException as exc:  # mapped to a status
             error = exc
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await scope.fail(exc, context, domain)
-        except BaseException as exc:
-            error = exc
-            raise
+            await _aborting(scope, exc, context, domain)
         finally:
-            scope.close(error)
+            scope.close(callers, error)
 
     factory = (
         grpc.unary_stream_rpc_method_handler
@@ -197,23 +287,25 @@ def _wrap(
     )
     return factory(
         stream_response,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=decode,
         response_serializer=handler.response_serializer,
     )
 
 
 def propagation(timeout: float | None = None) -> tuple[list[tuple[str, str]], float | None]:
     """What a call to a peer carries from the call being served: trace
-    context and request id (as metadata) and the remaining deadline (as the
-    timeout, shortened from ``timeout``). The client interceptors add these
-    to every call; hot paths that skip the interceptors (they wrap every
-    streamed message) pass them explicitly: ``stub.M(req, metadata=m, timeout=t)``."""
+    context, request id and this service's own key (as metadata) and the
+    remaining deadline (as the timeout, shortened from ``timeout``). The
+    client interceptors add these to every call; hot paths that skip the
+    interceptors (they wrap every streamed message) pass them explicitly:
+    ``stub.M(req, metadata=m, timeout=t)``."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     metadata = list(carrier.items())
     request_id = request_id_var.get()
     if request_id:
         metadata.append((REQUEST_ID_HEADER, request_id))
+    metadata.extend(service_identity().metadata())
     left = remaining_time()
     if left is not None:
         timeout = left if timeout is None else min(timeout, left)
@@ -224,7 +316,8 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
     metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
     extra, timeout = propagation(details.timeout)
     for key, value in extra:
-        if key != REQUEST_ID_HEADER or key not in metadata:
+        # A caller's own request id or key (set on the call) wins.
+        if key not in (REQUEST_ID_HEADER, "authorization") or key not in metadata:
             metadata[key] = value
     return grpc.aio.ClientCallDetails(
         details.method, timeout, metadata, details.credentials, details.wait_for_ready

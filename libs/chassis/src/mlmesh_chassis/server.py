@@ -23,6 +23,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from mlmesh_chassis.auth import (
+    CallerCheck,
+    KeyView,
+    KeyWatcher,
+    ServiceIdentity,
+    port_file_target,
+    read_bootstrap_keys,
+    set_service_identity,
+)
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.contracts import all_services
 from mlmesh_chassis.interceptors import ServerInterceptor
@@ -73,14 +82,50 @@ class ServiceHost:
 Register = Callable[[grpc.aio.Server], Sequence[str]]
 
 
+def key_view_for(settings: ServiceSettings) -> tuple[KeyView, KeyWatcher | None]:
+    """The service's replica of the keys (seeded with the bootstrap keys) and
+    the watcher that keeps it current, from the settings."""
+    view = KeyView()
+    if settings.bootstrap_keys_file is not None:
+        view.seed(read_bootstrap_keys(settings.bootstrap_keys_file))
+    if settings.keys_target:
+        target = settings.keys_target
+        watcher = KeyWatcher(view, lambda: target, ServiceIdentity(settings.service_key_file))
+    elif settings.keys_target_file is not None:
+        watcher = KeyWatcher(
+            view,
+            port_file_target(settings.keys_target_file),
+            ServiceIdentity(settings.service_key_file),
+        )
+    else:
+        watcher = None
+        log.warning("no key directory configured: only bootstrap keys will authenticate")
+    return view, watcher
+
+
 async def start_service(
-    settings: ServiceSettings, register: Register, *, error_domain: str, serving: bool = True
+    settings: ServiceSettings,
+    register: Register,
+    *,
+    error_domain: str,
+    serving: bool = True,
+    key_view: KeyView | None = None,
 ) -> ServiceHost:
     """Builds, binds and starts a server; ``register`` adds servicers and
     returns their full service names. ``serving=False`` leaves health at
-    NOT_SERVING (for a service that must load something first)."""
+    NOT_SERVING (for a service that must load something first).
+
+    Every call but health and reflection is checked against ``key_view``
+    (default: one built from the settings and kept current from the
+    gateway's key directory)."""
+    set_service_identity(ServiceIdentity(settings.service_key_file))
+    watcher = None
+    if key_view is None:
+        key_view, watcher = key_view_for(settings)
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(settings.service_name, error_domain)],
+        interceptors=[
+            ServerInterceptor(settings.service_name, error_domain, CallerCheck(key_view))
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -110,6 +155,8 @@ async def start_service(
     )
     await server.start()
     host = ServiceHost(server, health, port, metrics_port, names, settings)
+    if watcher is not None:
+        host.background.append(asyncio.get_running_loop().create_task(watcher.run()))
     await host.set_serving(serving)
     if settings.port_file:
         tmp = settings.port_file.with_suffix(".tmp")
@@ -134,6 +181,8 @@ def bootstrap(settings: ServiceSettings) -> None:
     """Logging and tracing for a service process (call first in main)."""
     configure_logging(settings.service_name, settings.log_level)
     configure_tracing(settings.service_name, settings.otel_exporter)
+    # Calls to peers carry this service's own key from the start.
+    set_service_identity(ServiceIdentity(settings.service_key_file))
     log.info("starting", extra={"settings": settings.public_dict()})
 
 

@@ -67,9 +67,10 @@ class ServiceSpec:
     ready: Callable[[int], Awaitable[bool]] | None = None
     # Whether Envoy routes to it.
     routed: bool = True
-    # Its gRPC services that check API keys themselves (Envoy's external
-    # authorization is skipped on their routes).
-    authenticate_themselves: frozenset[str] = frozenset()
+    # The scopes of its own service key (PlatformService names without the
+    # PLATFORM_SERVICE_ prefix): what it calls on its peers. Every chassis
+    # service also follows the key directory.
+    key_scopes: tuple[str, ...] = ("KEY_DIRECTORY",)
 
 
 def _gateway_services() -> Sequence[descriptor.ServiceDescriptor]:
@@ -140,9 +141,9 @@ def _llm_services() -> Sequence[descriptor.ServiceDescriptor]:
     return [llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"]]
 
 
-# The service whose Envoy external authorization guards every route.
-AUTHZ_SERVICE = "gateway"
-ADMIN_KEY_FILE = "admin.key"
+# The service that owns the keys (KeyDirectoryService); every other chassis
+# service follows its directory.
+KEY_DIRECTORY_SERVICE = "gateway"
 
 CATALOG: list[ServiceSpec] = [
     ServiceSpec(
@@ -159,6 +160,7 @@ CATALOG: list[ServiceSpec] = [
         name="llm",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_llm"],
         services=_llm_services,
+        key_scopes=("KEY_DIRECTORY", "REGISTRY_READ"),
         env_prefix="MLMESH_LLM_",
         env=lambda ctx: {
             "MLMESH_LLM_REGISTRY_TARGET": ctx.address("registry"),
@@ -196,6 +198,7 @@ CATALOG: list[ServiceSpec] = [
         name="deployer",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_deployer"],
         services=_deployer_services,
+        key_scopes=("KEY_DIRECTORY", "REGISTRY_READ"),
         env_prefix="MLMESH_DEPLOYER_",
         env=lambda ctx: {
             "MLMESH_DEPLOYER_REGISTRY_TARGET": ctx.address("registry"),
@@ -217,17 +220,18 @@ CATALOG: list[ServiceSpec] = [
         ],
         start_timeout=300.0,
     ),
-    # Last: it routes to the services above, and guards every route (ext_authz).
+    # Last: it routes to the services above. Until it is up, services verify
+    # the bootstrap keys they were seeded with.
     ServiceSpec(
         name="gateway",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_gateway"],
         services=_gateway_services,
-        authenticate_themselves=frozenset({"mlmesh.gateway.v1.GatewayService"}),
+        # Its own key calls the llm replicas and reads the registry; it is
+        # the key directory itself.
+        key_scopes=("LLM", "REGISTRY_READ"),
         env_prefix="MLMESH_GATEWAY_",
         env=lambda ctx: {
             "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",
-            "MLMESH_GATEWAY_PEPPER_FILE": str(ctx.state / "gateway.pepper"),
-            "MLMESH_GATEWAY_ADMIN_KEY_FILE": str(ctx.state / ADMIN_KEY_FILE),
             **(
                 {"MLMESH_GATEWAY_REGISTRY_TARGET": ctx.address("registry")}
                 if "registry" in ctx.ports

@@ -60,7 +60,9 @@ def mesh_channel(
     target: str, api_key: str = "", options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.aio.Channel:
     """A channel through Envoy: trace context, request ids and the API key."""
-    interceptors = [*client_interceptors(), *(api_key_interceptors(api_key) if api_key else [])]
+    # The key first: the chassis' interceptors add this process's own service
+    # key only to calls that carry none.
+    interceptors = [*(api_key_interceptors(api_key) if api_key else []), *client_interceptors()]
     return grpc.aio.insecure_channel(
         target,
         interceptors=interceptors,

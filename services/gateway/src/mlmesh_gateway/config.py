@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 from mlmesh_chassis.config import ServiceSettings
@@ -15,17 +14,8 @@ class GatewaySettings(ServiceSettings):
 
     # Keys, usage: SQLite by default, PostgreSQL by setting.
     database_url: str = "sqlite+aiosqlite:///.mlmesh/gateway.db"
-    # The secret key of the keyed hash that stores API keys (HMAC-SHA256).
-    # Empty: read from (or created once in) pepper_file. Set it from a secret
-    # store in production; every replica needs the same one.
-    key_pepper: str = ""
-    pepper_file: Path = Path(".mlmesh/gateway.pepper")
-    # An admin key to make sure of at start (e.g. from a secret store). Empty:
-    # one is created on first start and its secret written to admin_key_file.
-    bootstrap_admin_key: str = ""
-    admin_key_file: Path = Path(".mlmesh/admin.key")
-    # How long a key check is cached: a revoked key stops working within this.
-    auth_cache_seconds: float = 0.5
+    # How often this replica reads key changes other replicas made.
+    key_poll_seconds: float = 0.25
 
     # Token throttling: in-process by default; a Redis URL when several
     # gateway replicas share limits (redis://host:6379/0). With Redis down,

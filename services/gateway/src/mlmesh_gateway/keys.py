@@ -1,34 +1,32 @@
-"""API keys: created, rotated and revoked centrally; stored only as keyed hashes.
+"""API keys: created, rotated and revoked here, by the gateway alone.
 
-A secret looks like ``mlm_<id>_<random>``. The store keeps
-HMAC-SHA256(pepper, secret) and looks keys up by id, comparing hashes in
-constant time. Rotation keeps the previous secret's hash valid until its
-grace period ends. Checks are cached for ``cache_seconds`` (default 0.5 s), so
-a revoked key stops working everywhere within that time plus one database read.
+Every service verifies keys itself from a replica (``mlmesh_chassis.auth``),
+fed by ``KeyDirectory``; this store is what that replica copies.
+
+A secret looks like ``mlm_<16 hex id>_<32 url-safe characters>``: 192 random
+bits, so the store keeps a plain SHA-256 of it (safe to replicate; nothing
+like a pepper has to be shared with the services that verify it). Every
+write gives the key the next revision (writes are serialized by the
+database), so replicas read just what changed since the revision they hold.
+A rotation keeps each earlier secret working until its own grace period
+ends: rotating twice never cuts the first secret's promised grace short.
 """
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
-import fnmatch
-import hashlib
-import hmac
+import json
 import re
 import secrets
-import time
 from typing import Any
 
 import sqlalchemy as sa
 from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
+from mlmesh_chassis.auth import secret_sha256
 from mlmesh_chassis.database import Database
-from mlmesh_chassis.errors import (
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-)
+from mlmesh_chassis.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 
 metadata = sa.MetaData()
 keys_table = sa.Table(
@@ -36,70 +34,95 @@ keys_table = sa.Table(
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("display_name", sa.String(255), nullable=False),
+    # SHA-256 (hex) of the current secret.
     sa.Column("secret_hash", sa.String(64), nullable=False),
-    sa.Column("previous_secret_hash", sa.String(64), nullable=True),
-    sa.Column("previous_secret_expire_time", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("body", sa.LargeBinary, nullable=False),
+    # Secrets in their rotation grace: JSON [[sha256 hex, expire ISO time], ...].
+    sa.Column("grace_secrets", sa.Text, nullable=True),
+    sa.Column("body", sa.LargeBinary, nullable=False),  # serialized Key (no secret)
     sa.Column("state", sa.Integer, nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
 )
-_SECRET = re.compile(r"^mlm_([0-9a-f]{16})_[A-Za-z0-9_-]{20,}$")
 DEFAULT_SERVICES = (
     pb.PLATFORM_SERVICE_GENERATE,
     pb.PLATFORM_SERVICE_INFER,
     pb.PLATFORM_SERVICE_EMBED,
 )
 MAX_GRACE = dt.timedelta(days=7)
+# Secrets of one key in their grace period at once (rotations in a row).
+MAX_GRACE_SECRETS = 8
+KEY_ID_LENGTH = 16
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+def new_secret(key_id: str) -> str:
+    return f"mlm_{key_id}_{secrets.token_urlsafe(24)}"
 
 
 class KeyStore:
-    def __init__(self, database: Database, pepper: bytes, cache_seconds: float = 0.5) -> None:
+    def __init__(self, database: Database) -> None:
         self.db = database
-        self._pepper = pepper
-        self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, pb.Key | Exception]] = {}
-
-    def hash(self, secret: str) -> str:
-        return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
 
     # ---- administration ----------------------------------------------------
 
-    async def create(self, key: pb.Key, secret: str | None = None) -> tuple[pb.Key, str]:
+    async def create(self, key: pb.Key) -> tuple[pb.Key, str]:
         _check_key(key)
-        key_id = secrets.token_hex(8)
-        secret = secret or f"mlm_{key_id}_{secrets.token_urlsafe(24)}"
-        match = _SECRET.match(secret)
-        if match is None:
-            raise InvalidArgument.field("secret", "not a well-formed mlmesh key")
-        key_id = match.group(1)
+        key_id = secrets.token_hex(KEY_ID_LENGTH // 2)
+        secret = new_secret(key_id)
         stored = pb.Key()
         stored.CopyFrom(key)
         stored.id = key_id
         stored.state = pb.KEY_STATE_ACTIVE
         stored.secret_prefix = f"mlm_{key_id}"
         stored.create_time.FromDatetime(_now())
+        stored.ClearField("revoke_time")
+        stored.ClearField("previous_secret_expire_time")
         if not stored.scopes.services:
             stored.scopes.services.extend(DEFAULT_SERVICES)
         async with self.db.write() as c:
-            await c.execute(
-                keys_table.insert().values(
-                    id=key_id,
-                    display_name=stored.display_name,
-                    secret_hash=self.hash(secret),
-                    body=stored.SerializeToString(),
-                    state=stored.state,
-                    create_time=_now(),
-                )
-            )
+            await self._insert(c, stored, secret_sha256(secret))
         return stored, secret
+
+    async def ensure(self, entry: kd.DirectoryKey) -> bool:
+        """Inserts a bootstrap key (an operator's service or admin key, by its
+        id and secret hash) unless a key with that id exists: a revoked one
+        stays revoked. True when inserted."""
+        if not KEY_ID.fullmatch(entry.key.id) or not SHA256_HEX.fullmatch(entry.secret_sha256):
+            raise InvalidArgument.field(
+                "key", "a bootstrap key needs a 16-hex-digit id and a SHA-256"
+            )
+        async with self.db.write() as c:
+            row = (
+                await c.execute(sa.select(keys_table.c.id).where(keys_table.c.id == entry.key.id))
+            ).first()
+            if row is not None:
+                return False
+            stored = pb.Key()
+            stored.CopyFrom(entry.key)
+            stored.state = pb.KEY_STATE_ACTIVE
+            stored.secret_prefix = f"mlm_{entry.key.id}"
+            stored.create_time.FromDatetime(_now())
+            await self._insert(c, stored, entry.secret_sha256)
+        return True
+
+    async def _insert(self, c: Any, key: pb.Key, digest: str) -> None:
+        await c.execute(
+            keys_table.insert().values(
+                id=key.id,
+                display_name=key.display_name,
+                secret_hash=digest,
+                grace_secrets=None,
+                body=key.SerializeToString(),
+                state=key.state,
+                create_time=_now(),
+                revision=await _next_revision(c),
+            )
+        )
 
     async def get(self, key_id: str) -> pb.Key:
         async with self.db.read() as c:
@@ -117,131 +140,111 @@ class KeyStore:
 
     async def revoke(self, key_id: str, reason: str) -> pb.Key:
         async with self.db.write() as c:
-            row = (await c.execute(sa.select(keys_table).where(keys_table.c.id == key_id))).first()
-            if row is None:
-                raise NotFound("key", key_id)
+            row = await _locked_row(c, key_id)
             key = _key(row)
             if key.state == pb.KEY_STATE_REVOKED:
                 return key
             key.state = pb.KEY_STATE_REVOKED
             key.revoke_time.FromDatetime(_now())
+            key.ClearField("previous_secret_expire_time")
             await c.execute(
                 keys_table.update()
                 .where(keys_table.c.id == key_id)
-                .values(state=key.state, body=key.SerializeToString(), previous_secret_hash=None)
+                .values(
+                    state=key.state,
+                    body=key.SerializeToString(),
+                    grace_secrets=None,
+                    revision=await _next_revision(c),
+                )
             )
-        self._cache.clear()
         return key
 
     async def rotate(self, key_id: str, grace: dt.timedelta) -> tuple[pb.Key, str]:
         if grace < dt.timedelta(0) or grace > MAX_GRACE:
             raise InvalidArgument.field("grace_period", "between 0 and 7 days")
-        secret = f"mlm_{key_id}_{secrets.token_urlsafe(24)}"
+        secret = new_secret(key_id)
         async with self.db.write() as c:
-            row = (await c.execute(sa.select(keys_table).where(keys_table.c.id == key_id))).first()
-            if row is None:
-                raise NotFound("key", key_id)
+            row = await _locked_row(c, key_id)
             key = _key(row)
             if key.state != pb.KEY_STATE_ACTIVE:
                 raise FailedPrecondition(f"key {key_id} is not active", key_id=key_id)
-            expires = _now() + grace
-            key.previous_secret_expire_time.FromDatetime(expires)
+            now = _now()
+            graced = [(sha, until) for sha, until in _grace(row) if until > now]
+            if grace > dt.timedelta(0):
+                graced.append((row.secret_hash, now + grace))
+                key.previous_secret_expire_time.FromDatetime(now + grace)
+            else:
+                key.ClearField("previous_secret_expire_time")
+            if len(graced) > MAX_GRACE_SECRETS:
+                raise FailedPrecondition(
+                    f"key {key_id} already has {MAX_GRACE_SECRETS} secrets in their grace "
+                    "period; rotate with a zero grace period or wait",
+                    key_id=key_id,
+                )
             await c.execute(
                 keys_table.update()
                 .where(keys_table.c.id == key_id)
                 .values(
-                    secret_hash=self.hash(secret),
-                    previous_secret_hash=row.secret_hash,
-                    previous_secret_expire_time=expires,
+                    secret_hash=secret_sha256(secret),
+                    grace_secrets=json.dumps([[sha, t.isoformat()] for sha, t in graced]),
                     body=key.SerializeToString(),
+                    revision=await _next_revision(c),
                 )
             )
-        self._cache.clear()
         return key, secret
 
-    # ---- checks ---------------------------------------------------------------
+    # ---- what services replicate ---------------------------------------------
 
-    async def authenticate_call(self, context: Any) -> pb.Key:
-        """The key in a gRPC call's `authorization: Bearer` metadata."""
-        header = dict(context.invocation_metadata() or ()).get("authorization", "")
-        return await self.authenticate(bearer(str(header)))
-
-    async def authenticate(self, secret: str) -> pb.Key:
-        """The active key ``secret`` belongs to; Unauthenticated otherwise."""
-        if not secret:
-            raise Unauthenticated("no API key: send `authorization: Bearer <key>`")
-        digest = self.hash(secret)
-        cached = self._cache.get(digest)
-        if cached and time.monotonic() - cached[0] < self.cache_seconds:
-            if isinstance(cached[1], Exception):
-                raise cached[1]
-            return cached[1]
-        try:
-            key = await self._authenticate(secret, digest)
-        except Unauthenticated as error:
-            self._cache[digest] = (time.monotonic(), error)
-            raise
-        self._cache[digest] = (time.monotonic(), key)
-        return key
-
-    async def _authenticate(self, secret: str, digest: str) -> pb.Key:
-        match = _SECRET.match(secret)
-        if match is None:
-            raise Unauthenticated("malformed API key")
+    async def changes_since(self, revision: int) -> tuple[builtins.list[kd.DirectoryKey], int]:
+        """Keys written after ``revision`` (all of them from 0), and the
+        newest revision among them (``revision`` when none)."""
+        stmt = (
+            sa.select(keys_table)
+            .where(keys_table.c.revision > revision)
+            .order_by(keys_table.c.revision)
+        )
         async with self.db.read() as c:
-            row = (
-                await c.execute(sa.select(keys_table).where(keys_table.c.id == match.group(1)))
-            ).first()
-        if row is None:
-            raise Unauthenticated("unknown API key")
-        current = hmac.compare_digest(digest, row.secret_hash)
-        previous = (
-            row.previous_secret_hash is not None
-            and hmac.compare_digest(digest, row.previous_secret_hash)
-            and row.previous_secret_expire_time is not None
-            and _now() < _aware(row.previous_secret_expire_time)
-        )
-        if not (current or previous):
-            raise Unauthenticated("unknown API key")
-        key = _key(row)
-        if key.state == pb.KEY_STATE_REVOKED:
-            raise Unauthenticated(f"API key {key.id} was revoked", key_id=key.id)
-        if key.HasField("expire_time") and _now() >= key.expire_time.ToDatetime(dt.UTC):
-            raise Unauthenticated(f"API key {key.id} expired", key_id=key.id)
-        return key
+            rows = (await c.execute(stmt)).all()
+        entries = [_entry(row) for row in rows]
+        return entries, max((e.revision for e in entries), default=revision)
 
 
-def bearer(value: str) -> str:
-    """The token of an `authorization: Bearer <token>` value ("" otherwise)."""
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+async def _next_revision(c: Any) -> int:
+    """The next revision, inside a write (writes are serialized)."""
+    latest = (await c.execute(sa.select(sa.func.max(keys_table.c.revision)))).scalar()
+    return int(latest or 0) + 1
 
 
-def authorize(key: pb.Key, service: int | None, model: str | None = None) -> None:
-    """PermissionDenied unless ``key`` may call ``service`` (None: any valid
-    key may) and, when given, ``model``."""
-    services = set(key.scopes.services)
-    if pb.PLATFORM_SERVICE_ADMIN in services:
-        return
-    if service is not None and service not in services:
-        name = pb.PlatformService.Name(service).removeprefix("PLATFORM_SERVICE_")
-        raise PermissionDenied(f"key {key.id} has no {name} scope", key_id=key.id, service=name)
-    patterns = list(key.scopes.model_patterns)
-    if model is not None and patterns and not any(fnmatch.fnmatchcase(model, p) for p in patterns):
-        raise PermissionDenied(
-            f"key {key.id} may not use model {model}", key_id=key.id, model=model
-        )
+async def _locked_row(c: Any, key_id: str) -> Any:
+    row = (await c.execute(sa.select(keys_table).where(keys_table.c.id == key_id))).first()
+    if row is None:
+        raise NotFound("key", key_id)
+    return row
+
+
+def _grace(row: Any) -> list[tuple[str, dt.datetime]]:
+    return [(sha, dt.datetime.fromisoformat(t)) for sha, t in json.loads(row.grace_secrets or "[]")]
 
 
 def _key(row: Any) -> pb.Key:
     return pb.Key.FromString(row.body)
 
 
+def _entry(row: Any) -> kd.DirectoryKey:
+    entry = kd.DirectoryKey(key=_key(row), secret_sha256=row.secret_hash, revision=row.revision)
+    for sha, until in _grace(row):
+        grace = entry.grace_secrets.add(secret_sha256=sha)
+        grace.expire_time.FromDatetime(until)
+    return entry
+
+
 def _check_key(key: pb.Key) -> None:
     violations = []
-    if not 1 <= len(key.display_name) <= 255:
-        violations.append(FieldViolation("key.display_name", "1 to 255 characters"))
-    for i, pattern in enumerate(key.scopes.model_patterns):
+    if not 1 <= len(key.display_name) <= 100:
+        violations.append(FieldViolation("key.display_name", "1 to 100 characters"))
+    if len(key.scopes.model_patterns) > 100:
+        violations.append(FieldViolation("key.scopes.model_patterns", "at most 100 patterns"))
+    for i, pattern in enumerate(key.scopes.model_patterns[:100]):
         if not 1 <= len(pattern) <= 128:
             violations.append(
                 FieldViolation(f"key.scopes.model_patterns[{i}]", "1 to 128 characters")

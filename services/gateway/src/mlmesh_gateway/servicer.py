@@ -16,6 +16,7 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
+from mlmesh_chassis.auth import authorize, current_principal
 from mlmesh_chassis.errors import (
     InvalidArgument,
     MlmeshError,
@@ -31,7 +32,6 @@ from tritonclient.utils import triton_to_np_dtype
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.experiments import choose_arm, mirror
-from mlmesh_gateway.keys import KeyStore, authorize
 from mlmesh_gateway.ledger import UsageEvent, UsageLedger
 from mlmesh_gateway.telemetry import (
     BACKEND_PICKS,
@@ -76,7 +76,6 @@ def limits_of(key: pb.Key) -> Limits:
 class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     def __init__(
         self,
-        keys: KeyStore,
         throttle: Throttle,
         ledger: UsageLedger,
         llm: LatencyAwareBalancer,
@@ -86,7 +85,6 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         embedding_models: list[str],
         directory: ModelDirectory | None = None,
     ) -> None:
-        self.keys = keys
         self.throttle = throttle
         self.ledger = ledger
         self.llm = llm
@@ -99,7 +97,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self._background: set[asyncio.Task[None]] = set()
 
     async def _caller(self, context) -> pb.Key:  # type: ignore[no-untyped-def]
-        return await self.keys.authenticate_call(context)
+        """The caller's key, verified by the chassis."""
+        return current_principal().key
 
     # ---- Generate ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import grpc
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
+from mlmesh_chassis.auth import current_principal
 from mlmesh_chassis.errors import Aborted, DataLoss, InvalidArgument, NotFound, Reason
 
 from mlmesh_registry.artifacts import ArtifactStore
@@ -19,14 +20,11 @@ from mlmesh_registry.store import RegistryStore
 from mlmesh_registry.validation import SHA256, check_name, check_tags
 
 log = logging.getLogger("mlmesh.registry")
-ACTOR_HEADER = "x-mlmesh-actor"
 
 
 def _actor(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == ACTOR_HEADER:
-            return str(value)
-    return "anonymous"
+    """Who acts: the caller's verified key (never a header a caller sets)."""
+    return current_principal().actor
 
 
 class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
