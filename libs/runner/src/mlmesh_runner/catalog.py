@@ -67,9 +67,6 @@ class ServiceSpec:
     ready: Callable[[int], Awaitable[bool]] | None = None
     # Whether Envoy routes to it.
     routed: bool = True
-    # Its gRPC services that check API keys themselves (Envoy's external
-    # authorization is skipped on their routes).
-    authenticate_themselves: frozenset[str] = frozenset()
 
 
 def _gateway_services() -> Sequence[descriptor.ServiceDescriptor]:
@@ -140,8 +137,6 @@ def _llm_services() -> Sequence[descriptor.ServiceDescriptor]:
     return [llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"]]
 
 
-# The service whose Envoy external authorization guards every route.
-AUTHZ_SERVICE = "gateway"
 ADMIN_KEY_FILE = "admin.key"
 
 CATALOG: list[ServiceSpec] = [
@@ -217,12 +212,11 @@ CATALOG: list[ServiceSpec] = [
         ],
         start_timeout=300.0,
     ),
-    # Last: it routes to the services above, and guards every route (ext_authz).
+    # Last: it routes to the services above.
     ServiceSpec(
         name="gateway",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_gateway"],
         services=_gateway_services,
-        authenticate_themselves=frozenset({"mlmesh.gateway.v1.GatewayService"}),
         env_prefix="MLMESH_GATEWAY_",
         env=lambda ctx: {
             "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",

@@ -27,7 +27,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlmesh_runner.catalog import ADMIN_KEY_FILE, AUTHZ_SERVICE, CATALOG, RunContext, ServiceSpec
+from mlmesh_runner.catalog import ADMIN_KEY_FILE, CATALOG, RunContext, ServiceSpec
 from mlmesh_runner.envoy import Upstream, render
 
 log = logging.getLogger("mlmesh.runner")
@@ -319,15 +319,12 @@ class Mesh:
                 spec.name,
                 spec.services(),
                 [("127.0.0.1", self.children[i].ports["port"]) for i in self.instances(spec)],
-                spec.authenticate_themselves,
             )
             for spec in self.catalog
             if spec.routed
         ]
-        authz = AUTHZ_SERVICE if any(s.name == AUTHZ_SERVICE for s in self.catalog) else None
         config = render(
             upstreams,
-            authz_cluster=authz,
             listen_host=self.listen_host,
             listen_port=self.listen_port,
             admin_port=self.admin_port,
