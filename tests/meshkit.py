@@ -62,7 +62,10 @@ def start_mesh(
             process.kill()
             raise TimeoutError((state_dir / "runner.log").read_text())
         time.sleep(0.1)
-    return process, json.loads(ready.read_text())
+    described = json.loads(ready.read_text())
+    # The ready file names the admin key's file (0600); it holds no secret.
+    described["api_key"] = Path(described["admin_key_file"]).read_text().strip()
+    return process, described
 
 
 def stop_mesh(process: subprocess.Popen) -> None:

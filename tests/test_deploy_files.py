@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,3 +19,63 @@ def test_kserve_inference_service_uses_the_triton_runtime():
     assert model["protocolVersion"] == "v2"
     assert "--model-control-mode=explicit" in model["args"]
     assert model["storageUri"].startswith(("s3://", "gs://", "pvc://"))
+
+
+def network_policies() -> dict[str, dict]:
+    docs = yaml.safe_load_all((ROOT / "deploy/network/network-policies.yaml").read_text())
+    return {doc["metadata"]["name"]: doc for doc in docs}
+
+
+def test_network_policies_validate_against_the_kubernetes_schema():
+    validate = pytest.importorskip("kubernetes_validate")
+    for policy in network_policies().values():
+        validate.validate(policy, "1.37.0", strict=True)
+
+
+def test_only_the_gateway_and_deployer_reach_triton_and_only_over_grpc():
+    kserve = yaml.safe_load((ROOT / "deploy/kserve/triton-runtime.yaml").read_text())
+    (grpc_port,) = [p["containerPort"] for p in kserve["spec"]["predictor"]["model"]["ports"]]
+    policies = [
+        p
+        for p in network_policies().values()
+        if p["spec"]["podSelector"]["matchLabels"].get("serving.kserve.io/inferenceservice")
+        == kserve["metadata"]["name"]
+    ]
+    assert policies, "no NetworkPolicy selects the Triton predictor pods"
+    for policy in policies:
+        assert policy["metadata"]["namespace"] == kserve["metadata"]["namespace"]
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            # every rule names its peers (an absent `from` admits everyone) ...
+            peers = rule["from"]
+            assert {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in peers} <= {
+                "gateway",
+                "deployer",
+            }
+            assert all(set(p) == {"podSelector"} for p in peers)  # no ipBlock, no namespaces
+            # ... and admits gRPC only: HTTP (8080) and metrics (8002) stay closed
+            assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", grpc_port)]
+
+
+def test_envoy_admin_is_never_exposed():
+    envoy = yaml.safe_load((ROOT / "deploy/envoy/envoy.yaml").read_text())
+    admin_port = envoy["admin"]["address"]["socket_address"]["port_value"]
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    (listener,) = envoy["static_resources"]["listeners"]
+    listener_port = listener["address"]["socket_address"]["port_value"]
+    policy = next(
+        p
+        for p in network_policies().values()
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "envoy"
+    )
+    admitted = [(p["protocol"], p["port"]) for r in policy["spec"]["ingress"] for p in r["ports"]]
+    assert admitted == [("TCP", listener_port)]
+    # No manifest under deploy/ publishes the admin port (Service or container port).
+    for path in (ROOT / "deploy").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or path.name == "envoy.yaml":
+                continue
+            text = yaml.safe_dump(doc)
+            assert f"port: {admin_port}\n" not in text, path
+            assert f"containerPort: {admin_port}\n" not in text, path
+            assert f"targetPort: {admin_port}\n" not in text, path

@@ -1,13 +1,17 @@
-"""Envoy's configuration: valid for the real binary, retries only where safe."""
+"""Envoy's configuration: valid for the real binary, retries only where safe,
+hardened as an edge proxy, no external authorization."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from mlmesh.registry.v1 import registry_service_pb2
+from mlmesh_runner.catalog import CATALOG
 from mlmesh_runner.envoy import Upstream, read_only_methods, render
 from mlmesh_runner.render_envoy import deployment_config
 
@@ -25,17 +29,37 @@ def validate(config: dict, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def mesh_upstreams() -> list[Upstream]:
+    """Every routed service of the catalog, as the local runner renders them."""
+    return [
+        Upstream(spec.name, spec.services(), [("127.0.0.1", 50051 + n)])
+        for n, spec in enumerate(s for s in CATALOG if s.routed)
+    ]
+
+
+def connection_manager(config: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (manager,) = chain["filters"]
+    assert manager["name"] == "envoy.filters.network.http_connection_manager"
+    return manager["typed_config"]
+
+
+def routes_of(config: dict[str, Any]) -> list[dict[str, Any]]:
+    (host,) = connection_manager(config)["route_config"]["virtual_hosts"]
+    return host["routes"]
+
+
 def test_rendered_config_validates_with_and_without_tracing(tmp_path):
     upstreams = [Upstream("registry", [REGISTRY], [("127.0.0.1", 50051)])]
     validate(render(upstreams), tmp_path)
     validate(render(upstreams, otlp_endpoint=("127.0.0.1", 4317)), tmp_path)
+    validate(render(mesh_upstreams(), otlp_endpoint=("127.0.0.1", 4317)), tmp_path)
 
 
 def test_only_no_side_effects_methods_are_retried():
     config = render([Upstream("registry", [REGISTRY], [("127.0.0.1", 50051)])])
-    routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"
-    ]["route_config"]["virtual_hosts"][0]["routes"]
+    routes = routes_of(config)
     retried = {r["match"]["path"] for r in routes if "retry_policy" in r["route"]}
     assert retried == set(read_only_methods(REGISTRY))
     assert "/mlmesh.registry.v1.RegistryService/ResolveModelReference" in retried
@@ -56,24 +80,94 @@ def test_committed_deployment_config_is_current_and_valid(tmp_path):
     validate(yaml.safe_load(committed), tmp_path)
 
 
-def test_ext_authz_guards_every_route_but_the_self_authenticating_ones():
-    from mlmesh.gateway.v1 import gateway_service_pb2
+def test_no_external_authorization_anywhere():
+    """Services authenticate every call in process; Envoy only routes."""
+    for config in (render(mesh_upstreams()), yaml.safe_load(deployment_config())):
+        assert "ext_authz" not in json.dumps(config)
+        filters = [f["name"] for f in connection_manager(config)["http_filters"]]
+        assert filters == ["envoy.filters.http.router"]
+        assert all("typed_per_filter_config" not in r for r in routes_of(config))
+        clusters = {c["name"] for c in config["static_resources"]["clusters"]}
+        assert clusters == {s.name for s in CATALOG if s.routed}
 
-    gateway = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"]
-    config = render(
-        [
-            Upstream("registry", [REGISTRY], [("127.0.0.1", 1)]),
-            Upstream("gateway", [gateway], [("127.0.0.1", 2)], frozenset({gateway.full_name})),
-        ],
-        authz_cluster="gateway",
+
+def test_edge_proxy_hardening():
+    config = render(mesh_upstreams(), otlp_endpoint=("127.0.0.1", 4317))
+    overload = config["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] > 0
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] > 0
+    actions = {a["name"]: a["triggers"] for a in overload["actions"]}
+    for action in (
+        "envoy.overload_actions.shrink_heap",
+        "envoy.overload_actions.stop_accepting_requests",
+    ):
+        assert actions[action][0]["name"] == "envoy.resource_monitors.fixed_heap"
+    assert (
+        actions["envoy.overload_actions.shrink_heap"][0]["threshold"]["value"]
+        < actions["envoy.overload_actions.stop_accepting_requests"][0]["threshold"]["value"]
     )
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"
-    ]
-    assert manager["http_filters"][0]["name"] == "envoy.filters.http.ext_authz"
-    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
-    skipped = {r["name"] for r in routes if "typed_per_filter_config" in r}
-    assert skipped and all(
-        name.startswith(("/mlmesh.gateway.v1.GatewayService", "mlmesh.gateway.v1.GatewayService"))
-        for name in skipped
-    )
+
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["per_connection_buffer_limit_bytes"] == 32 * 1024
+    clusters = config["static_resources"]["clusters"]
+    assert {c["name"] for c in clusters} >= {"otel_collector", "registry", "llm", "gateway"}
+    for cluster in clusters:
+        assert cluster["per_connection_buffer_limit_bytes"] == 32 * 1024, cluster["name"]
+        (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+        assert thresholds["priority"] == "DEFAULT"
+        for limit in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
+            assert thresholds[limit] > 3, (cluster["name"], limit)
+        # Long streams each hold a request slot: more than Envoy's default 1024.
+        assert thresholds["max_requests"] > 1024
+
+    manager = connection_manager(config)
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 0
+    assert manager["normalize_path"] is True
+    assert manager["merge_slashes"] is True
+    assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    common = manager["common_http_protocol_options"]
+    assert common["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert common["idle_timeout"] == "3600s"
+    http2 = manager["http2_protocol_options"]
+    assert http2["max_concurrent_streams"] == 100
+    assert 64 * 1024 <= http2["initial_stream_window_size"] <= 1024 * 1024
+    assert http2["initial_stream_window_size"] <= http2["initial_connection_window_size"]
+    assert http2["initial_connection_window_size"] <= 4 * 1024 * 1024
+    assert manager["request_headers_timeout"] == "10s"
+    assert manager["stream_idle_timeout"] == "300s"
+    removed = manager["route_config"]["request_headers_to_remove"]
+    assert {"x-mlmesh-actor", "x-mlmesh-key-id"} <= set(removed)
+
+
+def test_long_streams_are_not_cut_by_envoy():
+    """Token streams, uploads and watches live as long as their client's deadline."""
+    config = render(mesh_upstreams())
+    manager = connection_manager(config)
+    assert manager["request_timeout"] == "0s"  # an upload takes as long as it takes
+    routes = routes_of(config)
+    for route in routes:
+        assert route["route"]["timeout"] == "0s", route["name"]
+        assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    by_name = {r["name"]: r["route"] for r in routes}
+    # A watch may be silent for hours: no idle timeout on it.
+    for method in ("WatchEvents", "DownloadModelVersion"):
+        assert by_name[f"/mlmesh.registry.v1.RegistryService/{method}"]["idle_timeout"] == "0s"
+    # Everything else keeps the connection manager's stream idle timeout.
+    assert "idle_timeout" not in by_name["mlmesh.llm.v1.LlmService"]
+    assert "idle_timeout" not in by_name["mlmesh.registry.v1.RegistryService"]
+
+
+def test_admin_on_loopback_and_local_listener_on_loopback():
+    local = render(mesh_upstreams())
+    deployed = yaml.safe_load(deployment_config())
+    for config in (local, deployed):
+        assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    (listener,) = local["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["address"] == "127.0.0.1"
+    # The deployment listens on its container's interfaces; admin stays loopback.
+    (listener,) = deployed["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
+    assert "must never be exposed" in deployment_config()

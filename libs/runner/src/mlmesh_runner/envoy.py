@@ -3,7 +3,14 @@
 One listener routes gRPC by service prefix to each service's cluster. Methods
 whose contract says `idempotency_level = NO_SIDE_EFFECTS` get their own route
 with a retry policy; nothing else is retried. Clusters have active gRPC
-health checks and outlier detection. Admin listens on loopback only.
+health checks, outlier detection and explicit circuit breakers. Admin listens
+on loopback only.
+
+Envoy authenticates nothing: every service checks the caller's key itself, in
+process. Envoy is hardened as an edge proxy after Envoy's "Configuring Envoy
+as an edge proxy" best practices (overload manager, buffer and HTTP/2 limits,
+header timeouts, path normalisation, untrusted client headers); the values
+are the module constants below, each with its reason.
 """
 
 from __future__ import annotations
@@ -23,9 +30,6 @@ class Upstream:
     cluster: str
     services: Sequence[descriptor.ServiceDescriptor]
     endpoints: Sequence[tuple[str, int]]
-    # Services that check API keys themselves: Envoy skips its external
-    # authorization call on their routes (one gRPC hop less per request).
-    authenticate_themselves: frozenset[str] = frozenset()
 
 
 def _is_ip(host: str) -> bool:
@@ -65,29 +69,78 @@ _RETRY = {
 }
 
 
-_SKIP_AUTHZ = {
-    "envoy.filters.http.ext_authz": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-        "disabled": True,
-    }
+# Edge-proxy limits. Buffers: 32 KiB per connection, so a slow or hostile
+# peer pins little memory; Envoy applies back-pressure (HTTP/2 flow control)
+# instead of buffering more.
+BUFFER_LIMIT_BYTES = 32 * 1024
+# Client-facing HTTP/2: at most 100 concurrent streams per connection (gRPC
+# channels queue beyond that); the windows bound what one stream (1 MiB) and
+# one connection (4 MiB) can make Envoy hold. Envoy's edge example uses
+# 64 KiB / 1 MiB; 64 KiB per round trip would cap a remote client's model
+# upload at ~1.3 MB/s on a 50 ms path, and uploads here were no faster
+# locally with it.
+DOWNSTREAM_HTTP2 = {
+    "max_concurrent_streams": 100,
+    "initial_stream_window_size": 1024 * 1024,
+    "initial_connection_window_size": 4 * 1024 * 1024,
 }
+# Envoy -> services: the mesh's own services, so larger windows keep 4 MiB
+# upload chunks and 1 MiB download chunks flowing without a stall per chunk.
+UPSTREAM_HTTP2 = {
+    "initial_stream_window_size": 4 * 1024 * 1024,
+    "initial_connection_window_size": 16 * 1024 * 1024,
+}
+# Per cluster, sized for a mesh rather than a single client: every watch,
+# token stream and upload holds one request slot for its whole life, so
+# max_requests is high enough that long streams never starve unary calls.
+CIRCUIT_BREAKERS = {
+    "thresholds": [
+        {
+            "priority": "DEFAULT",
+            "max_connections": 1024,
+            "max_pending_requests": 1024,
+            "max_requests": 10000,
+            # Retries in flight to the cluster (1% of max_requests): enough
+            # for a rolling restart (Envoy's default is 3), too few to pile
+            # onto a failing upstream.
+            "max_retries": 100,
+        }
+    ]
+}
+# Envoy's heap, as the overload manager sees it (Envoy runs in tens of MiB
+# here; the deployment's container memory limit must sit above this), and
+# all its client connections together.
+MAX_HEAP_BYTES = 1024**3
+MAX_DOWNSTREAM_CONNECTIONS = 10000
+# Headers that only a mesh component may set. Services do not trust them
+# (they authenticate every call in process); Envoy strips them from client
+# requests anyway, as defence in depth.
+UNTRUSTED_REQUEST_HEADERS = ["x-mlmesh-actor", "x-mlmesh-key-id"]
 
 
-def _routes(upstreams: Iterable[Upstream], authz: bool = False) -> list[dict[str, Any]]:
+def _silent_streams(service: descriptor.ServiceDescriptor) -> set[str]:
+    """Read-only server streams (watches, downloads): a watch may carry no
+    message for hours, so no idle timeout may cut it."""
+    return {
+        f"/{service.full_name}/{method.name}"
+        for method in service.methods
+        if method.server_streaming
+    } & set(read_only_methods(service))
+
+
+def _routes(upstreams: Iterable[Upstream]) -> list[dict[str, Any]]:
     # Client deadlines (grpc-timeout) govern; no fixed route timeout cuts streams.
     action = {"timeout": "0s", "max_stream_duration": {"grpc_timeout_header_max": "0s"}}
     routes: list[dict[str, Any]] = []
     for upstream in upstreams:
         for service in upstream.services:
-            first_route = len(routes)
+            silent = _silent_streams(service)
             for path in read_only_methods(service):
-                routes.append(
-                    {
-                        "name": path,
-                        "match": {"path": path, "grpc": {}},
-                        "route": {"cluster": upstream.cluster, **action, "retry_policy": _RETRY},
-                    }
-                )
+                route = {"cluster": upstream.cluster, **action, "retry_policy": _RETRY}
+                if path in silent:
+                    # Overrides the connection manager's stream_idle_timeout.
+                    route["idle_timeout"] = "0s"
+                routes.append({"name": path, "match": {"path": path, "grpc": {}}, "route": route})
             routes.append(
                 {
                     "name": service.full_name,
@@ -95,9 +148,6 @@ def _routes(upstreams: Iterable[Upstream], authz: bool = False) -> list[dict[str
                     "route": {"cluster": upstream.cluster, **action},
                 }
             )
-            if authz and service.full_name in upstream.authenticate_themselves:
-                for route in routes[first_route:]:
-                    route["typed_per_filter_config"] = _SKIP_AUTHZ
     # Every service's reflection describes the whole mesh's contracts, so the
     # first upstream answers grpcurl's reflection through Envoy.
     first = next(iter(upstreams), None)
@@ -124,16 +174,13 @@ def _cluster(upstream: Upstream) -> dict[str, Any]:
         "type": "STATIC" if all(_is_ip(h) for h, _ in upstream.endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
+        "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
+        "circuit_breakers": CIRCUIT_BREAKERS,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/"
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {
-                    "http2_protocol_options": {
-                        "initial_stream_window_size": 4 * 1024 * 1024,
-                        "initial_connection_window_size": 16 * 1024 * 1024,
-                    }
-                },
+                "explicit_http_config": {"http2_protocol_options": UPSTREAM_HTTP2},
             },
         },
         "load_assignment": {
@@ -172,30 +219,45 @@ def _cluster(upstream: Upstream) -> dict[str, Any]:
     }
 
 
-def _authz_filter(cluster: str | None) -> list[dict[str, Any]]:
-    """External authorization by the gateway on every route (keys, scopes)."""
-    if cluster is None:
-        return []
-    return [
+_HEAP = "envoy.resource_monitors.fixed_heap"
+_OVERLOAD_MANAGER = {
+    "refresh_interval": "0.25s",
+    "resource_monitors": [
         {
-            "name": "envoy.filters.http.ext_authz",
+            "name": _HEAP,
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "1s"},
-                # Fail closed: no answer from the gateway means no access.
-                "failure_mode_allow": False,
-                "status_on_error": {"code": "ServiceUnavailable"},
-                "include_peer_certificate": False,
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": MAX_HEAP_BYTES,
             },
-        }
-    ]
+        },
+        {
+            # Checked as each connection is accepted; over the limit, the
+            # connection is closed at once.
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                "downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+            },
+        },
+    ],
+    "actions": [
+        {
+            "name": "envoy.overload_actions.shrink_heap",
+            "triggers": [{"name": _HEAP, "threshold": {"value": 0.95}}],
+        },
+        {
+            "name": "envoy.overload_actions.stop_accepting_requests",
+            "triggers": [{"name": _HEAP, "threshold": {"value": 0.98}}],
+        },
+    ],
+}
 
 
 def render(
     upstreams: Sequence[Upstream],
     *,
-    authz_cluster: str | None = None,
     listen_host: str = "127.0.0.1",
     listen_port: int = 8080,
     admin_port: int = 9901,
@@ -231,24 +293,47 @@ def render(
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "generate_request_id": True,
-        "http2_protocol_options": {
-            "initial_stream_window_size": 4 * 1024 * 1024,
-            "initial_connection_window_size": 16 * 1024 * 1024,
+        # Request ids only correlate logs (nothing trusts them): keep a
+        # client's own, which use_remote_address would otherwise replace.
+        "preserve_external_request_id": True,
+        # The client's address is the peer's: no client-sent
+        # x-forwarded-for is trusted, and x-envoy-* headers from clients
+        # are dropped.
+        "use_remote_address": True,
+        "xff_num_trusted_hops": 0,
+        # One canonical path per method, so a route match cannot be dodged
+        # with /./, // or %2F spellings; gRPC paths never escape slashes, so
+        # such a request is rejected (a gRPC client follows no redirect).
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "common_http_protocol_options": {
+            "idle_timeout": "3600s",  # a connection with no stream for 1 h
+            # Services may treat '_' and '-' alike; a header with '_' could
+            # then pose as one Envoy removed.
+            "headers_with_underscores_action": "REJECT_REQUEST",
         },
+        "http2_protocol_options": DOWNSTREAM_HTTP2,
+        # A client has 10 s to send a request's headers (slowloris).
+        "request_headers_timeout": "10s",
+        # No whole-request timeout: an upload streams for as long as it takes.
+        "request_timeout": "0s",
+        # A stream with nothing sent either way for 5 min ends, except on
+        # routes that disable it (silent watches, see _routes).
         "stream_idle_timeout": "300s",
         "access_log": [access_log],
         "route_config": {
             "name": "mlmesh",
+            "request_headers_to_remove": UNTRUSTED_REQUEST_HEADERS,
             "virtual_hosts": [
                 {
                     "name": "mlmesh",
                     "domains": ["*"],
-                    "routes": _routes(upstreams, authz=authz_cluster is not None),
+                    "routes": _routes(upstreams),
                 }
             ],
         },
         "http_filters": [
-            *_authz_filter(authz_cluster),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -277,6 +362,8 @@ def render(
                 "name": "otel_collector",
                 "type": "STATIC",
                 "connect_timeout": "1s",
+                "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
+                "circuit_breakers": CIRCUIT_BREAKERS,
                 "typed_extension_protocol_options": {
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                         "@type": "type.googleapis.com/"
@@ -306,9 +393,11 @@ def render(
             }
         )
     return {
+        # Admin can reconfigure and stop Envoy: loopback only, never exposed.
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
+        "overload_manager": _OVERLOAD_MANAGER,
         "static_resources": {
             "listeners": [
                 {
@@ -316,6 +405,7 @@ def render(
                     "address": {
                         "socket_address": {"address": listen_host, "port_value": listen_port}
                     },
+                    "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
                     "filter_chains": [
                         {
                             "filters": [

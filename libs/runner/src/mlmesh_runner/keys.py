@@ -70,7 +70,7 @@ def ensure_bootstrap_keys(
             id=secret.split("_")[1],
             display_name=f"bootstrap {name}" if name == ADMIN else f"service {name}",
             scopes=pb.KeyScopes(
-                services=[pb.PlatformService.Value(f"PLATFORM_SERVICE_{s}") for s in scopes],
+                services=[pb.PlatformService.Value(f"PLATFORM_SERVICE_{s}") for s in scopes],  # type: ignore[misc]
                 model_patterns=["*"] if name == ADMIN else [],
             ),
         )

@@ -27,8 +27,9 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlmesh_runner.catalog import ADMIN_KEY_FILE, AUTHZ_SERVICE, CATALOG, RunContext, ServiceSpec
+from mlmesh_runner.catalog import CATALOG, KEY_DIRECTORY_SERVICE, RunContext, ServiceSpec
 from mlmesh_runner.envoy import Upstream, render
+from mlmesh_runner.keys import BootstrapKeys, ensure_bootstrap_keys
 
 log = logging.getLogger("mlmesh.runner")
 
@@ -206,10 +207,15 @@ class Mesh:
         self.admin_address = ""
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
+        self.keys: BootstrapKeys | None = None
 
     async def start(self) -> dict[str, Any]:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         (self.state / "run").mkdir(parents=True, exist_ok=True)
+        self.keys = ensure_bootstrap_keys(
+            self.state,
+            [(s.name, s.key_scopes) for s in self.catalog if s.port_discovery == "port-file"],
+        )
         for spec in self.catalog:
             if spec.prepare is not None:
                 await self._prepare(spec)
@@ -223,8 +229,13 @@ class Mesh:
             for instance in self.instances(spec):
                 self._watchers.append(asyncio.create_task(self._watch(spec, instance)))
         ready = self.describe()
-        (self.state / "ready.json").write_text(json.dumps(ready, indent=2))
+        self._write_ready(ready)
         return ready
+
+    def _write_ready(self, ready: dict[str, Any]) -> None:
+        """The ready file: addresses, ports, logs; never a secret (the admin
+        key's file is named, mode 0600)."""
+        (self.state / "ready.json").write_text(json.dumps(ready, indent=2))
 
     def describe(self) -> dict[str, Any]:
         context = self.context()
@@ -240,13 +251,12 @@ class Mesh:
                 for name, child in self.children.items()
             },
             "envoy_log": str(self.state / "logs" / "envoy.log"),
-            "api_key": self.admin_key(),
+            "admin_key_file": str(self.keys.admin_file) if self.keys else "",
         }
 
     def admin_key(self) -> str:
-        """The bootstrap admin key the gateway wrote ("" without a gateway)."""
-        path = self.state / ADMIN_KEY_FILE
-        return path.read_text().strip() if path.exists() else ""
+        """The bootstrap admin key (mode 0600 in the state directory)."""
+        return self.keys.admin_file.read_text().strip() if self.keys else ""
 
     def context(self) -> RunContext:
         return RunContext(
@@ -268,7 +278,9 @@ class Mesh:
                 stdout=handle,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Preparing (building and registering models) is the operator's
+                # act: it runs with the admin key.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "MLMESH_API_KEY": self.admin_key()},
             )
             code = await process.wait()
         if code != 0:
@@ -291,6 +303,7 @@ class Mesh:
             **spec.fixed_env,
             f"{spec.env_prefix}PORT": str(port),
             f"{spec.env_prefix}PORT_FILE": str(port_file),
+            **self._key_env(spec),
             "PYTHONUNBUFFERED": "1",
         }
         argv = list(spec.command(self.context(), port))
@@ -298,6 +311,21 @@ class Mesh:
         if spec.port_discovery == "listening-socket":
             return Child(instance, argv, env, log_path, None)
         return Child(instance, argv, env, log_path, port_file)
+
+    def _key_env(self, spec: ServiceSpec) -> dict[str, str]:
+        """A chassis service's own key, the bootstrap keys it starts from, and
+        where the key directory is (the gateway's port file)."""
+        if self.keys is None or spec.name not in self.keys.service_files:
+            return {}
+        env = {
+            f"{spec.env_prefix}SERVICE_KEY_FILE": str(self.keys.service_files[spec.name]),
+            f"{spec.env_prefix}BOOTSTRAP_KEYS_FILE": str(self.keys.directory_file),
+        }
+        if spec.name != KEY_DIRECTORY_SERVICE:
+            env[f"{spec.env_prefix}KEYS_TARGET_FILE"] = str(
+                self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json"
+            )
+        return env
 
     async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:
         """Starts ``child``, learns its port, waits until it is ready."""
@@ -319,15 +347,12 @@ class Mesh:
                 spec.name,
                 spec.services(),
                 [("127.0.0.1", self.children[i].ports["port"]) for i in self.instances(spec)],
-                spec.authenticate_themselves,
             )
             for spec in self.catalog
             if spec.routed
         ]
-        authz = AUTHZ_SERVICE if any(s.name == AUTHZ_SERVICE for s in self.catalog) else None
         config = render(
             upstreams,
-            authz_cluster=authz,
             listen_host=self.listen_host,
             listen_port=self.listen_port,
             admin_port=self.admin_port,
@@ -417,7 +442,7 @@ class Mesh:
                 backoff = 0.5
                 log.info("%s is back (restart %d)", instance, replacement.restarts)
                 # The same port, a new pid: keep the ready file true.
-                (self.state / "ready.json").write_text(json.dumps(self.describe(), indent=2))
+                self._write_ready(self.describe())
             except (RuntimeError, TimeoutError) as error:
                 log.error("%s restart failed: %s", spec.name, error)
 

@@ -86,6 +86,9 @@ class RegistryClient:
         self.timeout = timeout
         self.transfer_timeout = transfer_timeout
         self._credentials = credentials
+        # No key given: MLMESH_API_KEY, else (inside a service) the service's
+        # own key, which the chassis' client interceptors add.
+        api_key = api_key if api_key is not None else os.environ.get("MLMESH_API_KEY", "")
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
