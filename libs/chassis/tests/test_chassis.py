@@ -16,16 +16,18 @@ from typing import ClassVar
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mlmesh.gateway.v1 import gateway_pb2
 from mlmesh.registry.v1 import model_pb2, registry_service_pb2_grpc
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis import context as call_context
+from mlmesh_chassis.auth import KeyView, current_principal
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.errors import NotFound, Unavailable
 from mlmesh_chassis.interceptors import client_interceptors
 from mlmesh_chassis.logs import JsonFormatter
 from mlmesh_chassis.retry import call_idempotent
 from mlmesh_chassis.server import start_service
-from mlmesh_chassis.testing import expect_error
+from mlmesh_chassis.testing import directory_key, expect_error
 from mlmesh_chassis.tracing import configure_tracing
 from opentelemetry import trace
 
@@ -50,11 +52,13 @@ class Double(registry_service_pb2_grpc.RegistryServiceServicer):
         self.seen["request_id"] = call_context.request_id_var.get()
         self.seen["remaining"] = call_context.remaining_time()
         self.seen["trace_id"] = format(trace.get_current_span().get_span_context().trace_id, "032x")
+        self.seen["actor"] = current_principal().actor
         logging.getLogger("test").info("handled")
         return rpc.GetModelResponse(model=model_pb2.Model(name=request.name))
 
     async def ListModels(self, request, context):
-        """Calls GetModel on this same server: deadline and trace must flow."""
+        """Calls GetModel on this same server: deadline, trace and this
+        service's own key must flow."""
         outer = call_context.remaining_time()
         async with grpc.aio.insecure_channel(
             f"127.0.0.1:{self.port}", interceptors=client_interceptors()
@@ -62,6 +66,7 @@ class Double(registry_service_pb2_grpc.RegistryServiceServicer):
             stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
             await stub.GetModel(rpc.GetModelRequest(name="inner"))
         self.seen["outer_remaining"] = outer
+        self.seen["outer_actor"] = current_principal().actor
         return rpc.ListModelsResponse()
 
     async def ResolveModelReference(self, request, context):
@@ -71,8 +76,24 @@ class Double(registry_service_pb2_grpc.RegistryServiceServicer):
         return rpc.ResolveModelReferenceResponse()
 
 
+class _WithKey(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        if "authorization" not in metadata:
+            metadata["authorization"] = f"Bearer {self.secret}"
+        return await continuation(
+            grpc.aio.ClientCallDetails(
+                details.method, details.timeout, metadata, None, details.wait_for_ready
+            ),
+            request,
+        )
+
+
 @pytest.fixture(scope="module")
-async def served():
+async def served(tmp_path_factory):
     configure_tracing("chassis-test")
     double = Double()
 
@@ -80,11 +101,19 @@ async def served():
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(double, server)
         return ["mlmesh.registry.v1.RegistryService"]
 
-    host = await start_service(
-        Settings(port=0, metrics_port=0, drain_seconds=0.3), register, error_domain="mlmesh.test"
-    )
+    # The caller's key, and this service's own (its inner calls carry it).
+    view = KeyView()
+    caller, secret = directory_key([gateway_pb2.PLATFORM_SERVICE_REGISTRY])
+    own, own_secret = directory_key([gateway_pb2.PLATFORM_SERVICE_REGISTRY_READ])
+    view.replace([caller, own], 1)
+    key_file = tmp_path_factory.mktemp("keys") / "service.key"
+    key_file.write_text(own_secret)
+    settings = Settings(port=0, metrics_port=0, drain_seconds=0.3, service_key_file=key_file)
+    host = await start_service(settings, register, error_domain="mlmesh.test", key_view=view)
     double.port = host.port
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{host.port}", interceptors=[_WithKey(secret)]
+    ) as channel:
         yield host, double, registry_service_pb2_grpc.RegistryServiceStub(channel)
     await host.shutdown()
 
@@ -138,6 +167,8 @@ async def test_deadline_and_trace_propagate_to_outgoing_calls(served):
     assert double.seen["remaining"] <= double.seen["outer_remaining"] + 0.01 <= 2.05
     assert double.seen["trace_id"] == TRACE_ID
     assert double.seen["request_id"] == "req-3"
+    # the inner call was made with the service's own key, not the caller's
+    assert double.seen["actor"] != double.seen["outer_actor"]
 
 
 async def test_retry_policy_honours_retry_info(served):
@@ -200,7 +231,10 @@ async def test_graceful_shutdown_goes_not_serving_before_stopping():
         return ["mlmesh.registry.v1.RegistryService"]
 
     host = await start_service(
-        Settings(port=0, metrics_port=-1, drain_seconds=0.5), register, error_domain="mlmesh.test"
+        Settings(port=0, metrics_port=-1, drain_seconds=0.5),
+        register,
+        error_domain="mlmesh.test",
+        key_view=KeyView(),
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)

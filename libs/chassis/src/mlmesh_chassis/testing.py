@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -80,3 +82,28 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# ---- keys for servers under test ----------------------------------------------------
+
+
+def directory_key(services: list[int], key_id: str = "", revision: int = 1) -> tuple[Any, str]:
+    """A DirectoryKey holding ``services`` and its fresh secret."""
+    from mlmesh.gateway.v1 import gateway_pb2 as pb
+    from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
+
+    from mlmesh_chassis.auth import secret_sha256
+
+    key_id = key_id or secrets.token_hex(8)
+    secret = f"mlm_{key_id}_{secrets.token_urlsafe(24)}"
+    key = pb.Key(
+        id=key_id,
+        display_name="test",
+        state=pb.KEY_STATE_ACTIVE,
+        scopes=pb.KeyScopes(services=services, model_patterns=["*"]),
+    )
+    return kd.DirectoryKey(key=key, secret_sha256=secret_sha256(secret), revision=revision), secret
+
+
+def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
