@@ -21,6 +21,8 @@ from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import Unauthenticated
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
+from mlmesh_metering import Metering
+from mlmesh_metering.ledger import UsageLedger
 
 from mlmesh_gateway.authz import Authorizer
 from mlmesh_gateway.balancer import LatencyAwareBalancer
@@ -28,9 +30,9 @@ from mlmesh_gateway.config import GatewaySettings, names
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
-from mlmesh_gateway.ledger import UsageLedger
 from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
-from mlmesh_gateway.throttle import Throttle
+from mlmesh_gateway.shadows import ShadowLog
+from mlmesh_gateway.telemetry import REJECTIONS
 
 log = logging.getLogger("mlmesh.gateway")
 KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
@@ -84,10 +86,12 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     keys = KeyStore(database, pepper.encode(), settings.auth_cache_seconds)
     await ensure_admin_key(keys, settings)
 
-    throttle = Throttle(
-        settings.redis_url, settings.replicas, redis_timeout_s=settings.redis_timeout_seconds
+    meter = Metering.from_settings(
+        settings, service=pb.PLATFORM_SERVICE_GENERATE, database=database
     )
-    ledger = UsageLedger(database)
+    meter.on_rejection = lambda decision: REJECTIONS.labels(decision.violated).inc()
+    assert isinstance(meter.sink, UsageLedger)
+    ledger = meter.sink
     llm = LatencyAwareBalancer.from_spec(
         settings.llm_endpoints, settings.region, settings.saturation
     )
@@ -95,27 +99,28 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     directory = ModelDirectory(settings.registry_target) if settings.registry_target else None
     gateway = GatewayServicer(
         keys,
-        throttle,
-        ledger,
+        meter,
         llm,
         triton,
         names(settings.llm_models),
         names(settings.classic_models),
         names(settings.embedding_models),
         directory,
+        ShadowLog(database),
     )
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(keys), server)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorizer(keys), server)
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
-        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(ledger), server)
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(ledger, keys), server
+        )
         return [KEY_SERVICE, GATEWAY, USAGE, AUTHORIZATION]
 
     host = await start_service(settings, register, error_domain="mlmesh.gateway")
     host.on_close.append(database.close)
-    host.on_close.append(ledger.close)
-    host.on_close.append(throttle.close)
+    host.on_close.append(meter.close)
     host.on_close.append(llm.close)
     if triton is not None:
         host.on_close.append(triton.close)
