@@ -571,7 +571,7 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             raise InvalidArgument(
                 f"{len(violations)} invalid fields in {len(events)} usage events",
                 violations[:100],
-                violations=len(violations),
+                invalid_fields=len(violations),
                 events=len(events),
             )
         for event in events:
