@@ -4,6 +4,9 @@
 # Idempotent and quick when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Under make, PATH starts with .venv/bin, whose python has neither pip nor
+# uv: set up with the machine's Python, so a second run works like the first.
+PATH=$(printf '%s' "$PATH" | tr ':' '\n' | grep -vxF "$PWD/.venv/bin" | paste -sd: -)
 
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3

@@ -63,19 +63,17 @@ async def usage_of(admin, key_id: str) -> list[pb.UsageBucket]:
     return await usage_buckets(usage, key_id)
 
 
-async def test_generate_relays_the_stream_and_records_usage_once(admin, full_mesh):
+async def test_generate_relays_the_stream_and_bills_every_call(admin, full_mesh):
     secret = await new_key(admin)
     key_id = secret.split("_")[1]
     async with mesh_channel(full_mesh.address, secret) as channel:
         gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
         chunks = [
-            c
-            async for c in gateway.Generate(generate(max_tokens=12, seed=3, request_id="req-once"))
+            c async for c in gateway.Generate(generate(max_tokens=12, seed=3, request_id="req-1"))
         ]
-        # the same request id again: billed once
+        # the same request id again: a second call, billed as one
         again = [
-            c
-            async for c in gateway.Generate(generate(max_tokens=12, seed=3, request_id="req-once"))
+            c async for c in gateway.Generate(generate(max_tokens=12, seed=3, request_id="req-1"))
         ]
     streamed = sum(c.response.token_count for c in chunks)
     assert chunks[0].region == "local" and chunks[0].response.model.version >= 1
@@ -83,9 +81,50 @@ async def test_generate_relays_the_stream_and_records_usage_once(admin, full_mes
     assert not chunks[-1].response.HasField("load")  # internal to the balancer
     assert sum(c.response.token_count for c in again) == streamed
     buckets = await usage_of(admin, key_id)
-    assert [b.request_count for b in buckets] == [1]
-    assert buckets[0].usage.completion_tokens == streamed
-    assert buckets[0].usage.prompt_tokens == chunks[-1].response.usage.prompt_tokens
+    assert [b.request_count for b in buckets] == [2]
+    assert buckets[0].usage.completion_tokens == 2 * streamed
+    assert buckets[0].usage.prompt_tokens == 2 * chunks[-1].response.usage.prompt_tokens
+
+
+async def test_reusing_a_request_id_dodges_neither_limits_nor_billing(admin, full_mesh):
+    """Ten Generate calls reusing one request_id on a 3000 tokens/min key: at
+    most the limit admitted, and every admitted call billed (to its key)."""
+    secret = await new_key(admin, limits=pb.KeyLimits(tokens_per_minute=3000))
+    key_id = secret.split("_")[1]
+    admitted, streamed = 0, 0
+    async with mesh_channel(full_mesh.address, secret) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        for _ in range(10):
+            try:
+                chunks = [
+                    c
+                    async for c in gateway.Generate(
+                        generate(max_tokens=1000, temperature=0.0, request_id="reused")
+                    )
+                ]
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                continue
+            admitted += 1
+            streamed += sum(c.response.token_count for c in chunks)
+    buckets = await usage_of(admin, key_id)
+    assert admitted >= 1 and sum(b.request_count for b in buckets) == admitted
+    assert sum(b.usage.completion_tokens for b in buckets) == streamed
+    # Reservations (prompt + 1000) settle to what was used: what the key was
+    # admitted to use in the minute, all of it billed, fits the limit.
+    billed = sum(b.usage.prompt_tokens + b.usage.completion_tokens for b in buckets)
+    assert billed <= 3000
+    if streamed > 900 * admitted:  # the model used most of each reservation
+        assert admitted <= 2
+    # A second key reusing the first key's id is billed its own call.
+    other = await new_key(admin)
+    async with mesh_channel(full_mesh.address, other) as channel:
+        gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        mine = [c async for c in gateway.Generate(generate(max_tokens=5, request_id="reused"))]
+    theirs = await usage_of(admin, other.split("_")[1])
+    assert [b.request_count for b in theirs] == [1]
+    assert theirs[0].usage.completion_tokens == sum(c.response.token_count for c in mine)
+    assert sum(b.request_count for b in await usage_of(admin, key_id)) == admitted
 
 
 async def test_token_limit_rejects_with_quota_failure_and_retry_info(admin, full_mesh):

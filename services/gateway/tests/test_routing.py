@@ -27,9 +27,9 @@ from mlmesh_chassis.server import start_service
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
 from mlmesh_gateway.keys import KeyStore
-from mlmesh_gateway.ledger import UsageLedger, usage_events
 from mlmesh_gateway.servicer import GatewayServicer
-from mlmesh_gateway.throttle import Throttle
+from mlmesh_metering import Metering, Throttle
+from mlmesh_metering.ledger import UsageLedger, usage_events
 from mlmesh_sdk.channel import mesh_channel
 
 MODEL = model_reference_pb2.ModelReference(model="tiny-llama", alias="champion")
@@ -111,7 +111,8 @@ async def mesh(tmp_path):
     balancer = LatencyAwareBalancer.from_spec(",".join(spec), home_region="a", saturation=2)
     throttle = Throttle()
     ledger = UsageLedger(database)
-    gateway = GatewayServicer(keys, throttle, ledger, balancer, None, ["tiny-llama"], [], [])
+    meter = Metering(throttle, ledger, pb.PLATFORM_SERVICE_GENERATE)
+    gateway = GatewayServicer(keys, meter, balancer, None, ["tiny-llama"], [], [])
     host, port = await _serve(
         gateway, gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,6 +31,9 @@ class Database:
     success. Writes are serialized (an asyncio lock on SQLite; a
     transaction-level advisory lock keyed by ``write_lock_key`` on
     PostgreSQL), so rows they append (event logs) commit in sequence order.
+    Services may share one PostgreSQL database: each has its own lock keys
+    (derived from its name and version table, see ``advisory_lock_key``),
+    so one service's writes or migrations never wait for another's.
     An unreachable database raises Unavailable with RetryInfo; PostgreSQL's
     pool pings connections, so the service recovers by itself.
     """
@@ -42,7 +46,7 @@ class Database:
         migrations: Path | None = None,
         version_table: str = "alembic_version",
         connect_timeout: float = 2.0,
-        write_lock_key: int = 0x6D6C6D,
+        write_lock_key: int | None = None,
     ) -> None:
         self.url = url
         self.name = name
@@ -50,7 +54,15 @@ class Database:
         # Each service records its schema version in its own table, so
         # services can share one database.
         self.version_table = version_table
-        self.write_lock_key = write_lock_key
+        # Advisory locks (PostgreSQL) are per database, not per schema: one
+        # key per service, so services sharing a database do not serialize
+        # each other. Replicas of one service derive the same keys.
+        self.write_lock_key = (
+            advisory_lock_key(name, version_table, "write")
+            if write_lock_key is None
+            else write_lock_key
+        )
+        self.migration_lock_key = advisory_lock_key(name, version_table, "migrate")
         self.is_sqlite = url.startswith("sqlite")
         self._inline_reader: sa.Engine | None = None
         if self.is_sqlite:
@@ -83,6 +95,10 @@ class Database:
             return
         with self._translate_outage():
             async with self.engine.begin() as conn:
+                if not self.is_sqlite:  # replicas starting together migrate one at a time
+                    await conn.execute(
+                        sa.select(sa.func.pg_advisory_xact_lock(self.migration_lock_key))
+                    )
                 await conn.run_sync(_upgrade, self.migrations, self.version_table)
 
     @contextlib.asynccontextmanager
@@ -130,6 +146,16 @@ class Database:
         await self.engine.dispose()
         if self._inline_reader is not None:
             self._inline_reader.dispose()
+
+
+def advisory_lock_key(name: str, version_table: str, purpose: str) -> int:
+    """A PostgreSQL advisory lock key (signed 64-bit) for one service's
+    ``purpose`` ("write", "migrate"): stable across processes and releases
+    (a hash of the service's name and version table, not Python's hash())."""
+    digest = hashlib.blake2b(
+        f"mlmesh:{name}:{version_table}:{purpose}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class _InlineConnection:

@@ -100,7 +100,7 @@ def directory_key(services: list[int], key_id: str = "", revision: int = 1) -> t
         id=key_id,
         display_name="test",
         state=pb.KEY_STATE_ACTIVE,
-        scopes=pb.KeyScopes(services=services, model_patterns=["*"]),
+        scopes=pb.KeyScopes(services=services, model_patterns=["*"]),  # type: ignore[arg-type]
     )
     return kd.DirectoryKey(key=key, secret_sha256=secret_sha256(secret), revision=revision), secret
 

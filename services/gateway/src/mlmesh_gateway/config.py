@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from mlmesh_chassis.config import ServiceSettings
+from mlmesh_metering import MeteringSettings
 from pydantic_settings import SettingsConfigDict
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(MeteringSettings):
     model_config = SettingsConfigDict(env_prefix="MLMESH_GATEWAY_", extra="ignore")
     service_name: ClassVar[str] = "gateway"
 
@@ -17,13 +17,9 @@ class GatewaySettings(ServiceSettings):
     # How often this replica reads key changes other replicas made.
     key_poll_seconds: float = 0.25
 
-    # Token throttling: in-process by default; a Redis URL when several
-    # gateway replicas share limits (redis://host:6379/0). With Redis down,
-    # each replica enforces the limits divided by `replicas`.
-    redis_url: str = ""
-    replicas: int = 1
-    # A Redis decision slower than this counts as Redis being down.
-    redis_timeout_seconds: float = 0.5
+    # Token throttling (redis_url, replicas, redis_timeout_seconds): see
+    # mlmesh_metering.MeteringSettings. The gateway writes the ledger itself
+    # (usage_target is for other services).
     # LLM endpoints: "region=host:port,region=host:port"; this gateway's region.
     llm_endpoints: str = ""
     region: str = ""

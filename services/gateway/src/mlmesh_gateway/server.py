@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import (
     gateway_service_pb2,
     gateway_service_pb2_grpc,
@@ -19,6 +20,8 @@ from mlmesh_chassis.auth import KeyView, read_bootstrap_keys
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
+from mlmesh_metering import Metering
+from mlmesh_metering.ledger import UsageLedger
 
 from mlmesh_gateway.balancer import LatencyAwareBalancer
 from mlmesh_gateway.config import GatewaySettings, names
@@ -26,9 +29,9 @@ from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
-from mlmesh_gateway.ledger import UsageLedger
 from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
-from mlmesh_gateway.throttle import Throttle
+from mlmesh_gateway.shadows import ShadowLog
+from mlmesh_gateway.telemetry import REJECTIONS
 
 log = logging.getLogger("mlmesh.gateway")
 KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
@@ -57,24 +60,26 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     key_directory = KeyDirectory(keys, view, settings.key_poll_seconds)
     await key_directory.start()
 
-    throttle = Throttle(
-        settings.redis_url, settings.replicas, redis_timeout_s=settings.redis_timeout_seconds
+    meter = Metering.from_settings(
+        settings, service=pb.PLATFORM_SERVICE_GENERATE, database=database
     )
-    ledger = UsageLedger(database)
+    meter.on_rejection = lambda decision: REJECTIONS.labels(decision.violated).inc()
+    assert isinstance(meter.sink, UsageLedger)
+    ledger = meter.sink
     llm = LatencyAwareBalancer.from_spec(
         settings.llm_endpoints, settings.region, settings.saturation
     )
     triton = TritonClient(settings.triton_target) if settings.triton_target else None
     directory = ModelDirectory(settings.registry_target) if settings.registry_target else None
     gateway = GatewayServicer(
-        throttle,
-        ledger,
+        meter,
         llm,
         triton,
         names(settings.llm_models),
         names(settings.classic_models),
         names(settings.embedding_models),
         directory,
+        ShadowLog(database),
     )
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
@@ -91,8 +96,7 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     host = await start_service(settings, register, error_domain="mlmesh.gateway", key_view=view)
     host.on_close.append(key_directory.close)
     host.on_close.append(database.close)
-    host.on_close.append(ledger.close)
-    host.on_close.append(throttle.close)
+    host.on_close.append(meter.close)
     host.on_close.append(llm.close)
     if triton is not None:
         host.on_close.append(triton.close)

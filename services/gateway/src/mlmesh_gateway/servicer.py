@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,21 +17,27 @@ from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2, usage
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.auth import authorize, current_principal
 from mlmesh_chassis.errors import (
+    FieldViolation,
     InvalidArgument,
     MlmeshError,
     QuotaViolation,
     ResourceExhausted,
     Unavailable,
 )
+from mlmesh_chassis.generation import MAX_PROMPT_BYTES, max_tokens_of, prompt_bytes
 from mlmesh_chassis.interceptors import propagation
 from mlmesh_chassis.pagination import offset_page
 from mlmesh_inference.triton import TritonClient
+from mlmesh_metering import Limits, MeteredCall, Metering
+from mlmesh_metering import events as checks
+from mlmesh_metering.ledger import UsageLedger
+from mlmesh_metering.remote import MAX_EVENTS, from_message
 from tritonclient.utils import triton_to_np_dtype
 
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.experiments import choose_arm, mirror
-from mlmesh_gateway.ledger import UsageEvent, UsageLedger
+from mlmesh_gateway.shadows import ShadowLog
 from mlmesh_gateway.telemetry import (
     BACKEND_PICKS,
     REJECTIONS,
@@ -41,10 +46,11 @@ from mlmesh_gateway.telemetry import (
     TOKENS,
     annotate,
 )
-from mlmesh_gateway.throttle import Decision, Limits, Throttle
 
 log = logging.getLogger("mlmesh.gateway")
-DEFAULT_MAX_TOKENS = 256
+# Embed: at most this many texts, each at most this many UTF-8 bytes.
+MAX_EMBED_TEXTS = 256
+MAX_EMBED_TEXT_BYTES = 64 * 1024
 # Shadow answers farther than this (max absolute difference) from the primary's
 # are recorded as disagreeing.
 SHADOW_TOLERANCE = 1e-3
@@ -76,17 +82,21 @@ def limits_of(key: pb.Key) -> Limits:
 class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     def __init__(
         self,
-        throttle: Throttle,
-        ledger: UsageLedger,
+        meter: Metering,
         llm: LatencyAwareBalancer,
         triton: TritonClient | None,
         llm_models: list[str],
         classic_models: list[str],
         embedding_models: list[str],
         directory: ModelDirectory | None = None,
+        shadows: ShadowLog | None = None,
     ) -> None:
-        self.throttle = throttle
-        self.ledger = ledger
+        self.meter = meter
+        self.throttle = meter.throttle
+        # The gateway is the ledger's writer: quotas read it.
+        assert isinstance(meter.sink, UsageLedger), "the gateway meters into the ledger"
+        self.ledger: UsageLedger = meter.sink
+        self.shadows = shadows
         self.llm = llm
         self.triton = triton
         self.llm_models = llm_models
@@ -108,7 +118,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         inner.CopyFrom(request.request)
         model = inner.model.model
         authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
-        inner.request_id = inner.request_id or uuid.uuid4().hex
+        check_generate(request)  # every caller-supplied value, before anything is reserved
         experiment = None
         if inner.model.WhichOneof("selector") != "version" and self.directory is not None:
             experiment = await self.directory.experiment(model)
@@ -126,83 +136,73 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         if not candidates:
             raise Unavailable("no LLM endpoint is configured", retry_after_s=5.0)
         counted = await self._count_tokens(candidates, inner)
-        max_tokens = (
-            inner.sampling.max_tokens
-            if inner.sampling.HasField("max_tokens")
-            else DEFAULT_MAX_TOKENS
-        )
-        subject = f"key:{key.id}"
-        annotate(
-            **{
-                "gen_ai.system": "mlmesh",
-                "gen_ai.operation.name": "text_completion",
-                "gen_ai.request.model": model,
-                "gen_ai.request.max_tokens": max_tokens,
-                "mlmesh.key_id": key.id,
-                "mlmesh.request_id": inner.request_id,
-            }
-        )
-        await self._check_quota(key, counted + max(max_tokens, 0))
-        decision = await self.throttle.admit(
-            subject, inner.request_id, counted + max(max_tokens, 0), limits_of(key)
-        )
-        if not decision.admitted:
-            REJECTIONS.labels(decision.violated).inc()
-            raise over_limit(key, decision)
-        started = time.monotonic()
-        streamed, prompt_tokens, version, status = 0, counted, 0, "OK"
-        text: list[str] = []
-        endpoint: Endpoint | None = None
-        try:
-            async for endpoint, chunk in self._stream(request.region, inner, started):
-                if not text:  # the first chunk: say which backend serves the stream
-                    await context.send_initial_metadata(
-                        (
-                            ("x-mlmesh-backend", endpoint.address),
-                            ("x-mlmesh-region", endpoint.region),
-                        )
-                    )
-                if streamed == 0 and chunk.token_count:
-                    TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - started)
-                streamed += chunk.token_count
-                text.append(chunk.text)
-                if chunk.HasField("model"):
-                    version = chunk.model.version
-                if chunk.HasField("usage"):
-                    prompt_tokens = chunk.usage.prompt_tokens
-                chunk.ClearField("load")  # internal to the balancer
-                yield rpc.GenerateResponse(response=chunk, region=endpoint.region)
-            shadow = mirror(experiment)
-            if shadow and shadow != version:
-                self._shadow_generate(experiment, inner, "".join(text), version, shadow)
-        except grpc.RpcError as error:  # the backend's status goes back as it is
-            status = error.code().name  # type: ignore[attr-defined]
-            raise
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        finally:
-            # Settle to what was used and record it once, even on cancel.
-            await asyncio.shield(
-                self._settle(
-                    subject,
-                    inner.request_id,
-                    prompt_tokens,
-                    streamed,
-                    UsageEvent(
-                        request_id=inner.request_id,
-                        key_id=key.id,
-                        service=pb.PLATFORM_SERVICE_GENERATE,
-                        model=model,
-                        version=version,
-                        region=endpoint.region if endpoint else "",
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=streamed,
-                        latency_ms=(time.monotonic() - started) * 1000,
-                        status=status,
-                    ),
-                )
+        max_tokens = max_tokens_of(inner.sampling)
+        reserve = counted + max(max_tokens, 0)
+        await self._check_quota(key, reserve)
+        # Reservation and usage event are keyed by a call id made here; the
+        # caller's request id is kept beside it for tracing only.
+        async with self.meter.admit(
+            key.id,
+            limits_of(key),
+            reserve=reserve,
+            request_id=inner.request_id,
+            model=model,
+            service=pb.PLATFORM_SERVICE_GENERATE,
+        ) as call:
+            annotate(
+                **{
+                    "gen_ai.system": "mlmesh",
+                    "gen_ai.operation.name": "text_completion",
+                    "gen_ai.request.model": model,
+                    "gen_ai.request.max_tokens": max_tokens,
+                    "mlmesh.key_id": key.id,
+                    "mlmesh.request_id": inner.request_id,
+                    "mlmesh.call_id": call.call_id,
+                }
             )
+            inner.request_id = call.call_id  # the engine's id: unique per call
+            call.prompt_tokens = counted
+            started = time.monotonic()
+            status = "OK"
+            text: list[str] = []
+            try:
+                async for endpoint, chunk in self._stream(request.region, inner, started):
+                    if not text:  # the first chunk: say which backend serves the stream
+                        call.region = endpoint.region
+                        await context.send_initial_metadata(
+                            (
+                                ("x-mlmesh-backend", endpoint.address),
+                                ("x-mlmesh-region", endpoint.region),
+                            )
+                        )
+                    if call.completion_tokens == 0 and chunk.token_count:
+                        TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - started)
+                    call.completion_tokens += chunk.token_count
+                    text.append(chunk.text)
+                    if chunk.HasField("model"):
+                        call.version = chunk.model.version
+                    if chunk.HasField("usage"):
+                        call.prompt_tokens = chunk.usage.prompt_tokens
+                    chunk.ClearField("load")  # internal to the balancer
+                    yield rpc.GenerateResponse(response=chunk, region=endpoint.region)
+                shadow = mirror(experiment)
+                if shadow and shadow != call.version:
+                    self._shadow_generate(experiment, inner, call, "".join(text), shadow)
+            except grpc.RpcError as error:  # the backend's status goes back as it is
+                status = error.code().name  # type: ignore[attr-defined]
+                raise
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except MlmeshError as error:
+                status = error.code.name
+                raise
+            finally:
+                # What was used; the meter settles it and records it once, even
+                # on cancel.
+                call.status = status
+                call.settle(call.prompt_tokens + call.completion_tokens)
+                self._observe(call)
 
     async def _check_quota(self, key: pb.Key, reserve: int) -> None:
         """The key's token quota per period, read from the usage ledger. Soft by
@@ -224,25 +224,19 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 quota=quota,
             )
 
-    async def _settle(
-        self, subject: str, request_id: str, prompt: int, streamed: int, event: UsageEvent
-    ) -> None:
-        await self.throttle.settle(subject, request_id, prompt + streamed)
-        REQUESTS.labels("generate", event.model, event.status).inc()
-        TOKENS.labels(event.model, "input").inc(prompt)
-        TOKENS.labels(event.model, "output").inc(streamed)
+    @staticmethod
+    def _observe(call: MeteredCall) -> None:
+        REQUESTS.labels("generate", call.model, call.status).inc()
+        TOKENS.labels(call.model, "input").inc(call.prompt_tokens)
+        TOKENS.labels(call.model, "output").inc(call.completion_tokens)
         annotate(
             **{
-                "gen_ai.usage.input_tokens": prompt,
-                "gen_ai.usage.output_tokens": streamed,
-                "gen_ai.response.model": f"{event.model}/{event.version}",
-                "server.address": event.region,
+                "gen_ai.usage.input_tokens": call.prompt_tokens,
+                "gen_ai.usage.output_tokens": call.completion_tokens,
+                "gen_ai.response.model": f"{call.model}/{call.version}",
+                "server.address": call.region,
             }
         )
-        try:
-            await self.ledger.record(event)
-        except MlmeshError as error:
-            log.error("usage event for %s not recorded: %s", request_id, error.message)
 
     async def _count_tokens(self, candidates: list[Endpoint], inner) -> int:  # type: ignore[no-untyped-def]
         request = llm_rpc.CountTokensRequest(model=inner.model)
@@ -316,54 +310,50 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             for i, tensor in enumerate(request.inputs)
         }
         items = int(sum(array.size for array in inputs.values()))
-        request_id = request.id or uuid.uuid4().hex
-        await self._admit_unary(key, request_id)
-        started = time.monotonic()
-        status = "OK"
-        experiment = None
-        try:
-            version, experiment, arm = await self._pick_version(request.model, key, context)
-            annotate(
-                **{
-                    "mlmesh.experiment": experiment.name if experiment else None,
-                    "mlmesh.experiment.arm": arm,
-                }
-            )
-            result = await triton.infer(
-                model,
-                inputs,
-                version=version,
-                outputs=list(request.output_names) or None,
-                request_id=request_id,
-            )
-            shadow = mirror(experiment)
-            if shadow and shadow != int(result.model_version or 0):
-                self._shadow(experiment, model, inputs, result, shadow, request_id)
-        except MlmeshError as error:
-            status = error.code.name
-            raise
-        finally:
-            REQUESTS.labels("infer", model, status).inc()
-            annotate(**{"mlmesh.model": model, "mlmesh.input_items": items})
-            await asyncio.shield(
-                self.ledger.record(
-                    UsageEvent(
-                        request_id=request_id,
-                        key_id=key.id,
-                        service=pb.PLATFORM_SERVICE_INFER,
-                        model=model,
-                        version=int(version or 0),
-                        input_items=items,
-                        status=status,
-                        latency_ms=(time.monotonic() - started) * 1000,
-                    )
+        check_model(model, "model.model")
+        async with self.meter.admit(
+            key.id,
+            limits_of(key),
+            unit="items",
+            request_id=request.id,
+            model=model,
+            service=pb.PLATFORM_SERVICE_INFER,
+            stream=False,
+        ) as call:
+            call.input_items = items
+            call.settle(items)
+            annotate(**{"mlmesh.request_id": request.id, "mlmesh.call_id": call.call_id})
+            try:
+                version, experiment, arm = await self._pick_version(request.model, key, context)
+                annotate(
+                    **{
+                        "mlmesh.experiment": experiment.name if experiment else None,
+                        "mlmesh.experiment.arm": arm,
+                    }
                 )
-            )
+                call.version = int(version or 0)
+                result = await triton.infer(
+                    model,
+                    inputs,
+                    version=version,
+                    outputs=list(request.output_names) or None,
+                    request_id=call.call_id,
+                )
+                call.version = int(result.model_version or call.version)
+                shadow = mirror(experiment)
+                if shadow and shadow != int(result.model_version or 0):
+                    self._shadow(experiment, model, inputs, result, shadow, call.call_id)
+            except MlmeshError as error:
+                call.status = error.code.name
+                raise
+            finally:
+                REQUESTS.labels("infer", model, call.status).inc()
+                annotate(**{"mlmesh.model": model, "mlmesh.input_items": items})
         return rpc.InferResponse(
             model=model_reference_pb2.ModelReference(
                 model=model, version=int(result.model_version or 0)
             ),
-            id=request_id,
+            id=request.id or call.call_id,
             usage=usage_pb2.Usage(input_items=items),
             outputs=[_from_numpy(name, array) for name, array in result.outputs.items()],
         )
@@ -394,22 +384,23 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     def _shadow_generate(
         self,
-        experiment,
+        experiment,  # type: ignore[no-untyped-def]
         inner,
-        primary_text: str,  # type: ignore[no-untyped-def]
-        primary_version: int,
+        call: MeteredCall,
+        primary_text: str,
         version: int,
     ) -> None:
         """Mirrors a finished generation to the shadow version off the caller's
         path; records whether the texts agree (same seed and settings)."""
-        if self._shadows.locked():
+        if self._shadows.locked() or self.shadows is None:
             return
+        shadows = self.shadows
         mirrored = llm_rpc.GenerateRequest()
         mirrored.CopyFrom(inner)
         mirrored.model.CopyFrom(
             model_reference_pb2.ModelReference(model=inner.model.model, version=version)
         )
-        mirrored.request_id = f"{inner.request_id}-shadow"
+        mirrored.request_id = f"{call.call_id}-shadow"
 
         async def run() -> None:
             async with self._shadows:
@@ -424,17 +415,17 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                     ]
                     shadow_text = "".join(c.text for c in chunks)
                     agreed = shadow_text == primary_text
-                    await self.ledger.record_shadow(
-                        inner.request_id,
+                    await shadows.record(
+                        call.call_id,
                         experiment.name,
                         inner.model.model,
-                        primary_version,
+                        call.version,
                         version,
                         0.0 if agreed else 1.0,
                         agreed,
                     )
                 except Exception as error:  # a shadow never affects the caller
-                    log.warning("shadow of %s failed: %s", inner.request_id, error)
+                    log.warning("shadow of %s failed: %s", call.call_id, error)
 
         task = asyncio.create_task(run())
         self._background.add(task)
@@ -451,8 +442,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> None:
         """Mirrors the request to the shadow version off the caller's path and
         records whether the answers agree (within SHADOW_TOLERANCE)."""
-        if self._shadows.locked():
+        if self._shadows.locked() or self.shadows is None:
             return  # shadow traffic is best effort: never queue behind it
+        shadows = self.shadows
 
         async def run() -> None:
             async with self._shadows:
@@ -471,7 +463,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                         )
                         for name in primary.outputs
                     )
-                    await self.ledger.record_shadow(
+                    await shadows.record(
                         request_id,
                         experiment.name,
                         model,
@@ -491,24 +483,23 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         key = await self._caller(context)
         model = request.model.model
         authorize(key, pb.PLATFORM_SERVICE_EMBED, model)
-        if not 1 <= len(request.texts) <= 256:
-            raise InvalidArgument.field("texts", "1 to 256 texts")
-        request_id = uuid.uuid4().hex
-        await self._admit_unary(key, request_id)
-        texts = np.array([[text] for text in request.texts], dtype=object)
-        result = await self._triton().infer(model, {"text": texts}, request_id=request_id)
+        check_embed(request)
+        async with self.meter.admit(
+            key.id,
+            limits_of(key),
+            unit="items",
+            model=model,
+            service=pb.PLATFORM_SERVICE_EMBED,
+            stream=False,
+        ) as call:
+            call.input_items = len(request.texts)
+            call.settle(len(request.texts))
+            texts = np.array([[text] for text in request.texts], dtype=object)
+            result = await self._triton().infer(model, {"text": texts}, request_id=call.call_id)
+            call.version = int(result.model_version or 0)
         vectors = next(iter(result.outputs.values()))
         if request.normalize:
             vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
-        await self.ledger.record(
-            UsageEvent(
-                request_id=request_id,
-                key_id=key.id,
-                service=pb.PLATFORM_SERVICE_EMBED,
-                model=model,
-                input_items=len(request.texts),
-            )
-        )
         return rpc.EmbedResponse(
             model=model_reference_pb2.ModelReference(
                 model=model, version=int(result.model_version or 0)
@@ -517,13 +508,6 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             dimension=int(vectors.shape[1]),
             usage=usage_pb2.Usage(input_items=len(texts)),
         )
-
-    async def _admit_unary(self, key: pb.Key, request_id: str) -> None:
-        decision = await self.throttle.admit(
-            f"key:{key.id}", request_id, 0, limits_of(key), stream=False
-        )
-        if not decision.admitted:
-            raise over_limit(key, decision)
 
     def _triton(self) -> TritonClient:
         if self.triton is None:
@@ -565,16 +549,89 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
         page, token = offset_page(buckets, request.page_size, request.page_token)
         return usage_service_pb2.GetUsageResponse(buckets=page, next_page_token=token)
 
+    async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
+        """Usage other services metered, into the one ledger. All or nothing:
+        one bad field rejects the batch (BadRequest names each); written
+        before the reply (a retry of an answered batch writes nothing twice:
+        insert-or-ignore on the event id). The chassis has checked the
+        caller's USAGE_RECORD scope."""
+        if not 1 <= len(request.events) <= MAX_EVENTS:
+            raise InvalidArgument.field("events", f"1 to {MAX_EVENTS} events")
+        events = [from_message(message) for message in request.events]
+        violations: list[FieldViolation] = []
+        known = set(pb.PlatformService.values()) - {pb.PLATFORM_SERVICE_UNSPECIFIED}
+        for i, (message, event) in enumerate(zip(request.events, events, strict=True)):
+            violations += event.violations(f"events[{i}].")
+            if message.service not in known:
+                violations.append(FieldViolation(f"events[{i}].service", "a PlatformService"))
+        if violations:
+            raise InvalidArgument(
+                f"{len(violations)} invalid fields in {len(events)} usage events",
+                violations[:100],
+                invalid_fields=len(violations),
+                events=len(events),
+            )
+        for event in events:
+            await self.ledger.record(event)
+        await self.ledger.flush()  # durable before the reply: Unavailable otherwise
+        return usage_service_pb2.RecordUsageResponse(accepted_count=len(events))
 
-def over_limit(key: pb.Key, decision: Decision) -> ResourceExhausted:
-    """The rejection for a throttle decision: QuotaFailure + RetryInfo."""
-    return ResourceExhausted(
-        f"key {key.id} is over its {decision.violated} limit",
-        [QuotaViolation(f"key:{key.id}", decision.violated)],
-        decision.retry_after_s,
-        key_id=key.id,
-        limit=decision.violated,
+
+def check_model(model: str, path: str) -> None:
+    violations: list[FieldViolation] = []
+    checks.check(violations, path, model, checks.MODEL, checks.MODEL_RULE)
+    if violations:
+        raise InvalidArgument(f"{path}: {checks.MODEL_RULE}", violations, field=path)
+
+
+def check_generate(request: rpc.GenerateRequest) -> None:
+    """Every value the caller supplies, before anything is reserved (one
+    INVALID_ARGUMENT naming each bad field): ids and names the ledger keeps,
+    and the prompt's size (before any tokenizer sees it)."""
+    inner = request.request
+    violations: list[FieldViolation] = []
+    checks.check(
+        violations, "region", request.region, checks.REGION, checks.REGION_RULE, optional=True
     )
+    checks.check(
+        violations, "request.model.model", inner.model.model, checks.MODEL, checks.MODEL_RULE
+    )
+    checks.check(
+        violations,
+        "request.request_id",
+        inner.request_id,
+        checks.REQUEST_ID,
+        checks.REQUEST_ID_RULE,
+        optional=True,
+    )
+    size = prompt_bytes(inner)
+    if size > MAX_PROMPT_BYTES:
+        kind = inner.WhichOneof("prompt") or "text"
+        violations.append(
+            FieldViolation(f"request.{kind}", f"at most {MAX_PROMPT_BYTES} bytes (UTF-8)")
+        )
+    if violations:
+        raise InvalidArgument(
+            "; ".join(f"{v.field}: {v.description}" for v in violations),
+            violations,
+            prompt_bytes=size,
+        )
+
+
+def check_embed(request: rpc.EmbedRequest) -> None:
+    violations: list[FieldViolation] = []
+    checks.check(violations, "model.model", request.model.model, checks.MODEL, checks.MODEL_RULE)
+    if not 1 <= len(request.texts) <= MAX_EMBED_TEXTS:
+        violations.append(FieldViolation("texts", f"1 to {MAX_EMBED_TEXTS} texts"))
+    for i, text in enumerate(request.texts):
+        if len(text.encode()) > MAX_EMBED_TEXT_BYTES:
+            violations.append(
+                FieldViolation(f"texts[{i}]", f"at most {MAX_EMBED_TEXT_BYTES} bytes (UTF-8)")
+            )
+    if violations:
+        raise InvalidArgument(
+            "; ".join(f"{v.field}: {v.description}" for v in violations[:5]), violations
+        )
 
 
 def period(kind: int, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

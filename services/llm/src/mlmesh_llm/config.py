@@ -37,8 +37,8 @@ class LlmSettings(ServiceSettings):
     # vLLM: AsyncEngineArgs options as JSON (tensor_parallel_size,
     # speculative_config, limit_mm_per_prompt, ...).
     vllm_options: str = "{}"
-    # Unset max_tokens means this many.
-    default_max_tokens: int = 256
+    # (Unset max_tokens: mlmesh_chassis.generation.DEFAULT_MAX_TOKENS, one
+    # default for the whole mesh, so the gateway reserves what is generated.)
     # Seconds between attempts to load a model the registry cannot give yet.
     load_retry_seconds: float = 2.0
 

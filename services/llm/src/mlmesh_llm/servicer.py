@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -17,6 +18,7 @@ from mlmesh_chassis.errors import (
     QuotaViolation,
     ResourceExhausted,
 )
+from mlmesh_chassis.generation import check_prompt_size, max_tokens_of
 from mlmesh_chassis.pagination import offset_page
 
 from mlmesh_llm.config import LlmSettings
@@ -79,7 +81,7 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
         loaded = self.models.lookup(request.model)
         engine = loaded.engine
         sampling = self._sampling(request.sampling)
-        prompt_ids = self._prompt_ids(engine, request)
+        prompt_ids = await self._prompt_ids(engine, request)
         images = self._images(engine, loaded, request)
         context_length = engine.info.context_length
         if len(prompt_ids) + sampling.max_tokens > context_length:
@@ -154,7 +156,7 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
 
     async def CountTokens(self, request, context):  # type: ignore[no-untyped-def]
         loaded = self.models.lookup(request.model)
-        ids = self._prompt_ids(loaded.engine, request)
+        ids = await self._prompt_ids(loaded.engine, request)
         context.set_trailing_metadata(_load_metadata(loaded.engine))
         return rpc.CountTokensResponse(
             token_count=len(ids), context_length=loaded.engine.info.context_length
@@ -200,9 +202,7 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
 
     def _sampling(self, params: llm_pb2.SamplingParams) -> Sampling:
         violations = []
-        max_tokens = (
-            params.max_tokens if params.HasField("max_tokens") else self.settings.default_max_tokens
-        )
+        max_tokens = max_tokens_of(params)
         if max_tokens <= 0:
             violations.append(FieldViolation("sampling.max_tokens", "must be at least 1"))
         temperature = params.temperature if params.HasField("temperature") else 1.0
@@ -231,12 +231,16 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
             seed=params.seed if params.HasField("seed") else None,
         )
 
-    def _prompt_ids(self, engine: Engine, request) -> list[int]:  # type: ignore[no-untyped-def]
+    async def _prompt_ids(self, engine: Engine, request) -> list[int]:  # type: ignore[no-untyped-def]
+        """The prompt's token ids. The size is capped before tokenizing, and
+        tokenizing runs in a worker thread: a long prompt never stalls the
+        other streams on this event loop."""
+        check_prompt_size(request)
         kind = request.WhichOneof("prompt")
         if kind == "text":
             if not request.text:
                 raise InvalidArgument.field("text", "must not be empty")
-            ids = engine.tokenizer.encode(request.text)
+            ids = await asyncio.to_thread(engine.tokenizer.encode, request.text)
         elif kind == "chat":
             if not request.chat.messages:
                 raise InvalidArgument.field("chat.messages", "at least one message is required")
@@ -249,7 +253,9 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
                         f"chat.messages[{i}].role", "must be SYSTEM, USER or ASSISTANT"
                     )
                 turns.append((_ROLES[message.role], message.content))
-            ids = engine.tokenizer.encode(engine.tokenizer.render_chat(turns))
+            ids = await asyncio.to_thread(
+                lambda: engine.tokenizer.encode(engine.tokenizer.render_chat(turns))
+            )
         else:
             raise InvalidArgument.field("prompt", "set text or chat")
         context_length = engine.info.context_length

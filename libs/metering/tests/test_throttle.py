@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from mlmesh_gateway.throttle import Limits, LocalThrottle, RedisThrottle, Throttle
+from mlmesh_metering.throttle import Limits, LocalThrottle, RedisThrottle, Throttle
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -132,7 +132,7 @@ async def test_redis_down_falls_back_to_local_limits_per_replica(redis_server):
 
 async def test_local_window_frees_budget_after_a_minute(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("mlmesh_gateway.throttle.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("mlmesh_metering.throttle.time.monotonic", lambda: clock[0])
     local = LocalThrottle()
     limits = Limits(tokens_per_minute=100)
     assert (await local.admit("k", "a", 100, limits)).admitted
@@ -201,8 +201,8 @@ def _fake_clock(monkeypatch) -> list[float]:
     """One clock for both backends (in-process: monotonic; Redis: the
     client's time.time, sent with each decision)."""
     clock = [5000.0]
-    monkeypatch.setattr("mlmesh_gateway.throttle.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr("mlmesh_gateway.throttle.time.time", lambda: clock[0])
+    monkeypatch.setattr("mlmesh_metering.throttle.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("mlmesh_metering.throttle.time.time", lambda: clock[0])
     return clock
 
 

@@ -20,6 +20,11 @@ together stay within the limit across the switch. (A Redis that comes back
 empty has forgotten the minute before: that minute can admit up to twice
 the limit.)
 
+Every reservation is keyed by a call id the server makes at admission (see
+``mlmesh_metering.Metering.admit``), under a subject of the verified key: a
+value the caller chooses (its request id) never names a reservation, so
+reusing one can neither replace a reservation nor touch another key's.
+
 Unary calls (Infer, Embed) are not streams: they count against requests per
 minute only, reserve no tokens and need no settle, so a decision for them is
 one round trip and nothing after.
@@ -34,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("mlmesh.gateway.throttle")
+log = logging.getLogger("mlmesh.metering.throttle")
 WINDOW_S = 60.0
 
 
@@ -87,7 +92,7 @@ class LocalThrottle:
         return window
 
     async def admit(
-        self, subject: str, request_id: str, tokens: int, limits: Limits, stream: bool = True
+        self, subject: str, call_id: str, tokens: int, limits: Limits, stream: bool = True
     ) -> Decision:
         now = time.monotonic()
         window = self._expire(subject, now)
@@ -114,44 +119,44 @@ class LocalThrottle:
                         retry = stamp + self.window_s - now
                         break
                 return Decision(False, max(retry, 0.01), "tokens_per_minute", self.name)
-        self._reserve(subject, window, request_id, tokens, now, stream)
+        self._reserve(subject, window, call_id, tokens, now, stream)
         return Decision(True, backend=self.name)
 
-    def record(self, subject: str, request_id: str, tokens: int, stream: bool = True) -> None:
+    def record(self, subject: str, call_id: str, tokens: int, stream: bool = True) -> None:
         """Counts a request another backend admitted (Redis), unchecked."""
         now = time.monotonic()
-        self._reserve(subject, self._expire(subject, now), request_id, tokens, now, stream)
+        self._reserve(subject, self._expire(subject, now), call_id, tokens, now, stream)
 
     def _reserve(
         self,
         subject: str,
         window: collections.OrderedDict[str, tuple[float, int]],
-        request_id: str,
+        call_id: str,
         tokens: int,
         now: float,
         stream: bool,
     ) -> None:
-        # A re-admitted id replaces its reservation (as in Redis), so the
-        # running total stays the sum of the window.
-        previous = window.pop(request_id, None)
+        # Call ids are unique (server-made); should one come again it replaces
+        # its reservation (as in Redis), so the total stays the window's sum.
+        previous = window.pop(call_id, None)
         if previous is not None:
             self._totals[subject] -= previous[1]
         if tokens:
-            window[request_id] = (now, tokens)
+            window[call_id] = (now, tokens)
             self._totals[subject] += tokens
         self._requests[subject].append(now)
         if stream:
-            self._streams.setdefault(subject, set()).add(request_id)
+            self._streams.setdefault(subject, set()).add(call_id)
 
-    async def settle(self, subject: str, request_id: str, actual: int) -> None:
+    async def settle(self, subject: str, call_id: str, actual: int) -> None:
         """Sets the request's tokens to what it used, and ends its stream."""
         window = self._tokens.get(subject)
-        if window is not None and request_id in window:
-            stamp, reserved = window[request_id]
+        if window is not None and call_id in window:
+            stamp, reserved = window[call_id]
             kept = min(reserved, actual)
-            window[request_id] = (stamp, kept)
+            window[call_id] = (stamp, kept)
             self._totals[subject] -= reserved - kept
-        self._streams.get(subject, set()).discard(request_id)
+        self._streams.get(subject, set()).discard(call_id)
 
     async def used(self, subject: str) -> int:
         self._expire(subject, time.monotonic())
@@ -292,7 +297,7 @@ class RedisThrottle:
         return [f"mlmesh:throttle:{{{subject}}}:{part}" for part in ("tz", "th", "rz", "sz", "tt")]
 
     async def admit(
-        self, subject: str, request_id: str, tokens: int, limits: Limits, stream: bool = True
+        self, subject: str, call_id: str, tokens: int, limits: Limits, stream: bool = True
     ) -> Decision:
         now_ms = int(time.time() * 1000)
         admitted, retry_ms, violated = await self._admit(
@@ -300,7 +305,7 @@ class RedisThrottle:
             args=[
                 now_ms,
                 self.window_ms,
-                request_id,
+                call_id,
                 tokens,
                 limits.tokens_per_minute,
                 limits.requests_per_minute,
@@ -311,9 +316,9 @@ class RedisThrottle:
         violated = violated.decode() if isinstance(violated, bytes) else str(violated)
         return Decision(bool(admitted), int(retry_ms) / 1000, violated, self.name)
 
-    async def settle(self, subject: str, request_id: str, actual: int) -> None:
+    async def settle(self, subject: str, call_id: str, actual: int) -> None:
         _, th, _, sz, tt = self._keys(subject)
-        await self._settle(keys=[th, sz, tt], args=[request_id, actual])
+        await self._settle(keys=[th, sz, tt], args=[call_id, actual])
 
     async def used(self, subject: str) -> int:
         """Tokens reserved in the window (as of the subject's last decision)."""
@@ -349,21 +354,21 @@ class Throttle:
         self.replicas = max(1, replicas)
         self.retry_redis_s = retry_redis_s
         self._redis_down_until = 0.0
-        self._where: dict[str, Any] = {}  # request id -> backend that admitted it
+        self._where: dict[str, Any] = {}  # call id -> backend that admitted it
 
     async def admit(
-        self, subject: str, request_id: str, tokens: int, limits: Limits, stream: bool = True
+        self, subject: str, call_id: str, tokens: int, limits: Limits, stream: bool = True
     ) -> Decision:
         """``stream``: a Generate stream, to be settled; False: a unary call
         (requests per minute only; no settle needed)."""
         if self.redis is not None and time.monotonic() >= self._redis_down_until:
             try:
-                decision = await self.redis.admit(subject, request_id, tokens, limits, stream)
+                decision = await self.redis.admit(subject, call_id, tokens, limits, stream)
                 if decision.admitted:
                     # Kept in process too: the outage fallback starts from it.
-                    self.local.record(subject, request_id, tokens, stream)
+                    self.local.record(subject, call_id, tokens, stream)
                     if stream:
-                        self._where[request_id] = self.redis
+                        self._where[call_id] = self.redis
                 return decision
             except Exception as error:  # connection refused, timeout: the policy below
                 self._redis_down_until = time.monotonic() + self.retry_redis_s
@@ -371,21 +376,21 @@ class Throttle:
                     "Redis unreachable (%s); local limits / %d replicas", error, self.replicas
                 )
         scaled = limits.scaled(self.replicas) if self.redis is not None else limits
-        decision = await self.local.admit(subject, request_id, tokens, scaled, stream)
+        decision = await self.local.admit(subject, call_id, tokens, scaled, stream)
         if decision.admitted and stream:
-            self._where[request_id] = self.local
+            self._where[call_id] = self.local
         return decision
 
-    async def settle(self, subject: str, request_id: str, actual: int) -> None:
-        backend = self._where.pop(request_id, None)
+    async def settle(self, subject: str, call_id: str, actual: int) -> None:
+        backend = self._where.pop(call_id, None)
         if backend is None:
             return
         if backend is not self.local:
-            await self.local.settle(subject, request_id, actual)  # the in-process copy
+            await self.local.settle(subject, call_id, actual)  # the in-process copy
         try:
-            await asyncio.wait_for(backend.settle(subject, request_id, actual), 1.0)
+            await asyncio.wait_for(backend.settle(subject, call_id, actual), 1.0)
         except Exception as error:  # the reservation expires with its window
-            log.warning("could not settle %s: %s", request_id, error)
+            log.warning("could not settle %s: %s", call_id, error)
 
     async def close(self) -> None:
         if self.redis is not None:

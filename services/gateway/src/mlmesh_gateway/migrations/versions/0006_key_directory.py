@@ -7,15 +7,15 @@ that verify them). Keys stored before this migration hold a peppered
 HMAC-SHA256, which no service can verify: they stop authenticating and must
 be re-created (no deployment of mlmesh predates this change).
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 
 
 def upgrade() -> None:

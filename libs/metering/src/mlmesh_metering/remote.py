@@ -1,0 +1,100 @@
+"""The ledger as a service other than the gateway reaches it: batches of
+usage events sent with UsageService.RecordUsage (idempotent by event id)."""
+
+from __future__ import annotations
+
+import grpc
+from mlmesh.gateway.v1 import usage_service_pb2, usage_service_pb2_grpc
+from mlmesh_chassis.errors import Unavailable
+
+from mlmesh_metering.batcher import UsageBatcher
+from mlmesh_metering.events import UsageEvent
+
+# Codes that mean "not now" (the event may well be fine): keep and retry.
+# A key without the USAGE_RECORD scope is a deployment mistake to fix, not a
+# reason to drop usage, so it is retried (and logged) too.
+_RETRY = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+MAX_EVENTS = 1000  # RecordUsage's batch limit (usage_service.proto)
+
+
+def to_message(event: UsageEvent) -> usage_service_pb2.MeteredEvent:
+    message = usage_service_pb2.MeteredEvent(
+        event_id=event.event_id,
+        key_id=event.key_id,
+        call_id=event.call_id,
+        request_id=event.request_id,
+        service=event.service,  # type: ignore[arg-type]
+        model=event.model,
+        unit=event.unit,
+        quantity=event.quantity,
+        status=event.status,
+    )
+    message.latency.FromNanoseconds(int(event.latency_ms * 1e6))
+    return message
+
+
+def from_message(message: usage_service_pb2.MeteredEvent) -> UsageEvent:
+    return UsageEvent(
+        event_id=message.event_id,
+        key_id=message.key_id,
+        call_id=message.call_id,
+        request_id=message.request_id,
+        service=int(message.service),
+        model=message.model,
+        unit=message.unit,
+        quantity=message.quantity,
+        input_items=0,
+        status=message.status or "OK",
+        latency_ms=message.latency.ToNanoseconds() / 1e6,
+    )
+
+
+class RemoteUsageSink(UsageBatcher):
+    """Sends batches to the gateway's UsageService.RecordUsage (through
+    Envoy, with a service key holding PLATFORM_SERVICE_USAGE_RECORD)."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        flush_s: float = 0.25,
+        batch: int = MAX_EVENTS,
+        timeout_s: float = 5.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        super().__init__(flush_s, min(batch, MAX_EVENTS))
+        if channel is None:
+            from mlmesh_sdk.channel import mesh_channel
+
+            channel = mesh_channel(target, api_key)
+        self._channel = channel
+        self._stub = usage_service_pb2_grpc.UsageServiceStub(channel)
+        self.timeout_s = timeout_s
+
+    async def _write(self, events: list[UsageEvent]) -> None:
+        request = usage_service_pb2.RecordUsageRequest(events=[to_message(e) for e in events])
+        try:
+            await self._stub.RecordUsage(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            code = error.code()  # type: ignore[attr-defined]
+            if code in _RETRY:
+                raise Unavailable(
+                    f"RecordUsage failed ({code.name}): {error.details()}",  # type: ignore[attr-defined]
+                    code=code.name,
+                ) from error
+            raise  # INVALID_ARGUMENT: the batch is retried event by event
+
+    async def close(self) -> None:
+        await super().close()
+        await self._channel.close()

@@ -1,0 +1,205 @@
+"""Metering no caller can dodge, through the real GatewayServicer on a real
+server (in-process llm doubles from test_routing, SQLite ledger): a reused
+request id neither merges calls nor crosses keys; caller-supplied values are
+checked before anything is reserved."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2
+from mlmesh.llm.v1 import llm_service_pb2_grpc
+from mlmesh_chassis.database import Database
+from mlmesh_chassis.generation import MAX_PROMPT_BYTES
+from mlmesh_chassis.testing import expect_error
+from mlmesh_gateway.balancer import LatencyAwareBalancer
+from mlmesh_gateway.keys import KeyStore
+from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
+from mlmesh_metering import Metering, Throttle
+from mlmesh_metering.events import UsageEvent
+from mlmesh_metering.ledger import UsageLedger, usage_events
+from mlmesh_metering.remote import RemoteUsageSink
+from mlmesh_sdk.channel import mesh_channel
+from test_routing import FakeLlm, _serve, request
+
+GENERATE = pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=["*"])
+
+
+@pytest.fixture
+async def gateway(tmp_path):
+    """(address, keys, ledger, fake llm) for a gateway with one llm endpoint."""
+    fake = FakeLlm("a1")
+    llm_host, llm_port = await _serve(fake, llm_service_pb2_grpc.add_LlmServiceServicer_to_server)
+    database = Database(
+        f"sqlite+aiosqlite:///{tmp_path}/g.db",
+        name="gateway",
+        version_table="alembic_version_gateway",
+        migrations=__import__("pathlib").Path(__import__("mlmesh_gateway").__file__).parent
+        / "migrations",
+    )
+    await database.migrate()
+    keys = KeyStore(database, b"pepper")
+    balancer = LatencyAwareBalancer.from_spec(f"a=127.0.0.1:{llm_port}", home_region="a")
+    ledger = UsageLedger(database)
+    meter = Metering(Throttle(), ledger, pb.PLATFORM_SERVICE_GENERATE)
+    servicer = GatewayServicer(keys, meter, balancer, None, ["tiny-llama"], [], [])
+    usage = UsageServicer(ledger, keys)
+
+    def add(_, server):
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+        from mlmesh.gateway.v1 import usage_service_pb2_grpc
+
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
+
+    host, port = await _serve(None, add)
+    yield f"127.0.0.1:{port}", keys, ledger, fake
+    await ledger.close()
+    await balancer.close()
+    await host.shutdown()
+    await llm_host.shutdown()
+    await database.close()
+
+
+async def _key(keys: KeyStore, **limits) -> tuple[str, str]:
+    key, secret = await keys.create(
+        pb.Key(display_name="t", scopes=GENERATE, limits=pb.KeyLimits(**limits))
+    )
+    return key.id, secret
+
+
+async def _rows(ledger: UsageLedger, request_id: str) -> list:
+    await ledger.flush()
+    async with ledger.db.read() as c:
+        return (
+            await c.execute(sa.select(usage_events).where(usage_events.c.request_id == request_id))
+        ).all()
+
+
+async def test_reusing_a_request_id_is_limited_and_billed_per_call(gateway):
+    address, keys, ledger, _ = gateway
+    key_id, secret = await _key(keys, tokens_per_minute=3000)
+    admitted = rejected = 0
+    async with mesh_channel(address, secret) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        for _ in range(10):  # 3 + 1000 reserved each: 2 fit in 3000
+            try:
+                [c async for c in stub.Generate(request(tokens=1000, request_id="same"))]
+                admitted += 1
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                rejected += 1
+    assert (admitted, rejected) == (2, 8)
+    rows = await _rows(ledger, "same")
+    assert len(rows) == 2  # every admitted call billed, each under its own event id
+    assert len({r.event_id for r in rows}) == 2 and all(r.key_id == key_id for r in rows)
+    assert sum(r.quantity for r in rows) == 2 * (3 + 1000)
+
+
+async def test_two_keys_reusing_one_id_are_each_billed_their_own(gateway):
+    address, keys, ledger, _ = gateway
+    billed = {}
+    for name in ("first", "second"):
+        key_id, secret = await _key(keys)
+        async with mesh_channel(address, secret) as channel:
+            stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+            [c async for c in stub.Generate(request(tokens=7, request_id="shared-id"))]
+        billed[name] = key_id
+    rows = await _rows(ledger, "shared-id")
+    assert sorted((r.key_id, r.completion_tokens) for r in rows) == sorted(
+        (k, 7) for k in billed.values()
+    )
+
+
+async def test_a_reused_id_does_not_dodge_the_daily_quota(gateway):
+    address, keys, _, _ = gateway
+    _, secret = await _key(keys, token_quota=2100)
+    async with mesh_channel(address, secret) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        for _ in range(2):  # 1003 each, settled and billed
+            [c async for c in stub.Generate(request(tokens=1000, request_id="q"))]
+        details = await expect_error(
+            _drain(stub.Generate(request(tokens=1000, request_id="q"))),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    assert details.quota_failure.violations[0].description == "token_quota"
+
+
+@pytest.mark.parametrize(
+    ("request_id", "field"),
+    [
+        ("x" * 129, "request.request_id"),
+        ("ok\n", "request.request_id"),  # `$` would have let the newline through
+        ("caf\u00e9", "request.request_id"),
+    ],
+)
+async def test_bad_request_ids_are_refused_before_admission(gateway, request_id, field):
+    address, keys, ledger, fake = gateway
+    _, secret = await _key(keys)
+    async with mesh_channel(address, secret) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        details = await expect_error(
+            _drain(stub.Generate(request(request_id=request_id))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    assert [v.field for v in details.bad_request.field_violations] == [field]
+    assert fake.calls == 0 and ledger.pending == 0  # nothing reserved, nothing billed
+
+
+async def test_a_prompt_over_the_cap_is_refused_before_counting_tokens(gateway):
+    address, keys, _, fake = gateway
+    _, secret = await _key(keys)
+    big = request()
+    big.request.text = "x" * (MAX_PROMPT_BYTES + 1)
+    async with mesh_channel(address, secret) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        details = await expect_error(_drain(stub.Generate(big)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details.bad_request.field_violations[0].field == "request.text"
+    assert fake.calls == 0
+
+
+async def test_record_usage_is_idempotent_and_needs_its_scope(gateway):
+    address, keys, ledger, _ = gateway
+    _, plain = await _key(keys)
+    _, secret = await keys.create(
+        pb.Key(
+            display_name="vectors",
+            scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_USAGE_RECORD]),
+        )
+    )
+    event = UsageEvent(
+        key_id="k1",
+        call_id="c1",
+        request_id="their-id",
+        service=pb.PLATFORM_SERVICE_VECTORS,
+        unit="vectors",
+        quantity=12,
+    )
+    async with mesh_channel(address, plain) as channel:
+        from mlmesh.gateway.v1 import usage_service_pb2_grpc
+
+        stub = usage_service_pb2_grpc.UsageServiceStub(channel)
+        await expect_error(
+            stub.RecordUsage(usage_service_pb2.RecordUsageRequest()),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+    async with mesh_channel(address, secret) as channel:
+        sink = RemoteUsageSink(address, secret, channel=channel)
+        for _ in range(2):  # a retried batch: recorded once
+            await sink.record(event)
+            await sink.flush()
+        stub = usage_service_pb2_grpc.UsageServiceStub(channel)
+        bad = usage_service_pb2.RecordUsageRequest(
+            events=[usage_service_pb2.MeteredEvent(event_id="e\n", key_id="k1", unit="rows")]
+        )
+        details = await expect_error(stub.RecordUsage(bad), grpc.StatusCode.INVALID_ARGUMENT)
+    fields = {v.field for v in details.bad_request.field_violations}
+    assert {"events[0].event_id", "events[0].call_id", "events[0].service"} <= fields
+    rows = await _rows(ledger, "their-id")
+    assert [(r.key_id, r.unit, r.quantity) for r in rows] == [("k1", "vectors", 12)]
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
