@@ -5,21 +5,15 @@ migrations."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import mlmesh_gateway
 import pytest
-import sqlalchemy as sa
 from mlmesh_chassis.database import Database
-from mlmesh_chassis.testing import RedisServer
+from mlmesh_chassis.testing import RedisServer, fresh_postgres_database
 
 MIGRATIONS = Path(mlmesh_gateway.__file__).parent / "migrations"
-PG_ADMIN_URL = os.environ.get(
-    "MLMESH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 
 
 @pytest.fixture(scope="session")
@@ -37,19 +31,11 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
-    name = f"mlmesh_metering_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
-    )
     try:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as error:
-        pytest.fail(f"PostgreSQL is required for these tests ({PG_ADMIN_URL}): {error}")
-    yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
+        with fresh_postgres_database("mlmesh_metering") as url:
+            yield url
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def gateway_database(url: str) -> Database:

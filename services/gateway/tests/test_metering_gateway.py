@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import sqlalchemy as sa
+from keyring import Keyring
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2
 from mlmesh.llm.v1 import llm_service_pb2_grpc
@@ -15,14 +16,13 @@ from mlmesh_chassis.database import Database
 from mlmesh_chassis.generation import MAX_PROMPT_BYTES
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
-from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
 from mlmesh_metering import Metering, Throttle
 from mlmesh_metering.events import UsageEvent
 from mlmesh_metering.ledger import UsageLedger, usage_events
 from mlmesh_metering.remote import RemoteUsageSink
 from mlmesh_sdk.channel import mesh_channel
-from test_routing import FakeLlm, _serve, request
+from test_routing import FakeLlm, request
 
 GENERATE = pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=["*"])
 
@@ -31,7 +31,6 @@ GENERATE = pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=
 async def gateway(tmp_path):
     """(address, keys, ledger, fake llm) for a gateway with one llm endpoint."""
     fake = FakeLlm("a1")
-    llm_host, llm_port = await _serve(fake, llm_service_pb2_grpc.add_LlmServiceServicer_to_server)
     database = Database(
         f"sqlite+aiosqlite:///{tmp_path}/g.db",
         name="gateway",
@@ -40,12 +39,15 @@ async def gateway(tmp_path):
         / "migrations",
     )
     await database.migrate()
-    keys = KeyStore(database, b"pepper")
+    keys = await Keyring.open(database, tmp_path)
+    llm_host, llm_port = await keys.serve(
+        fake, llm_service_pb2_grpc.add_LlmServiceServicer_to_server
+    )
     balancer = LatencyAwareBalancer.from_spec(f"a=127.0.0.1:{llm_port}", home_region="a")
     ledger = UsageLedger(database)
     meter = Metering(Throttle(), ledger, pb.PLATFORM_SERVICE_GENERATE)
-    servicer = GatewayServicer(keys, meter, balancer, None, ["tiny-llama"], [], [])
-    usage = UsageServicer(ledger, keys)
+    servicer = GatewayServicer(meter, balancer, None, ["tiny-llama"], [], [])
+    usage = UsageServicer(ledger)
 
     def add(_, server):
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
@@ -53,16 +55,17 @@ async def gateway(tmp_path):
 
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
 
-    host, port = await _serve(None, add)
+    host, port = await keys.serve(None, add)
     yield f"127.0.0.1:{port}", keys, ledger, fake
     await ledger.close()
     await balancer.close()
     await host.shutdown()
     await llm_host.shutdown()
+    await keys.close()
     await database.close()
 
 
-async def _key(keys: KeyStore, **limits) -> tuple[str, str]:
+async def _key(keys: Keyring, **limits) -> tuple[str, str]:
     key, secret = await keys.create(
         pb.Key(display_name="t", scopes=GENERATE, limits=pb.KeyLimits(**limits))
     )

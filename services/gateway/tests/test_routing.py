@@ -15,6 +15,7 @@ from typing import ClassVar
 import grpc
 import pytest
 import sqlalchemy as sa
+from keyring import Keyring
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
@@ -23,10 +24,8 @@ from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.database import Database
-from mlmesh_chassis.server import start_service
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
-from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.servicer import GatewayServicer
 from mlmesh_metering import Metering, Throttle
 from mlmesh_metering.ledger import UsageLedger, usage_events
@@ -78,26 +77,10 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
         context.set_trailing_metadata((("mlmesh-load-waiting", "0"), ("mlmesh-load-running", "1")))
 
 
-async def _serve(servicer, add) -> tuple[object, int]:
-    def register(server):
-        add(servicer, server)
-        return []
-
-    host = await start_service(
-        Settings(port=0, metrics_port=-1, drain_seconds=0), register, error_domain="mlmesh.test"
-    )
-    return host, host.port
-
-
 @pytest.fixture
 async def mesh(tmp_path):
     """Two regions: a (home) with endpoints a1, a2; b with b1."""
     fakes = {name: FakeLlm(name) for name in ("a1", "a2", "b1")}
-    hosts, spec = [], []
-    for name, fake in fakes.items():
-        host, port = await _serve(fake, llm_service_pb2_grpc.add_LlmServiceServicer_to_server)
-        hosts.append(host)
-        spec.append(f"{name[0]}=127.0.0.1:{port}")
     database = Database(
         f"sqlite+aiosqlite:///{tmp_path}/g.db",
         name="gateway",
@@ -106,14 +89,19 @@ async def mesh(tmp_path):
         / "migrations",
     )
     await database.migrate()
-    keys = KeyStore(database, b"pepper")
+    keys = await Keyring.open(database, tmp_path)
+    hosts, spec = [], []
+    for name, fake in fakes.items():
+        host, port = await keys.serve(fake, llm_service_pb2_grpc.add_LlmServiceServicer_to_server)
+        hosts.append(host)
+        spec.append(f"{name[0]}=127.0.0.1:{port}")
     _, secret = await keys.create(pb.Key(display_name="t"))
     balancer = LatencyAwareBalancer.from_spec(",".join(spec), home_region="a", saturation=2)
     throttle = Throttle()
     ledger = UsageLedger(database)
     meter = Metering(throttle, ledger, pb.PLATFORM_SERVICE_GENERATE)
-    gateway = GatewayServicer(keys, meter, balancer, None, ["tiny-llama"], [], [])
-    host, port = await _serve(
+    gateway = GatewayServicer(meter, balancer, None, ["tiny-llama"], [], [])
+    host, port = await keys.serve(
         gateway, gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server
     )
     hosts.append(host)
@@ -131,6 +119,7 @@ async def mesh(tmp_path):
     await balancer.close()
     for h in hosts:
         await h.shutdown()
+    await keys.close()
     await database.close()
 
 

@@ -118,7 +118,8 @@ async def start_service(
     Every call but health and reflection is checked against ``key_view``
     (default: one built from the settings and kept current from the
     gateway's key directory)."""
-    set_service_identity(ServiceIdentity(settings.service_key_file))
+    if settings.service_key_file is not None:
+        set_service_identity(ServiceIdentity(settings.service_key_file))
     watcher = None
     if key_view is None:
         key_view, watcher = key_view_for(settings)

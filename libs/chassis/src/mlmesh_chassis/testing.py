@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import shutil
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +111,32 @@ def directory_key(services: list[int], key_id: str = "", revision: int = 1) -> t
 
 def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {secret}"),)
+
+
+PG_ADMIN_URL = os.environ.get(
+    "MLMESH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "mlmesh_test") -> Iterator[str]:
+    """A fresh, empty database on the machine's PostgreSQL (its URL), dropped
+    afterwards. Raises RuntimeError when PostgreSQL cannot be reached."""
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    # NullPool: tests may restart PostgreSQL, which kills pooled connections.
+    engine = sa.create_engine(
+        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+    )
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        raise RuntimeError(f"PostgreSQL is required ({PG_ADMIN_URL}): {error}") from error
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
