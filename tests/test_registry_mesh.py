@@ -21,8 +21,15 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def artifact_files(mesh, model: str) -> list[Path]:
-    directory = mesh.state_dir / "artifacts" / model
-    return sorted(directory.iterdir()) if directory.exists() else []
+    """The model's artifact files, and every upload in progress (uploads are
+    written to `.uploads/` and moved into the model's folder once verified)."""
+    root = mesh.state_dir / "artifacts"
+    return sorted(
+        path
+        for directory in (root / model, root / ".uploads")
+        if directory.exists()
+        for path in directory.iterdir()
+    )
 
 
 async def versions_of(registry, model: str) -> list[int]:

@@ -1,0 +1,61 @@
+"""A real registry, in-process on port 0, with a temporary SQLite database and
+artifact directory; started once for the registry's unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
+from mlmesh_registry.config import RegistrySettings
+from mlmesh_registry.server import build_server
+
+# Short, so a stalled-upload test does not wait a minute.
+IDLE_TIMEOUT_S = 1.5
+
+
+@dataclass
+class Registry:
+    stub: RegistryServiceStub
+    artifacts: Path
+
+    def leftovers(self) -> list[str]:
+        """Every file and folder under the artifact root (relative paths)."""
+        return sorted(p.relative_to(self.artifacts).as_posix() for p in self.artifacts.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+async def registry_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Registry]:
+    root = tmp_path_factory.mktemp("registry")
+    settings = RegistrySettings(
+        port=0,
+        metrics_port=-1,
+        database_url=f"sqlite+aiosqlite:///{root}/r.db",
+        artifact_url=str(root / "artifacts"),
+        drain_seconds=0.0,
+        grace_seconds=1.0,
+        upload_idle_timeout_seconds=IDLE_TIMEOUT_S,
+    )
+    host = await build_server(settings)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+    try:
+        yield Registry(RegistryServiceStub(channel), root / "artifacts")
+    finally:
+        await channel.close()
+        await host.shutdown()
+
+
+@pytest.fixture
+def registry(registry_server: Registry) -> Registry:
+    return registry_server
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> str:
+    """A model name of this test's own."""
+    import hashlib
+
+    return "m-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
