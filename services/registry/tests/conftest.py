@@ -4,27 +4,13 @@ artifact directory; started once for the registry's unit tests."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
 from mlmesh_registry.config import RegistrySettings
 from mlmesh_registry.server import build_server
-
-# Short, so a stalled-upload test does not wait a minute.
-IDLE_TIMEOUT_S = 1.5
-
-
-@dataclass
-class Registry:
-    stub: RegistryServiceStub
-    artifacts: Path
-
-    def leftovers(self) -> list[str]:
-        """Every file and folder under the artifact root (relative paths)."""
-        return sorted(p.relative_to(self.artifacts).as_posix() for p in self.artifacts.rglob("*"))
+from registry_fixtures import IDLE_TIMEOUT_S, Registry
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conftest import IDLE_TIMEOUT_S, Registry
 from google.protobuf import field_mask_pb2
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.testing import expect_error
 from mlmesh_registry import store
+from registry_fixtures import IDLE_TIMEOUT_S, Registry
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
