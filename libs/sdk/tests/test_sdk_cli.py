@@ -18,11 +18,13 @@ MLMESH = Path(sys.executable).parent / "mlmesh"
 
 
 async def mlmesh(target: str, *argv: str) -> tuple[int, list[dict[str, Any]], str]:
-    """Runs the installed script; returns its exit code, stdout as JSON lines, stderr."""
+    """Runs the installed script with --json; returns its exit code, stdout as
+    JSON lines, stderr."""
     env = {**os.environ, "MLMESH_TARGET": target}
     env.pop("MLMESH_API_KEY", None)
     process = await asyncio.create_subprocess_exec(
         str(MLMESH),
+        "--json",
         *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -154,3 +156,32 @@ def test_target_and_api_key_default_from_the_environment(
     monkeypatch.delenv("MLMESH_API_KEY")
     args = build_parser().parse_args(["models", "list"])
     assert (args.target, args.api_key) == ("127.0.0.1:8080", None)
+
+
+async def test_upload_and_resolve_print_a_short_summary_by_default(
+    registry_target: str, tmp_path: Path
+) -> None:
+    folder = make_folder(tmp_path / "m", big_bytes=100_000)
+    env = {**os.environ, "MLMESH_TARGET": registry_target}
+    outputs = []
+    for argv in (
+        ["upload", "summary-model", str(folder), "--format", "sklearn", "--tag", "team=risk"],
+        ["alias", "set", "summary-model", "champion", "1"],
+        ["alias", "set", "summary-model", "champion", "1"],
+        ["resolve", "summary-model@champion"],
+    ):
+        process = await asyncio.create_subprocess_exec(
+            str(MLMESH), *argv, stdout=asyncio.subprocess.PIPE, env=env
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0
+        outputs.append(out.decode())
+    upload, created, unchanged, resolved = outputs
+    for out in (upload, resolved):
+        assert len(out.splitlines()) == 1  # not the environment lock
+        assert out.startswith("summary-model/1  sha256:")
+        assert "format=sklearn" in out and "tags=team=risk" in out
+        assert " packages" in out and "==" not in out
+    assert "aliases=champion" in resolved
+    assert created == "summary-model@champion -> version 1 (was unset)\n"
+    assert unchanged == "summary-model@champion -> version 1 (unchanged)\n"

@@ -5,6 +5,13 @@ interceptor turns them into a status with an ErrorInfo (reason from
 mlmesh.common.v1.ErrorReason, domain `mlmesh.<area>`, metadata holding every
 variable in the message) plus BadRequest / RetryInfo / QuotaFailure details
 where they apply (AIP-193).
+
+Errors are bounded however large the offending input: an echoed value longer
+than ``ECHO_CHARS`` is cut to a prefix plus "…" (in the metadata and wherever
+the message repeats it), the message to ``MAX_MESSAGE_CHARS``, each violation's
+texts and their number, and the whole serialized status to
+``MAX_STATUS_BYTES``. A status larger than Envoy's header limit would reach the
+caller as a protocol error instead of the status.
 """
 
 from __future__ import annotations
@@ -18,6 +25,24 @@ from grpc_status import rpc_status
 from mlmesh.common.v1 import errors_pb2
 
 Reason = errors_pb2.ErrorReason
+
+# Longest echoed value (metadata values, field paths): a prefix and "…" beyond.
+ECHO_CHARS = 64
+# Longest status message and violation description.
+MAX_MESSAGE_CHARS = 1024
+MAX_DESCRIPTION_CHARS = 256
+# Most field or quota violations reported; a last one says how many were left out.
+MAX_VIOLATIONS = 10
+# The serialized google.rpc.Status (sent base64-encoded in a trailer, beside the
+# message): far below Envoy's 60 KiB header limit.
+MAX_STATUS_BYTES = 8 * 1024
+_ELLIPSIS = "…"
+
+
+def shorten(value: object, limit: int = ECHO_CHARS) -> str:
+    """``value`` as text, cut to ``limit`` characters plus "…" when longer."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + _ELLIPSIS
 
 
 @dataclass(frozen=True)
@@ -49,8 +74,17 @@ class MlmeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __post_init__(self) -> None:
+        metadata = {shorten(k): str(v) for k, v in self.metadata.items()}
+        message = self.message
+        for key, value in metadata.items():
+            if len(value) > ECHO_CHARS:
+                short = shorten(value)
+                # the message echoes the same variable: cut it there too
+                message = message.replace(repr(value), repr(short)).replace(value, short)
+                metadata[key] = short
+        self.metadata = metadata
+        self.message = shorten(message, MAX_MESSAGE_CHARS)
         super().__init__(self.message)
-        self.metadata = {k: str(v) for k, v in self.metadata.items()}
 
     def extra_details(self) -> list[object]:
         return []
@@ -83,9 +117,11 @@ class InvalidArgument(MlmeshError):
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=field, description=description
                     )
-                    for v in self.violations
+                    for field, description in _bounded(
+                        [(v.field, v.description) for v in self.violations]
+                    )
                 ]
             )
         ]
@@ -204,13 +240,24 @@ class ResourceExhausted(MlmeshError):
     def extra_details(self) -> list[object]:
         quota = error_details_pb2.QuotaFailure(
             violations=[
-                error_details_pb2.QuotaFailure.Violation(
-                    subject=v.subject, description=v.description
+                error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+                for subject, description in _bounded(
+                    [(v.subject, v.description) for v in self.violations]
                 )
-                for v in self.violations
             ]
         )
         return [quota, _retry_info(self.retry_after_s)]
+
+
+def _bounded(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(field, description) pairs with both texts and their number capped."""
+    kept = [
+        (shorten(first, 2 * ECHO_CHARS), shorten(second, MAX_DESCRIPTION_CHARS))
+        for first, second in pairs[:MAX_VIOLATIONS]
+    ]
+    if len(pairs) > MAX_VIOLATIONS:
+        kept.append(("", f"{len(pairs) - MAX_VIOLATIONS} more violations left out"))
+    return kept
 
 
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
@@ -224,17 +271,32 @@ def to_status(error: MlmeshError, domain: str) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(
         reason=Reason.Name(error.reason).removeprefix("ERROR_REASON_"),
         domain=domain,
-        metadata=error.metadata,
+        metadata={shorten(k): shorten(v) for k, v in error.metadata.items()},
     )
-    details = []
-    for message in [info, *error.extra_details()]:
-        packed = any_pb2.Any()
-        packed.Pack(message)  # type: ignore[arg-type]
-        details.append(packed)
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+        code=getattr(code_pb2, error.code.name),
+        message=shorten(error.message, MAX_MESSAGE_CHARS),
+        details=[_pack(message) for message in [info, *error.extra_details()]],
     )
+    if status.ByteSize() > MAX_STATUS_BYTES:
+        # Too many variables or violations: keep the ErrorInfo's reason and
+        # domain, and only as much metadata as fits.
+        metadata = dict(info.metadata)
+        info.metadata.clear()
+        for key, value in metadata.items():
+            info.metadata[key] = value
+            if info.ByteSize() + len(status.message.encode()) > MAX_STATUS_BYTES // 2:
+                del info.metadata[key]
+                break
+        del status.details[:]
+        status.details.append(_pack(info))
     return rpc_status.to_status(status)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The `mlmesh` command line.
 
-Every command prints its results as JSON (the proto3 JSON mapping), one object
-per line, so its output pipes into `jq`. A failed call prints
+Every command prints one short line per result (a version's lineage, with its
+environment lock of hundreds of packages, is summed up in a few words);
+``--json`` prints the full records instead, as JSON (the proto3 JSON mapping),
+one object per line, so the output pipes into `jq`. A failed call prints
 `error: CODE: message` and the ErrorInfo to stderr and exits 1; bad usage
 exits 2.
 
@@ -24,6 +26,8 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from mlmesh.registry.v1 import model_pb2 as pb
+from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.errors import details_of
 
 from mlmesh_sdk.reference import parse_reference
@@ -210,7 +214,8 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mlmesh", description="The mlmesh command line (JSON out, one object per line)."
+        prog="mlmesh",
+        description="The mlmesh command line (a line per result; --json for full records).",
     )
     parser.add_argument(
         "--target",
@@ -223,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sent as `authorization: Bearer KEY` (env MLMESH_API_KEY)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print full records as JSON, one object per line (default: a short summary)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(commands)
@@ -248,10 +258,74 @@ def _print_rpc_error(error: grpc.RpcError) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _labels(tags: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+def _version_line(version: pb.ModelVersion) -> str:
+    parts = [
+        f"{version.model}/{version.version}",
+        f"sha256:{version.sha256[:12]}",
+        _size(version.size_bytes),
+    ]
+    if version.format:
+        parts.append(f"format={version.format}")
+    if version.aliases:
+        parts.append("aliases=" + ",".join(version.aliases))
+    if version.tags:
+        parts.append(f"tags={_labels(version.tags)}")
+    lineage = version.lineage
+    packages = len(lineage.environment_lock.splitlines())
+    facts = [f"{packages} packages"] if packages else []
+    if lineage.source.files:
+        facts.append(f"{len(lineage.source.files)} source files")
+    if lineage.source.revision:
+        facts.append(f"revision {lineage.source.revision[:12]}")
+    if facts:
+        parts.append("lineage: " + ", ".join(facts))
+    return "  ".join(parts)
+
+
+def _event_line(event: pb.AliasEvent) -> str:
+    action = pb.AliasEvent.Action.Name(event.action).removeprefix("ACTION_").lower()
+    line = f"#{event.sequence} {event.model}@{event.alias} {action} {event.from_version} -> "
+    line += f"{event.to_version}"
+    if event.actor:
+        line += f" by {event.actor}"
+    return line + (f": {event.reason}" if event.reason else "")
+
+
+def summary(message: Message) -> str:
+    """One line for a result (what the commands print without --json)."""
+    if isinstance(message, pb.ModelVersion):
+        return _version_line(message)
+    if isinstance(message, pb.Model):
+        line = f"{message.name}  latest version {message.latest_version}"
+        return line + (f"  tags={_labels(message.tags)}" if message.tags else "")
+    if isinstance(message, pb.AliasEvent):
+        return _event_line(message)
+    if isinstance(message, rpc.SetAliasResponse | rpc.RollbackAliasResponse):
+        alias = message.alias
+        line = f"{alias.model}@{alias.alias} -> version {alias.version}"
+        if not message.HasField("event"):
+            return line + " (unchanged)"
+        return line + f" (was {message.event.from_version or 'unset'})"
+    return json.dumps(MessageToDict(message))
+
+
 async def _run(args: argparse.Namespace) -> None:
     run: Run = args.run
     async for message in run(args):
-        print(json.dumps(MessageToDict(message)), flush=True)
+        print(json.dumps(MessageToDict(message)) if args.json else summary(message), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

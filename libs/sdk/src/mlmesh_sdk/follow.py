@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
@@ -21,6 +21,18 @@ from mlmesh_sdk.reference import format_reference
 from mlmesh_sdk.registry import RegistryClient
 
 log = logging.getLogger("mlmesh.sdk.follow")
+# Longest wait between two tries of a version that keeps failing to load.
+MAX_RETRY_SECONDS = 300.0
+
+
+def backoff_delays(first_s: float, cap_s: float = MAX_RETRY_SECONDS) -> Iterator[float]:
+    """Waits between tries of one version: ``first_s``, twice that, four
+    times... up to ``cap_s``. A broken artifact under a followed alias is
+    retried ever more rarely instead of every few seconds forever."""
+    delay = max(first_s, 0.0)
+    while True:
+        yield min(delay, cap_s)
+        delay = min(max(delay, 0.001) * 2, cap_s)
 
 
 async def follow(

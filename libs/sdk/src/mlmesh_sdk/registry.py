@@ -13,8 +13,10 @@ are not retried: an upload sent twice would be two versions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import shutil
+import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -30,6 +32,8 @@ from mlmesh_chassis.retry import call_idempotent
 
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.snapshot import (
+    UnpackLimits,
+    check_destination,
     environment_lock,
     file_sha256,
     pack_folder,
@@ -58,6 +62,10 @@ class DownloadIncompleteError(DownloadError):
 
 class ChecksumMismatchError(DownloadError):
     """The downloaded file's sha256 or size differ from the version's; it was deleted."""
+
+
+class UnsafeDestinationError(DownloadError):
+    """The destination is a symlink or not a regular file: nothing is written through it."""
 
 
 def _reference(reference: Reference) -> ModelReference:
@@ -267,7 +275,7 @@ class RegistryClient:
             timeout=self.transfer_timeout,
             metadata=self._metadata,
         )
-        handle: BinaryIO = await asyncio.to_thread(dest.open, "ab")
+        handle: BinaryIO = await asyncio.to_thread(_open_regular, dest, os.O_APPEND)
         try:
             first = await self._next(call)
             if first is grpc.aio.EOF or first.WhichOneof("content") != "model_version":
@@ -303,18 +311,23 @@ class RegistryClient:
                 f"no data from the registry at {self.target} for {self.timeout} s"
             ) from None
 
-    async def download_folder(self, reference: Reference, dest_dir: PathLike) -> pb.ModelVersion:
+    async def download_folder(
+        self, reference: Reference, dest_dir: PathLike, *, limits: UnpackLimits | None = None
+    ) -> pb.ModelVersion:
         """Downloads a folder packed by upload_folder and extracts it into
-        ``dest_dir`` (created if missing), refusing absolute paths, '..' and
-        links. The archive is kept beside dest_dir while it downloads, named
-        after the version, so a cut-off download resumes on the next call."""
+        ``dest_dir`` (missing or an empty folder), all or nothing: see
+        snapshot.unpack_archive for what is refused and ``limits``. The
+        archive downloads into a private folder (``tempfile.mkdtemp``) beside
+        dest_dir, removed afterwards; retries within the call resume it."""
         version = await self.resolve(reference)
-        dest, archive = await asyncio.to_thread(_archive_beside, Path(dest_dir), version)
-        version = await self._download_version(version, archive, resume=True)
+        dest = await asyncio.to_thread(Path(dest_dir).absolute)
+        workdir = await asyncio.to_thread(_private_folder_beside, dest)
         try:
-            await asyncio.to_thread(unpack_archive, archive, dest)
+            archive = workdir / "artifact.tar"
+            version = await self._download_version(version, archive, resume=True)
+            await asyncio.to_thread(unpack_archive, archive, dest, limits)
         finally:
-            archive.unlink(missing_ok=True)
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
         return version
 
     async def ensure_registered(
@@ -486,18 +499,43 @@ def _size_of(path: Path) -> int:
         return 0
 
 
-def _archive_beside(dest_dir: Path, version: pb.ModelVersion) -> tuple[Path, Path]:
-    """dest_dir made absolute, and where its archive downloads (its parent, created)."""
-    dest = dest_dir.absolute()
+def _private_folder_beside(dest: Path) -> Path:
+    """A new folder only this process can enter, in dest's parent (created);
+    fails early when dest cannot receive the folder."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    name = f".{dest.name}.{version.model}-{version.version}-{version.sha256[:16]}.tar.partial"
-    return dest, dest.parent / name
+    check_destination(dest)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".download", dir=dest.parent))
+
+
+def _open_regular(dest: Path, flags: int) -> BinaryIO:
+    """Opens dest for writing without following a symlink, refusing anything
+    but a regular file (a planted link must not receive the artifact)."""
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, 0o644)
+    except OSError as error:
+        if dest.is_symlink():
+            raise UnsafeDestinationError(
+                f"{dest} is a symlink; refusing to write through it"
+            ) from error
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeDestinationError(f"{dest} is not a regular file; refusing to write to it")
+        return os.fdopen(fd, "ab" if flags & os.O_APPEND else "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _prepare_destination(dest: Path, size: int, resume: bool) -> None:
     """Starts dest afresh unless it is a prefix-sized file to resume."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if not resume or not dest.exists() or dest.stat().st_size > size:
-        with contextlib.suppress(FileNotFoundError):
-            dest.unlink()
-        dest.touch()
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise UnsafeDestinationError(f"{dest} is {kind}; refusing to write to it")
+    fresh = st is None or not resume or st.st_size > size
+    _open_regular(dest, os.O_TRUNC if fresh else os.O_APPEND).close()

@@ -6,8 +6,10 @@
   same sha256 on any machine. It is written to a temporary file while hashed,
   so a large folder is never held in memory. No gzip: model weights do not
   compress, and gzip's header would need taming too.
-- ``unpack_archive``: the inverse, refusing absolute paths, '..', links and
-  device files.
+- ``unpack_archive``: the inverse, and the one unpacker every service uses:
+  it refuses absolute paths, '..', links, device files and sparse members,
+  enforces ``UnpackLimits`` (entries, expanded bytes), and extracts into a
+  private staging folder renamed into place, so a failure leaves nothing.
 - ``source_snapshot``: per-file sha256 and size, a tree hash, and the git
   revision when the folder is in a git work tree.
 - ``environment_lock``: installed distributions as sorted ``name==version``
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -142,39 +145,107 @@ def pack_folder(
         raise
 
 
+class UnsafeArchiveError(ValueError):
+    """An archive that is refused: a member that could escape the destination
+    or is not a plain file or folder, or one over the UnpackLimits."""
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """How much one archive may expand to. The defaults fit large models."""
+
+    # Files and folders in the archive.
+    max_members: int = 100_000
+    # Sum of the regular files' sizes once extracted.
+    max_total_bytes: int = 64 * 1024**3
+
+
 def _check_member(member: tarfile.TarInfo) -> None:
     name = member.name
     pure = PurePosixPath(name)
     if pure.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise ValueError(f"archive member {name!r} has an absolute path")
-    if ".." in pure.parts or "\\" in name:
-        raise ValueError(f"archive member {name!r} leaves the destination folder")
+        raise UnsafeArchiveError(f"archive member {name!r} has an absolute path")
+    if ".." in pure.parts or "\\" in name or "\0" in name:
+        raise UnsafeArchiveError(f"archive member {name!r} leaves the destination folder")
+    if member.issym() or member.islnk():
+        raise UnsafeArchiveError(
+            f"archive member {name!r} is not a regular file or directory: a link to "
+            f"{member.linkname!r}"
+        )
+    if member.issparse() or any(key.startswith("GNU.sparse") for key in member.pax_headers):
+        # a few KiB of archive that would expand to any size on disk
+        raise UnsafeArchiveError(f"archive member {name!r} is a sparse file")
     if not (member.isreg() or member.isdir()):
-        raise ValueError(f"archive member {name!r} is not a regular file or directory")
+        raise UnsafeArchiveError(f"archive member {name!r} is not a regular file or directory")
 
 
-def unpack_archive(tar_path: str | os.PathLike[str], dest_dir: str | os.PathLike[str]) -> None:
-    """Extracts a tar made by ``pack_folder`` into dest_dir (created if missing).
+def _checked_members(tar: tarfile.TarFile, limits: UnpackLimits) -> list[tarfile.TarInfo]:
+    """Every member, checked, read one header at a time so that a huge member
+    count stops at the limit instead of filling memory."""
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    while (member := tar.next()) is not None:
+        if len(members) >= limits.max_members:
+            raise UnsafeArchiveError(f"the archive has more than {limits.max_members} entries")
+        _check_member(member)
+        total += member.size if member.isreg() else 0
+        if total > limits.max_total_bytes:
+            raise UnsafeArchiveError(
+                f"the archive expands to more than {limits.max_total_bytes} bytes"
+            )
+        members.append(member)
+    return members
+
+
+def unpack_archive(
+    tar_path: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str],
+    limits: UnpackLimits | None = None,
+) -> None:
+    """Extracts a tar made by ``pack_folder`` into dest_dir, all or nothing.
 
     Every member is checked before anything is written: absolute paths, '..',
-    links and device files raise ValueError.
+    links, device files, sparse members and archives over ``limits`` raise
+    UnsafeArchiveError (a ValueError). The files are extracted into a private
+    folder (``tempfile.mkdtemp``) beside dest_dir and renamed to dest_dir
+    only when complete, so a failure leaves nothing half-written. dest_dir may
+    be missing or an empty folder; anything else raises FileExistsError.
     """
-    dest = Path(dest_dir)
+    limits = limits or UnpackLimits()
+    dest = Path(dest_dir).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(dest)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".unpacking", dir=dest.parent))
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
-            members = tar.getmembers()
-            for member in members:
-                _check_member(member)
-            dest.mkdir(parents=True, exist_ok=True)
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: a second line of defence
-                tar.extractall(dest, members=members, filter="data")
-            else:  # pragma: no cover
-                tar.extractall(dest, members=members)
-    except tarfile.TarError as error:
-        raise ValueError(
-            f"{tar_path} is not a tar archive made by pack_folder (was the version "
-            f"uploaded with upload_file?): {error}"
-        ) from error
+        try:
+            with tarfile.open(tar_path, mode="r:") as tar:
+                members = _checked_members(tar, limits)
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: a second line of defence
+                    tar.extractall(staging, members=members, filter="data")
+                else:  # pragma: no cover
+                    tar.extractall(staging, members=members)
+        except tarfile.TarError as error:
+            raise ValueError(
+                f"{tar_path} is not a tar archive made by pack_folder (was the version "
+                f"uploaded with upload_file?): {error}"
+            ) from error
+        staging.chmod(0o755)  # mkdtemp's folder is private (0700)
+        check_destination(dest)
+        if dest.is_dir():
+            dest.rmdir()  # empty (checked): replaced by the complete folder
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_destination(dest: Path) -> None:
+    """Refuses a dest_dir unpack_archive cannot fill: a symlink, a file, or a
+    folder with something in it (FileExistsError)."""
+    if dest.is_symlink():
+        raise FileExistsError(f"{dest} is a symlink; refusing to extract through it")
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+        raise FileExistsError(f"{dest} exists and is not an empty folder")
 
 
 def _git_revision(root: Path) -> str:

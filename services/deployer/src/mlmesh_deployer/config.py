@@ -26,7 +26,15 @@ class DeployerSettings(ServiceSettings):
     reconcile_seconds: float = 2.0
     # Longest wait for a version to become ready on Triton.
     load_timeout_seconds: float = 300.0
+    # First wait before retrying a version that failed to deploy; doubles on
+    # each failure up to max_retry_seconds (a broken artifact is not retried
+    # every 2 s forever).
     retry_seconds: float = 2.0
+    max_retry_seconds: float = 300.0
+    # Limits on one artifact once unpacked (sparse members, links and device
+    # files are always refused).
+    unpack_max_members: int = 100_000
+    unpack_max_bytes: int = 64 * 1024**3
 
     def references(self) -> list[str]:
         return [part.strip() for part in self.models.split(",") if part.strip()]

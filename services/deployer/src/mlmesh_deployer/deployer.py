@@ -25,9 +25,10 @@ from pathlib import Path
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_inference.triton import TritonClient
-from mlmesh_sdk.follow import follow
+from mlmesh_sdk.follow import MAX_RETRY_SECONDS, backoff_delays, follow
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.registry import RegistryClient
+from mlmesh_sdk.snapshot import UnpackLimits, UnsafeArchiveError
 
 log = logging.getLogger("mlmesh.deployer")
 
@@ -70,6 +71,8 @@ class TritonDeployer:
         reconcile_seconds: float = 2.0,
         load_timeout_s: float = 300.0,
         retry_seconds: float = 2.0,
+        max_retry_seconds: float = MAX_RETRY_SECONDS,
+        unpack_limits: UnpackLimits | None = None,
     ) -> None:
         self.deployments = [Deployment(parse_reference(text)) for text in references]
         models = [d.model for d in self.deployments]
@@ -82,6 +85,9 @@ class TritonDeployer:
         self.reconcile_seconds = reconcile_seconds
         self.load_timeout_s = load_timeout_s
         self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self.unpack_limits = unpack_limits or UnpackLimits()
+        self._sleep = asyncio.sleep  # tests replace it
         self._tasks: list[asyncio.Task[None]] = []
         self._locks = {d.model: asyncio.Lock() for d in self.deployments}
         self.ready = asyncio.Event()
@@ -102,14 +108,28 @@ class TritonDeployer:
     async def _follow(self, deployment: Deployment) -> None:
         async for version in follow(self.registry_target, deployment.reference, self.retry_seconds):
             deployment.target_version = version.version
+            delays = backoff_delays(self.retry_seconds, self.max_retry_seconds)
             while True:
                 try:
                     await self._roll(deployment, version)
                     break
-                except Exception as error:  # registry, Triton or disk: retry
-                    log.warning("deploying %s/%d failed: %s", version.model, version.version, error)
+                except Exception as error:  # registry, Triton or disk: retry, ever more rarely
+                    delay = next(delays)
+                    what = (
+                        "its artifact is refused"
+                        if isinstance(error, UnsafeArchiveError)
+                        else "deploying it failed"
+                    )
+                    log.warning(
+                        "%s/%d: %s: %s; retrying in %.0f s",
+                        version.model,
+                        version.version,
+                        what,
+                        error,
+                        delay,
+                    )
                     deployment.set(State.FAILED, str(error))
-                    await asyncio.sleep(self.retry_seconds)
+                    await self._sleep(delay)
             if all(d.state is State.READY for d in self.deployments):
                 self.ready.set()
 
@@ -147,7 +167,9 @@ class TritonDeployer:
             await asyncio.to_thread(shutil.rmtree, folder, True)
             async with RegistryClient(self.registry_target) as registry:
                 await registry.download_folder(
-                    ModelReference(model=version.model, version=version.version), folder
+                    ModelReference(model=version.model, version=version.version),
+                    folder,
+                    limits=self.unpack_limits,
                 )
             (folder / ".complete").touch()
         return folder

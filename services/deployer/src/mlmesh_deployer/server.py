@@ -11,6 +11,7 @@ import logging
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
+from mlmesh_sdk.snapshot import UnpackLimits
 
 from mlmesh_deployer.config import DeployerSettings
 from mlmesh_deployer.deployer import TritonDeployer
@@ -31,6 +32,8 @@ async def build_server(settings: DeployerSettings) -> ServiceHost:
         reconcile_seconds=settings.reconcile_seconds,
         load_timeout_s=settings.load_timeout_seconds,
         retry_seconds=settings.retry_seconds,
+        max_retry_seconds=settings.max_retry_seconds,
+        unpack_limits=UnpackLimits(settings.unpack_max_members, settings.unpack_max_bytes),
     )
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]

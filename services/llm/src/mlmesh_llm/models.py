@@ -23,9 +23,10 @@ import grpc
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_chassis.errors import FailedPrecondition, NotFound
-from mlmesh_sdk.follow import follow
+from mlmesh_sdk.follow import MAX_RETRY_SECONDS, backoff_delays, follow
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.registry import RegistryClient
+from mlmesh_sdk.snapshot import UnpackLimits, UnsafeArchiveError
 
 from mlmesh_llm.engines.base import Engine
 
@@ -63,12 +64,18 @@ class ModelManager:
         cache_dir: Path,
         engine_factory: EngineFactory,
         retry_seconds: float = 2.0,
+        *,
+        max_retry_seconds: float = MAX_RETRY_SECONDS,
+        unpack_limits: UnpackLimits | None = None,
     ) -> None:
         self.served = [Served(parse_reference(text)) for text in references]
         self.registry_target = registry_target
         self.cache_dir = cache_dir
         self.engine_factory = engine_factory
         self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self.unpack_limits = unpack_limits or UnpackLimits()
+        self._sleep = asyncio.sleep  # tests replace it
         self.loaded: list[LoadedVersion] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Versions kept loaded for running experiments, per model.
@@ -89,18 +96,25 @@ class ModelManager:
 
     async def _follow(self, served: Served) -> None:
         async for version in follow(self.registry_target, served.reference, self.retry_seconds):
+            # A version that keeps failing (a broken artifact) is retried ever
+            # more rarely, up to max_retry_seconds apart.
+            delays = backoff_delays(self.retry_seconds, self.max_retry_seconds)
             while True:
                 try:
                     await self._switch(served, version)
                     break
                 except (grpc.RpcError, OSError, ValueError) as error:
+                    delay = next(delays)
+                    refused = isinstance(error, UnsafeArchiveError)
                     log.warning(
-                        "cannot load %s/%d yet: %s",
+                        "cannot load %s/%d yet: %s%s; retrying in %.0f s",
                         version.model,
                         version.version,
+                        "its artifact is refused: " if refused else "",
                         _describe(error),
+                        delay,
                     )
-                    await asyncio.sleep(self.retry_seconds)
+                    await self._sleep(delay)
             if all(s.current is not None for s in self.served):
                 self.ready.set()
 
@@ -185,7 +199,9 @@ class ModelManager:
             shutil.rmtree(partial, ignore_errors=True)
             async with RegistryClient(self.registry_target) as registry:
                 await registry.download_folder(
-                    ModelReference(model=model, version=version), partial
+                    ModelReference(model=model, version=version),
+                    partial,
+                    limits=self.unpack_limits,
                 )
             (partial / ".complete").touch()
             try:

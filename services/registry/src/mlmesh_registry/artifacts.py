@@ -1,9 +1,12 @@
 """Artifact bytes on any fsspec filesystem (a local directory by default).
 
-An upload is written to ``<root>/<model>/<uuid>.partial`` while its sha256 is
-computed, renamed to ``.bin`` once verified, and only then recorded in the
-database; a failed or cut-off upload deletes its file. Blocking filesystem
-calls run in a worker thread so the event loop keeps serving.
+An upload is written to ``<root>/.uploads/<uuid>.partial`` while its sha256 is
+computed, moved to ``<root>/<model>/<uuid>.bin`` once verified, and only then
+recorded in the database; a failed or cut-off upload deletes its file, and the
+model's folder when that leaves it empty (nothing that fails stays on disk).
+``.uploads`` cannot clash with a model: model names start with a letter.
+Blocking filesystem calls run in a worker thread so the event loop keeps
+serving.
 """
 
 from __future__ import annotations
@@ -20,15 +23,23 @@ from typing import Any
 import fsspec
 
 log = logging.getLogger("mlmesh.registry.artifacts")
+UPLOADS = ".uploads"
+
+
+def _remove_if_empty(fs: Any, folder: str) -> None:
+    """Removes a folder if nothing is in it (a no-op where folders are not real)."""
+    with contextlib.suppress(OSError):
+        if fs.exists(folder) and not fs.ls(folder):
+            fs.rmdir(folder)
 
 
 class ArtifactWriter:
     """One upload in progress: bytes in, sha256 and size out."""
 
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, final_path: str) -> None:
         self.fs = fs
         self.partial_path = path
-        self.final_path = path.removesuffix(".partial") + ".bin"
+        self.final_path = final_path
         self._file = fs.open(path, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
@@ -48,8 +59,25 @@ class ArtifactWriter:
     async def seal(self) -> str:
         """Closes the file and renames it to its final path."""
         await asyncio.to_thread(self._file.close)
-        await asyncio.to_thread(self.fs.mv, self.partial_path, self.final_path)
+
+        def _move() -> None:
+            for attempt in range(3):
+                self.fs.makedirs(self._folder, exist_ok=True)
+                try:
+                    self.fs.mv(self.partial_path, self.final_path)
+                    return
+                except FileNotFoundError:
+                    # another upload's cleanup removed the (then empty) folder
+                    # between our makedirs and mv: make it again
+                    if attempt == 2 or not self.fs.exists(self.partial_path):
+                        raise
+
+        await asyncio.to_thread(_move)
         return self.final_path
+
+    @property
+    def _folder(self) -> str:
+        return self.final_path.rsplit("/", 1)[0]
 
     async def discard(self) -> None:
         """Removes whatever was written (partial or sealed)."""
@@ -61,6 +89,7 @@ class ArtifactWriter:
                 with contextlib.suppress(FileNotFoundError):
                     if self.fs.exists(path):
                         self.fs.rm(path)
+            _remove_if_empty(self.fs, self._folder)
 
         await asyncio.to_thread(_remove)
 
@@ -70,12 +99,18 @@ class ArtifactStore:
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.fs.makedirs(self.root, exist_ok=True)
 
+    @property
+    def uploads(self) -> str:
+        return f"{self.root}/{UPLOADS}"
+
     async def begin(self, model: str) -> ArtifactWriter:
-        directory = f"{self.root}/{model}"
+        name = uuid.uuid4().hex
 
         def _open() -> ArtifactWriter:
-            self.fs.makedirs(directory, exist_ok=True)
-            return ArtifactWriter(self.fs, f"{directory}/{uuid.uuid4().hex}.partial")
+            self.fs.makedirs(self.uploads, exist_ok=True)
+            return ArtifactWriter(
+                self.fs, f"{self.uploads}/{name}.partial", f"{self.root}/{model}/{name}.bin"
+            )
 
         return await asyncio.to_thread(_open)
 
@@ -99,7 +134,11 @@ class ArtifactStore:
         """Deletes uploads left half-written by a crashed process."""
         removed = 0
         now = time.time()
-        for path in self.fs.glob(f"{self.root}/*/*.partial"):
+        # ``*/*.partial``: where uploads were written before ``.uploads``.
+        partials = self.fs.glob(f"{self.uploads}/*.partial") + self.fs.glob(
+            f"{self.root}/*/*.partial"
+        )
+        for path in partials:
             with contextlib.suppress(Exception):
                 modified = self.fs.modified(path).timestamp()
                 if now - modified > older_than_s:

@@ -22,6 +22,9 @@ class RegistrySettings(ServiceSettings):
     # Largest accepted upload chunk (and the download chunk size).
     max_chunk_bytes: int = 4 * 1024 * 1024
     download_chunk_bytes: int = 1024 * 1024
+    # An upload stream that sends nothing (header or chunk) for this long is
+    # ended with ABORTED (UPLOAD_INCOMPLETE) and its partial file removed.
+    upload_idle_timeout_seconds: float = 60.0
     # How often a watch stream polls the database for other replicas' events.
     watch_poll_seconds: float = 0.5
     # Seconds to wait for a database connection before answering UNAVAILABLE.

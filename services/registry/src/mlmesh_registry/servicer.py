@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from mlmesh.registry.v1 import model_pb2 as pb
@@ -14,10 +15,17 @@ from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_chassis.auth import current_principal
 from mlmesh_chassis.errors import Aborted, DataLoss, InvalidArgument, NotFound, Reason
 
-from mlmesh_registry.artifacts import ArtifactStore
+from mlmesh_registry.artifacts import ArtifactStore, ArtifactWriter
 from mlmesh_registry.config import RegistrySettings
 from mlmesh_registry.store import RegistryStore
-from mlmesh_registry.validation import SHA256, check_name, check_tags
+from mlmesh_registry.validation import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_LINEAGE_BYTES,
+    SHA256,
+    check_name,
+    check_tags,
+    check_text,
+)
 
 log = logging.getLogger("mlmesh.registry")
 
@@ -25,6 +33,28 @@ log = logging.getLogger("mlmesh.registry")
 def _actor(context: grpc.aio.ServicerContext) -> str:
     """Who acts: the caller's verified key (never a header a caller sets)."""
     return current_principal().actor
+
+
+async def _idle_bounded(
+    messages: AsyncIterator[Any], idle_s: float, received: Callable[[], int]
+) -> AsyncIterator[Any]:
+    """The messages of a client stream; ABORTED once none came for ``idle_s``
+    (a stalled upload must not hold its partial file and a task forever)."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(iterator), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise Aborted(
+                f"no upload message for {idle_s:g} s after {received()} bytes; "
+                "the upload was abandoned",
+                reason=Reason.ERROR_REASON_UPLOAD_INCOMPLETE,
+                idle_timeout_s=f"{idle_s:g}",
+                received_bytes=received(),
+            ) from None
+        yield message
 
 
 class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
@@ -57,11 +87,17 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     # versions
     async def UploadModelVersion(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        header = await self._read_header(request_iterator)
+        writer: ArtifactWriter | None = None
+        messages = _idle_bounded(
+            request_iterator,
+            self.settings.upload_idle_timeout_seconds,
+            lambda: writer.size if writer is not None else 0,
+        )
+        header = await self._read_header(messages)
         writer = await self.artifacts.begin(header.model)
         committed = False
         try:
-            async for message in request_iterator:
+            async for message in messages:
                 if message.WhichOneof("content") != "chunk":
                     raise InvalidArgument.field("header", "only the first message may be a header")
                 if not message.chunk:
@@ -108,17 +144,19 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 # handler's task is cancelled again while it runs.
                 await asyncio.shield(writer.discard())
 
-    async def _read_header(self, request_iterator) -> pb.ModelVersion:  # type: ignore[no-untyped-def]
-        first = None
-        async for message in request_iterator:
-            first = message
-            break
+    async def _read_header(self, messages: AsyncIterator[Any]) -> rpc.UploadHeader:
+        first = await anext(messages, None)
         if first is None or first.WhichOneof("content") != "header":
             raise InvalidArgument.field("header", "the first message must carry the header")
         header = first.header
         check_name("header.model", header.model)
         check_tags("header.tags", header.tags)
-        if not SHA256.match(header.sha256):
+        check_text("header.description", header.description, MAX_DESCRIPTION_CHARS)
+        if header.lineage.ByteSize() > MAX_LINEAGE_BYTES:
+            raise InvalidArgument.field(
+                "header.lineage", f"at most {MAX_LINEAGE_BYTES} bytes serialized"
+            )
+        if not SHA256.fullmatch(header.sha256):
             raise InvalidArgument.field("header.sha256", "must be 64 lowercase hex characters")
         if not 0 < header.size_bytes <= self.settings.max_artifact_bytes:
             raise InvalidArgument.field(
@@ -175,6 +213,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         alias, event = await self.store.set_alias(
             request.model, request.alias, request.version, request.reason, _actor(context), expected
         )
+        if not event.sequence:  # already there: nothing moved, nothing recorded
+            return rpc.SetAliasResponse(alias=alias)
         return rpc.SetAliasResponse(alias=alias, event=event)
 
     async def GetAlias(self, request, context):  # type: ignore[no-untyped-def]

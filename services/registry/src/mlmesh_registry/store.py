@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,8 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mlmesh_registry import db
 from mlmesh_registry.validation import (
     ALIAS_NAME,
+    MAX_DESCRIPTION_CHARS,
+    MAX_PAGE_BYTES,
+    MAX_REASON_CHARS,
     check_name,
+    check_stickiness_key,
     check_tags,
+    check_text,
     decode_page_token,
     encode_page_token,
     page_size,
@@ -63,6 +68,7 @@ class RegistryStore:
         self, model: pb.Model, *, conn: AsyncConnection | None = None
     ) -> pb.Model:
         check_name("model.name", model.name)
+        check_text("model.description", model.description, MAX_DESCRIPTION_CHARS)
         tags = check_tags("model.tags", model.tags)
         now = _now()
         async with self._maybe_write(conn) as c:
@@ -109,13 +115,13 @@ class RegistryStore:
             )
         async with self.db.read() as c:
             names = list((await c.scalars(stmt)).all())
-            items = [await self._get_model(c, name) for name in names[:size]]
-        next_token = encode_page_token(names[size - 1], query) if len(names) > size else ""
-        return items, next_token
+            items, last = await _fill_page(names, size, lambda name: self._get_model(c, name))
+        return items, encode_page_token(last, query) if last is not None else ""
 
     async def update_model(self, model: pb.Model, paths: Sequence[str]) -> pb.Model:
         check_name("model.name", model.name)
         _check_mask(paths, {"description", "tags"})
+        check_text("model.description", model.description, MAX_DESCRIPTION_CHARS)
         async with self._write() as c:
             await self._get_model(c, model.name)
             values: dict[str, Any] = {"update_time": _now()}
@@ -242,15 +248,15 @@ class RegistryStore:
         async with self.db.read() as c:
             await self._get_model(c, model)
             numbers = list((await c.scalars(stmt)).all())
-            items = [await self._get_version(c, model, n) for n in numbers[:size]]
-        next_token = encode_page_token(numbers[size - 1], query) if len(numbers) > size else ""
-        return items, next_token
+            items, last = await _fill_page(numbers, size, lambda n: self._get_version(c, model, n))
+        return items, encode_page_token(last, query) if last is not None else ""
 
     async def update_version(
         self, version: pb.ModelVersion, paths: Sequence[str]
     ) -> pb.ModelVersion:
         check_name("model_version.model", version.model)
         _check_mask(paths, {"description", "tags"})
+        check_text("model_version.description", version.description, MAX_DESCRIPTION_CHARS)
         async with self._write() as c:
             await self._get_version(c, version.model, version.version)
             where = (db.versions.c.model == version.model, db.versions.c.version == version.version)
@@ -284,6 +290,7 @@ class RegistryStore:
     ) -> tuple[pb.Alias, pb.AliasEvent]:
         check_name("model", model)
         check_name("alias", alias, ALIAS_NAME)
+        check_text("reason", reason, MAX_REASON_CHARS)
         if version < 1:
             raise InvalidArgument.field("version", "must be >= 1")
         async with self._write() as c:
@@ -297,6 +304,10 @@ class RegistryStore:
                     current_version=current or 0,
                     expected_version=expected_version,
                 )
+            if current == version:
+                # Nothing moves, so nothing is recorded: a recorded no-op would
+                # become the change a rollback undoes, and lose its target.
+                return await self._alias_row(c, model, alias), pb.AliasEvent()
             action = AliasAction.ACTION_CREATED if current is None else AliasAction.ACTION_MOVED
             return await self._move_alias(c, model, alias, current, version, action, reason, actor)
 
@@ -332,12 +343,18 @@ class RegistryStore:
         async with self.db.read() as c:
             await self._get_model(c, model)
             rows = list((await c.execute(stmt)).all())
-        next_token = encode_page_token(rows[size - 1].alias, query) if len(rows) > size else ""
-        return [_alias(r) for r in rows[:size]], next_token
+        by_name = {r.alias: r for r in rows}
+
+        async def load(name: str) -> pb.Alias:
+            return _alias(by_name[name])
+
+        items, last = await _fill_page([r.alias for r in rows], size, load)
+        return items, encode_page_token(last, query) if last is not None else ""
 
     async def delete_alias(self, model: str, alias: str, reason: str, actor: str) -> pb.AliasEvent:
         check_name("model", model)
         check_name("alias", alias, ALIAS_NAME)
+        check_text("reason", reason, MAX_REASON_CHARS)
         async with self._write() as c:
             current = await self._alias_version(c, model, alias)
             if current is None:
@@ -364,12 +381,13 @@ class RegistryStore:
         """Moves the alias back to where its last change took it from."""
         check_name("model", model)
         check_name("alias", alias, ALIAS_NAME)
+        check_text("reason", reason, MAX_REASON_CHARS)
         async with self._write() as c:
             current = await self._alias_version(c, model, alias)
             if current is None:
                 await self._get_model(c, model)
                 raise NotFound("alias", f"{model}@{alias}")
-            body = await c.scalar(
+            bodies = await c.scalars(
                 sa.select(db.events.c.body)
                 .where(
                     db.events.c.model == model,
@@ -377,9 +395,18 @@ class RegistryStore:
                     db.events.c.subject == alias,
                 )
                 .order_by(db.events.c.sequence.desc())
-                .limit(1)
+                .limit(100)
             )
-            last = pb.AliasEvent.FromString(body) if body else None
+            # The last real change: no-op moves (recorded before set_alias
+            # stopped recording them) took the alias nowhere.
+            last = next(
+                (
+                    event
+                    for event in map(pb.AliasEvent.FromString, bodies)
+                    if event.from_version != event.to_version
+                ),
+                None,
+            )
             if last is None or last.from_version == 0:
                 raise FailedPrecondition(
                     f"alias {model}@{alias} has no previous version to roll back to",
@@ -421,9 +448,13 @@ class RegistryStore:
         async with self.db.read() as c:
             await self._get_model(c, model)
             rows = list((await c.execute(stmt)).all())
-        events = [_event(pb.AliasEvent, r) for r in rows[:size]]
-        next_token = encode_page_token(rows[size - 1].sequence, query) if len(rows) > size else ""
-        return events, next_token
+        bodies = {r.sequence: r for r in rows}
+
+        async def load(sequence: int) -> pb.AliasEvent:
+            return _event(pb.AliasEvent, bodies[sequence])  # type: ignore[no-any-return]
+
+        events, last = await _fill_page([r.sequence for r in rows], size, load)
+        return events, encode_page_token(last, query) if last is not None else ""
 
     # ---- experiments --------------------------------------------------------
 
@@ -484,8 +515,13 @@ class RegistryStore:
             stmt = stmt.where(x.c.name > after)
         async with self.db.read() as c:
             rows = list((await c.execute(stmt)).all())
-        next_token = encode_page_token(rows[size - 1].name, query) if len(rows) > size else ""
-        return [pb.Experiment.FromString(r.body) for r in rows[:size]], next_token
+        by_name = {r.name: r for r in rows}
+
+        async def load(name: str) -> pb.Experiment:
+            return pb.Experiment.FromString(by_name[name].body)
+
+        items, last = await _fill_page([r.name for r in rows], size, load)
+        return items, encode_page_token(last, query) if last is not None else ""
 
     async def update_experiment(
         self, experiment: pb.Experiment, paths: Sequence[str]
@@ -633,7 +669,7 @@ class RegistryStore:
         if len(set(names)) != len(names):
             violations.append(FieldViolation("experiment.arms", "arm names must be unique"))
         for i, arm in enumerate(experiment.arms):
-            if not ALIAS_NAME.match(arm.name):
+            if not ALIAS_NAME.fullmatch(arm.name):
                 violations.append(
                     FieldViolation(f"experiment.arms[{i}].name", f"must match {ALIAS_NAME.pattern}")
                 )
@@ -646,10 +682,14 @@ class RegistryStore:
             violations.append(
                 FieldViolation("experiment.arms", f"weights must sum to 100 (got {total})")
             )
-        if not experiment.stickiness_key.replace("_", "").replace("-", "").isalnum():
+        try:
+            check_stickiness_key("experiment.stickiness_key", experiment.stickiness_key)
+        except InvalidArgument as error:
+            violations.extend(error.violations)
+        if len(experiment.description) > MAX_DESCRIPTION_CHARS:
             violations.append(
                 FieldViolation(
-                    "experiment.stickiness_key", "must be a header-like name, e.g. api_key"
+                    "experiment.description", f"at most {MAX_DESCRIPTION_CHARS} characters"
                 )
             )
         if experiment.HasField("shadow") and not 0 <= experiment.shadow.percent <= 100:
@@ -688,6 +728,18 @@ class RegistryStore:
             )
         )
         return None if value is None else int(value)
+
+    async def _alias_row(self, c: AsyncConnection, model: str, alias: str) -> pb.Alias:
+        row = (
+            await c.execute(
+                sa.select(db.aliases).where(
+                    db.aliases.c.model == model, db.aliases.c.alias == alias
+                )
+            )
+        ).first()
+        if row is None:
+            raise NotFound("alias", f"{model}@{alias}")
+        return _alias(row)
 
     async def _move_alias(
         self,
@@ -791,6 +843,27 @@ _VERSION_LABELS = (
         )
     )
 )
+
+
+async def _fill_page(
+    keys: Sequence[Any], size: int, load: Callable[[Any], Awaitable[Any]]
+) -> tuple[list[Any], Any | None]:
+    """Loads the items of ``keys`` (up to ``size + 1`` of them, in list order)
+    into a page of at most ``size`` items and MAX_PAGE_BYTES serialized (one
+    item at least). Returns the page and the key to continue after (None: the
+    list ends here)."""
+    items: list[Any] = []
+    total = 0
+    last: Any = None
+    for key in keys[:size]:
+        item = await load(key)
+        item_bytes = item.ByteSize() + 6  # plus its field tag and length prefix
+        if items and total + item_bytes > MAX_PAGE_BYTES:
+            return items, last
+        items.append(item)
+        total += item_bytes
+        last = key
+    return items, (keys[size - 1] if len(keys) > size else None)
 
 
 def _check_mask(paths: Sequence[str], allowed: set[str]) -> None:

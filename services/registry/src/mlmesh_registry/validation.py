@@ -1,4 +1,9 @@
-"""Request validation: names, tags, checksums and page tokens."""
+"""Request validation: names, tags, checksums, free-text sizes and page tokens.
+
+Patterns are whole-string matches (``fullmatch``): with ``match`` and ``$``, a
+name with a trailing newline would pass (``$`` also matches before a final
+``\n``).
+"""
 
 from __future__ import annotations
 
@@ -9,35 +14,93 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from mlmesh_chassis.errors import FieldViolation, InvalidArgument
+from mlmesh_chassis.errors import FieldViolation, InvalidArgument, shorten
 
-MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
-ALIAS_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-TAG_KEY = re.compile(r"^[a-z0-9_.-]{1,63}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Used with fullmatch only (see the module docstring).
+MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{1,62}")
+ALIAS_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+TAG_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+# Experiment stickiness keys: sent as the header `x-mlmesh-<key>`, so a key must
+# make a valid lowercase HTTP/2 (and gRPC metadata) header name; `-bin` would
+# make it a binary header.
+STICKINESS_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+STICKINESS_HEADER_PREFIX = "x-mlmesh-"
+# Headers the mesh itself sets or reads: a caller could not choose their value.
+RESERVED_STICKINESS_KEYS = frozenset({"actor", "key-id", "backend", "region", "request-id"})
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Free text: descriptions and reasons (characters).
+MAX_DESCRIPTION_CHARS = 16 * 1024
+MAX_REASON_CHARS = 1024
+MAX_TAG_VALUE_CHARS = 255
+# A version's lineage, serialized (an environment lock and a source snapshot
+# are tens of KiB; this leaves room for large trees).
+MAX_LINEAGE_BYTES = 1024 * 1024
+# A list page stops before its serialized items exceed this (far below the
+# 4 MiB default gRPC message limit); next_page_token continues.
+MAX_PAGE_BYTES = 1024 * 1024
 
 
 def check_name(field: str, value: str, pattern: re.Pattern[str] = MODEL_NAME) -> str:
-    if not pattern.match(value):
-        raise InvalidArgument.field(field, f"must match {pattern.pattern} (got {value!r})")
+    if not pattern.fullmatch(value):
+        raise InvalidArgument(
+            f"{field}: must match {pattern.pattern} (got {shorten(repr(value))})",
+            [FieldViolation(field, f"must match {pattern.pattern}")],
+            field=field,
+            value=value,
+        )
+    return value
+
+
+def check_text(field: str, value: str, limit: int) -> str:
+    """Free text (a description, a reason) of at most ``limit`` characters."""
+    if len(value) > limit:
+        raise InvalidArgument(
+            f"{field}: at most {limit} characters (got {len(value)})",
+            [FieldViolation(field, f"at most {limit} characters")],
+            field=field,
+            limit=limit,
+            length=len(value),
+        )
     return value
 
 
 def check_tags(field: str, tags: Mapping[str, str]) -> dict[str, str]:
     violations = [
-        FieldViolation(f"{field}[{key!r}]", "tag keys must match [a-z0-9_.-]{1,63}")
+        FieldViolation(f"{field}[{shorten(repr(key))}]", "tag keys must match [a-z0-9_.-]{1,63}")
         for key in tags
-        if not TAG_KEY.match(key)
+        if not TAG_KEY.fullmatch(key)
     ] + [
-        FieldViolation(f"{field}[{key!r}]", "tag values are at most 255 characters")
+        FieldViolation(
+            f"{field}[{shorten(repr(key))}]",
+            f"tag values are at most {MAX_TAG_VALUE_CHARS} characters",
+        )
         for key, value in tags.items()
-        if len(value) > 255
+        if len(value) > MAX_TAG_VALUE_CHARS
     ]
     if violations:
         raise InvalidArgument(f"{field}: invalid tags", violations, field=field)
     return dict(tags)
+
+
+def check_stickiness_key(field: str, key: str) -> str:
+    """A stickiness key the gateway can read from a request header."""
+    if not STICKINESS_KEY.fullmatch(key) or key.endswith("-bin"):
+        problem = (
+            f"must match {STICKINESS_KEY.pattern} and not end in -bin: it is sent as the "
+            f"lowercase header {STICKINESS_HEADER_PREFIX}<key>"
+        )
+    elif key in RESERVED_STICKINESS_KEYS:
+        problem = f"{STICKINESS_HEADER_PREFIX}{key} is a header the mesh itself sets"
+    else:
+        return key
+    raise InvalidArgument(
+        f"{field}: {problem} (got {shorten(repr(key))})",
+        [FieldViolation(field, problem)],
+        field=field,
+        value=key,
+    )
 
 
 def page_size(value: int, field: str = "page_size") -> int:
