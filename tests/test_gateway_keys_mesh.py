@@ -1,18 +1,31 @@
-"""One key for every route: Envoy asks the gateway (ext_authz) on each call."""
+"""One key for every route, checked by every service itself, in process: through
+Envoy and straight to each service's port alike (a port is no trust boundary)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
+import signal
 import sqlite3
+import stat
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 from mlmesh.common.v1 import model_reference_pb2
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as gateway_rpc
-from mlmesh.gateway.v1 import gateway_service_pb2_grpc, key_service_pb2_grpc
+from mlmesh.gateway.v1 import (
+    gateway_service_pb2_grpc,
+    key_service_pb2_grpc,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
 from mlmesh.gateway.v1 import key_service_pb2 as keys_rpc
 from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
@@ -20,6 +33,7 @@ from mlmesh.registry.v1 import registry_service_pb2 as registry_rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_chassis.testing import expect_error
 from mlmesh_sdk.channel import mesh_channel
+from registry_helpers import upload
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -44,31 +58,73 @@ async def create_key(admin, *services: int, **fields) -> tuple[pb.Key, str]:
 
 
 def calls(address: str, secret: str):
-    """One read on each of three services' routes, with ``secret``."""
+    """One call on each service's routes, with ``secret``."""
 
     async def run(code: grpc.StatusCode | None) -> None:
         async with mesh_channel(address, secret) as channel:
             registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
             llm = llm_service_pb2_grpc.LlmServiceStub(channel)
             keys = key_service_pb2_grpc.KeyServiceStub(channel)
+            usage = usage_service_pb2_grpc.UsageServiceStub(channel)
+            gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+            deployer = deployer_service_pb2_grpc.DeployerServiceStub(channel)
             for call in (
                 registry.ListModels(registry_rpc.ListModelsRequest()),
+                registry.CreateModel(registry_rpc.CreateModelRequest()),
                 llm.CountTokens(llm_rpc.CountTokensRequest(model=MODEL, text="hi")),
                 keys.ListKeys(keys_rpc.ListKeysRequest()),
+                usage.GetUsage(usage_service_pb2.GetUsageRequest()),
+                gateway.ListModels(gateway_rpc.ListModelsRequest()),
+                deployer.ListDeployments(deployer_service_pb2.ListDeploymentsRequest()),
             ):
                 if code is None:
                     await call
                 else:
                     details = await expect_error(call, code)
-                    assert details.error_info.domain == "mlmesh.gateway"
+                    assert details.error_info.reason == code.name
 
     return run
 
 
+def direct(mesh, service: str) -> str:
+    """A service's own port, bypassing Envoy."""
+    return f"127.0.0.1:{mesh.port(service)}"
+
+
 async def test_no_key_or_a_wrong_key_is_unauthenticated_everywhere(full_mesh):
-    await calls(full_mesh.address, "")(UNAUTHENTICATED)
-    await calls(full_mesh.address, "mlm_0123456789abcdef_" + "x" * 32)(UNAUTHENTICATED)
-    await calls(full_mesh.address, "not-a-key")(UNAUTHENTICATED)
+    for secret in ("", "mlm_0123456789abcdef_" + "x" * 32, "not-a-key", "x" * 4000):
+        await calls(full_mesh.address, secret)(UNAUTHENTICATED)
+
+
+async def test_straight_calls_to_every_service_port_need_a_key(full_mesh):
+    for service in ("registry", "llm", "gateway", "deployer"):
+        async with mesh_channel(direct(full_mesh, service)) as channel:
+            for method, request in (
+                (
+                    "/mlmesh.registry.v1.RegistryService/ListModels",
+                    registry_rpc.ListModelsRequest(),
+                ),
+                ("/mlmesh.llm.v1.LlmService/CountTokens", llm_rpc.CountTokensRequest()),
+                ("/mlmesh.gateway.v1.UsageService/GetUsage", usage_service_pb2.GetUsageRequest()),
+                ("/mlmesh.gateway.v1.KeyService/ListKeys", keys_rpc.ListKeysRequest()),
+            ):
+                call = channel.unary_unary(
+                    method,
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=lambda b: b,
+                )
+                try:
+                    await call(request, timeout=5)
+                except grpc.RpcError as error:
+                    # a service that does not serve the method says so; one
+                    # that does refuses the caller without a key
+                    assert error.code() in (UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED), (
+                        service,
+                        method,
+                        error,
+                    )
+                else:
+                    raise AssertionError(f"{service} answered {method} without a key")
 
 
 async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
@@ -81,7 +137,7 @@ async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
             llm.CountTokens(llm_rpc.CountTokensRequest(model=MODEL, text="hi")), DENIED
         )
         assert details.error_info.reason == "PERMISSION_DENIED"
-        assert details.error_info.metadata["service"] == "ADMIN"
+        assert details.error_info.metadata["service"] == "LLM"
         keys = key_service_pb2_grpc.KeyServiceStub(channel)
         await expect_error(keys.ListKeys(keys_rpc.ListKeysRequest()), DENIED)
     # a key created with no services gets the model-serving ones
@@ -92,13 +148,13 @@ async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
         pb.PLATFORM_SERVICE_EMBED,
     }
     async with mesh_channel(full_mesh.address, secret) as channel:
-        # Models are served only through the gateway: the llm service's own
-        # route (the gateway's backend, no limits, no usage) is for admins.
+        # Models are served only through the gateway: the llm service (the
+        # gateway's backend, no limits, no usage) takes the gateway's own key.
         llm = llm_service_pb2_grpc.LlmServiceStub(channel)
         details = await expect_error(
             llm.CountTokens(llm_rpc.CountTokensRequest(model=MODEL, text="hi")), DENIED
         )
-        assert details.error_info.metadata["service"] == "ADMIN"
+        assert details.error_info.metadata["service"] == "LLM"
         gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
         request = gateway_rpc.GenerateRequest(
             request=llm_rpc.GenerateRequest(
@@ -109,25 +165,127 @@ async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
         assert sum(chunk.response.token_count for chunk in chunks) == 2
 
 
-async def test_a_revoked_key_stops_working_within_one_second(admin, full_mesh):
+async def _refused_within(call, limit_s: float) -> float:
+    """Seconds until ``call()`` fails UNAUTHENTICATED (asserts under limit_s)."""
+    start = time.monotonic()
+    while True:
+        try:
+            await call()
+        except grpc.RpcError as error:
+            assert error.code() == UNAUTHENTICATED, error
+            break
+        assert time.monotonic() - start < limit_s
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+async def test_a_revoked_key_stops_working_everywhere_and_its_streams_end(admin, full_mesh):
     key, secret = await create_key(admin, pb.PLATFORM_SERVICE_REGISTRY)
-    async with mesh_channel(full_mesh.address, secret) as channel:
-        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+    async with (
+        mesh_channel(full_mesh.address, secret) as front,
+        mesh_channel(direct(full_mesh, "registry"), secret) as straight,
+    ):
+        registry = registry_service_pb2_grpc.RegistryServiceStub(front)
+        registry_direct = registry_service_pb2_grpc.RegistryServiceStub(straight)
         await registry.ListModels(registry_rpc.ListModelsRequest())
+        # open streams: events straight from the registry and through Envoy
+        # (a Generate stream: tests/test_gateway_routing_mesh.py)
+        events = registry_direct.WatchEvents(registry_rpc.WatchEventsRequest())
+        front_events = registry.WatchEvents(registry_rpc.WatchEventsRequest())
+        await asyncio.sleep(0.2)
         await admin.RevokeKey(keys_rpc.RevokeKeyRequest(id=key.id, reason="leaked"))
         revoked_at = time.monotonic()
-        while True:
-            try:
-                await registry.ListModels(registry_rpc.ListModelsRequest())
-            except grpc.RpcError as error:
-                assert error.code() == UNAUTHENTICATED
-                break
-            await asyncio.sleep(0.05)
-        assert time.monotonic() - revoked_at < 1.0
+        for stub in (registry, registry_direct):
+            took = await _refused_within(
+                lambda stub=stub: stub.ListModels(registry_rpc.ListModelsRequest()), 1.0
+            )
+            assert took < 1.0
+        for stream in (events, front_events):
+            with pytest.raises(grpc.RpcError) as ended:
+                while await stream.read() is not grpc.aio.EOF:
+                    pass
+            assert ended.value.code() == UNAUTHENTICATED, ended.value
+            assert "revoked" in ended.value.details()
+        assert time.monotonic() - revoked_at < 1.5
         details = await expect_error(
             registry.ListModels(registry_rpc.ListModelsRequest()), UNAUTHENTICATED
         )
         assert details.error_info.metadata["key_id"] == key.id
+
+
+async def test_the_actor_in_alias_history_is_the_verified_key_never_a_header(
+    admin, full_mesh, unique
+):
+    key, secret = await create_key(admin, pb.PLATFORM_SERVICE_REGISTRY)
+    spoof = (("x-mlmesh-actor", "key:someone-else"), ("x-mlmesh-key-id", "0" * 16))
+    for address in (full_mesh.address, direct(full_mesh, "registry")):
+        async with mesh_channel(address, secret) as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            if address == full_mesh.address:
+                await upload(stub, unique, b"weights")
+            await stub.SetAlias(
+                registry_rpc.SetAliasRequest(model=unique, alias="prod", version=1),
+                metadata=spoof,
+            )
+            await stub.DeleteAlias(
+                registry_rpc.DeleteAliasRequest(model=unique, alias="prod"), metadata=spoof
+            )
+            history = await stub.ListAliasHistory(
+                registry_rpc.ListAliasHistoryRequest(model=unique, alias="prod")
+            )
+    actors = {event.actor for event in history.events}
+    assert actors == {f"key:{key.id}"}, actors
+
+
+async def test_the_gateway_away_services_keep_serving_and_new_keys_arrive_on_return(
+    admin, full_mesh
+):
+    _, secret = await create_key(admin, pb.PLATFORM_SERVICE_REGISTRY)
+    ready = json.loads((full_mesh.state_dir / "ready.json").read_text())
+    os.kill(int(ready["services"]["gateway"]["pid"]), signal.SIGKILL)
+    async with mesh_channel(direct(full_mesh, "registry"), secret) as channel:
+        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        await registry.ListModels(registry_rpc.ListModelsRequest())  # from its view
+    # The runner restarts the gateway on the same port.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            reply = await admin.CreateKey(
+                keys_rpc.CreateKeyRequest(
+                    key=pb.Key(
+                        display_name="after",
+                        scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_REGISTRY]),
+                    )
+                ),
+                timeout=2,
+            )
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "the gateway did not come back"
+            await asyncio.sleep(0.2)
+    created = time.monotonic()
+    async with mesh_channel(direct(full_mesh, "registry"), reply.secret) as channel:
+        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        while True:
+            try:
+                await registry.ListModels(registry_rpc.ListModelsRequest())
+                break
+            except grpc.RpcError as error:
+                assert error.code() == UNAUTHENTICATED
+                assert time.monotonic() - created < 1.0, "a new key took over a second"
+                await asyncio.sleep(0.02)
+
+
+async def test_ready_file_holds_no_secret_and_key_files_are_private(full_mesh):
+    ready = (full_mesh.state_dir / "ready.json").read_text()
+    assert full_mesh.api_key not in ready and "mlm_" not in ready
+    described = json.loads(ready)
+    admin_file = Path(described["admin_key_file"])
+    assert stat.S_IMODE(admin_file.stat().st_mode) == 0o600
+    secrets = full_mesh.state_dir / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    for path in secrets.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 async def test_rotation_keeps_the_old_secret_for_the_grace_period(admin, full_mesh):
@@ -151,7 +309,7 @@ async def calls_registry(address: str, secret: str) -> None:
         await registry.ListModels(registry_rpc.ListModelsRequest())
 
 
-async def test_keys_are_stored_only_as_keyed_hashes(admin, full_mesh):
+async def test_keys_are_stored_only_as_hashes(admin, full_mesh):
     key, secret = await create_key(admin, pb.PLATFORM_SERVICE_REGISTRY)
     listed = await admin.ListKeys(keys_rpc.ListKeysRequest())
     assert key.id in [k.id for k in listed.keys]
@@ -163,6 +321,7 @@ async def test_keys_are_stored_only_as_keyed_hashes(admin, full_mesh):
         database.close()
     stored = repr(rows)
     assert secret not in stored and secret.split("_", 2)[2] not in stored
+    assert hashlib.sha256(secret.encode()).hexdigest() in stored
     details = await expect_error(
         admin.CreateKey(keys_rpc.CreateKeyRequest(key=pb.Key())), grpc.StatusCode.INVALID_ARGUMENT
     )

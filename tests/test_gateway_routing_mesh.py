@@ -214,3 +214,34 @@ async def test_a_replica_dying_before_the_first_token_is_retried_elsewhere(routi
     assert region == "west" and tokens == 20
     assert backend != f"127.0.0.1:{east['port']}"
     await wait_restarted(routing_mesh, "llm.2", east["pid"])
+
+
+async def test_revoking_a_key_ends_its_open_generate_stream(routing_mesh):
+    async with mesh_channel(routing_mesh.address, routing_mesh.api_key) as channel:
+        keys = key_service_pb2_grpc.KeyServiceStub(channel)
+        created = await keys.CreateKey(
+            keys_rpc.CreateKeyRequest(
+                key=pb.Key(
+                    display_name="revoked mid-stream",
+                    scopes=pb.KeyScopes(
+                        services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=["*"]
+                    ),
+                )
+            )
+        )
+        async with mesh_channel(routing_mesh.address, created.secret) as user:
+            gateway = gateway_service_pb2_grpc.GatewayServiceStub(user)
+            call = gateway.Generate(generate(2000), timeout=30)  # about 4 s of tokens
+            received = 0
+            async for chunk in call:
+                received += chunk.response.token_count
+                if received >= 20:
+                    break
+            await keys.RevokeKey(keys_rpc.RevokeKeyRequest(id=created.key.id, reason="leaked"))
+            revoked_at = time.monotonic()
+            with pytest.raises(grpc.RpcError) as ended:
+                async for chunk in call:
+                    received += chunk.response.token_count
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert time.monotonic() - revoked_at < 1.0
+            assert received < 2000

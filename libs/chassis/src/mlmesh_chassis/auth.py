@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,15 +399,20 @@ class KeyWatcher:
         target: Callable[[], str | None],
         identity: ServiceIdentity,
         heartbeat_timeout_s: float = 15.0,
+        on_connected: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self.view = view
         self.target = target
         self.identity = identity
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.connected = asyncio.Event()
+        # Told when the view becomes current (True) and when the stream is lost.
+        self.on_connected = on_connected
 
     async def run(self) -> None:
-        backoff = 0.1
+        # Retries stay frequent (at most 0.5 s apart, on a local connection):
+        # a gateway that comes back must reach every service within a second.
+        backoff = 0.05
         failing_since: float | None = None
         while True:
             target = self.target()
@@ -427,10 +432,12 @@ class KeyWatcher:
             else:
                 failing_since = None
             if self.connected.is_set():
-                backoff = 0.1
-            self.connected.clear()
+                backoff = 0.05
+                self.connected.clear()
+                if self.on_connected is not None:
+                    await self.on_connected(False)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, 0.5)
 
     async def _follow(self, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as channel:
@@ -449,6 +456,8 @@ class KeyWatcher:
                         self.view.replace(snapshot, message.revision)
                         snapshot = []
                         self.connected.set()
+                        if self.on_connected is not None:
+                            await self.on_connected(True)
                         log.info(
                             "key directory loaded",
                             extra={"keys": len(self.view), "revision": message.revision},

@@ -40,6 +40,10 @@ from mlmesh_chassis.metrics import start_metrics_server
 from mlmesh_chassis.tracing import configure_tracing
 
 log = logging.getLogger("mlmesh.server")
+# The health service name that is SERVING while this service's key view is
+# current with the key directory (for operators and the runner; a service
+# also serves before it, from its bootstrap keys).
+KEY_DIRECTORY_HEALTH = "mlmesh.keys"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
@@ -157,6 +161,17 @@ async def start_service(
     await server.start()
     host = ServiceHost(server, health, port, metrics_port, names, settings)
     if watcher is not None:
+
+        async def keys_current(current: bool) -> None:
+            await health.set(
+                KEY_DIRECTORY_HEALTH,
+                health_pb2.HealthCheckResponse.SERVING
+                if current
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+
+        await keys_current(False)
+        watcher.on_connected = keys_current
         host.background.append(asyncio.get_running_loop().create_task(watcher.run()))
     await host.set_serving(serving)
     if settings.port_file:

@@ -69,6 +69,7 @@ def ensure_bootstrap_keys(
         key = pb.Key(
             id=secret.split("_")[1],
             display_name=f"bootstrap {name}" if name == ADMIN else f"service {name}",
+            state=pb.KEY_STATE_ACTIVE,
             scopes=pb.KeyScopes(
                 services=[pb.PlatformService.Value(f"PLATFORM_SERVICE_{s}") for s in scopes],  # type: ignore[misc]
                 model_patterns=["*"] if name == ADMIN else [],

@@ -225,6 +225,7 @@ class Mesh:
                 await self._bring_up(spec, child)
                 log.info("%s is SERVING on port %s", instance, child.ports["port"])
         await self._start_envoy()
+        await self._wait_keys_current()
         for spec in self.catalog:
             for instance in self.instances(spec):
                 self._watchers.append(asyncio.create_task(self._watch(spec, instance)))
@@ -311,6 +312,20 @@ class Mesh:
         if spec.port_discovery == "listening-socket":
             return Child(instance, argv, env, log_path, None)
         return Child(instance, argv, env, log_path, port_file)
+
+    async def _wait_keys_current(self, timeout_s: float = 30.0) -> None:
+        """Waits until every service follows the key directory (they serve
+        from their bootstrap keys before), so keys made now work everywhere."""
+        if KEY_DIRECTORY_SERVICE not in self.children:
+            return
+        for spec in self.catalog:
+            if self.keys is None or spec.name not in self.keys.service_files:
+                continue
+            if spec.name == KEY_DIRECTORY_SERVICE:
+                continue
+            for instance in self.instances(spec):
+                child = self.children[instance]
+                await wait_healthy(child.ports["port"], "mlmesh.keys", timeout_s, child)
 
     def _key_env(self, spec: ServiceSpec) -> dict[str, str]:
         """A chassis service's own key, the bootstrap keys it starts from, and

@@ -376,11 +376,14 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     @staticmethod
     def _sticky_value(experiment, key: pb.Key, context) -> str:  # type: ignore[no-untyped-def]
-        """What keeps a caller on one arm: its key, or a header it sends."""
+        """What keeps a caller on one arm: its key, or a header it sends
+        (`user_id` is read from `x-mlmesh-user-id`: the front door rejects
+        headers with underscores)."""
         if experiment.stickiness_key == "api_key":
             return key.id
         metadata = dict(context.invocation_metadata() or ())
-        return str(metadata.get(f"x-mlmesh-{experiment.stickiness_key}", key.id))
+        header = f"x-mlmesh-{experiment.stickiness_key.replace('_', '-')}"
+        return str(metadata.get(header, key.id))
 
     def _shadow_generate(
         self,

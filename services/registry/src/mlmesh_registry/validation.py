@@ -21,9 +21,10 @@ MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{1,62}")
 ALIAS_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 TAG_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
-# Experiment stickiness keys: sent as the header `x-mlmesh-<key>`, so a key must
-# make a valid lowercase HTTP/2 (and gRPC metadata) header name; `-bin` would
-# make it a binary header.
+# Experiment stickiness keys: sent as the header `x-mlmesh-<key>` with `_` as
+# `-` (Envoy rejects underscores in headers), so a key must make a valid
+# lowercase HTTP/2 (and gRPC metadata) header name; `-bin` would make it a
+# binary header.
 STICKINESS_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 STICKINESS_HEADER_PREFIX = "x-mlmesh-"
 # Headers the mesh itself sets or reads: a caller could not choose their value.
