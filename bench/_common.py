@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from mlmesh_runner.__main__ import select
 from mlmesh_runner.supervisor import Mesh
+from mlmesh_sdk.channel import api_key_interceptors
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -42,8 +43,13 @@ CHANNEL_OPTIONS = [
 log = logging.getLogger("mlmesh.bench")
 
 
-def channel(target: str, *extra: tuple[str, Any]) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, *extra])
+def channel(target: str, *extra: tuple[str, Any], api_key: str = "") -> grpc.aio.Channel:
+    """A plain channel; with ``api_key``, every call carries it (every
+    service checks its callers itself, so direct calls need it too)."""
+    interceptors = api_key_interceptors(api_key) if api_key else None
+    return grpc.aio.insecure_channel(
+        target, options=[*CHANNEL_OPTIONS, *extra], interceptors=interceptors
+    )
 
 
 def add_common_args(parser: Any) -> None:

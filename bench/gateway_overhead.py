@@ -332,8 +332,8 @@ async def main(args: argparse.Namespace) -> int:
                 raise RuntimeError("the gateway wrote no admin key")
             repository = workdir / "state" / "triton-repository"
             async with (
-                common.channel(envoy) as envoy_ch,
-                common.channel(llm_url) as llm_ch,
+                common.channel(envoy, api_key=mesh.admin_key()) as envoy_ch,
+                common.channel(llm_url, api_key=mesh.admin_key()) as llm_ch,
                 TritonClient(triton_url, timeout_s=tb.CALL_TIMEOUT) as triton,
             ):
                 secret, key_info = await gw.make_key(envoy_ch, admin_key, args.key)

@@ -269,8 +269,8 @@ async def main(args: argparse.Namespace) -> int:
             if args.redis and (pid := gw.redis_pid()):
                 meter.pids["redis"] = pid  # Redis's own CPU (JSON only)
             async with (
-                common.channel(targets["gateway"]) as gateway_ch,
-                common.channel(targets["direct"]) as direct_ch,
+                common.channel(targets["gateway"], api_key=mesh.admin_key()) as gateway_ch,
+                common.channel(targets["direct"], api_key=mesh.admin_key()) as direct_ch,
             ):
                 secret, key_info = await gw.make_key(gateway_ch, admin_key, args.key)
                 metadata = (("authorization", f"Bearer {secret}"),)

@@ -202,8 +202,8 @@ async def main(args: argparse.Namespace) -> int:
         )
         meter = common.CpuMeter(common.mesh_pids(mesh))
         async with (
-            common.channel(targets["envoy"]) as envoy_ch,
-            common.channel(targets["direct"]) as direct_ch,
+            common.channel(targets["envoy"], api_key=mesh.admin_key()) as envoy_ch,
+            common.channel(targets["direct"], api_key=mesh.admin_key()) as direct_ch,
         ):
             stubs = {
                 "envoy": llm_service_pb2_grpc.LlmServiceStub(envoy_ch),

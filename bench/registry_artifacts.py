@@ -175,8 +175,8 @@ async def main(args: argparse.Namespace) -> int:
                 total[name] = round(total.get(name, 0.0) + value, 3)
 
         async with (
-            common.channel(envoy_target) as envoy_ch,
-            common.channel(direct_target) as direct_ch,
+            common.channel(envoy_target, api_key=mesh.admin_key()) as envoy_ch,
+            common.channel(direct_target, api_key=mesh.admin_key()) as direct_ch,
         ):
             stubs = {
                 "envoy": registry_service_pb2_grpc.RegistryServiceStub(envoy_ch),

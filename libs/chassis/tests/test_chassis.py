@@ -20,7 +20,12 @@ from mlmesh.gateway.v1 import gateway_pb2
 from mlmesh.registry.v1 import model_pb2, registry_service_pb2_grpc
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis import context as call_context
-from mlmesh_chassis.auth import KeyView, current_principal
+from mlmesh_chassis.auth import (
+    KeyView,
+    ServiceIdentity,
+    current_principal,
+    set_service_identity,
+)
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.errors import NotFound, Unavailable
 from mlmesh_chassis.interceptors import client_interceptors
@@ -116,6 +121,7 @@ async def served(tmp_path_factory):
     ) as channel:
         yield host, double, registry_service_pb2_grpc.RegistryServiceStub(channel)
     await host.shutdown()
+    set_service_identity(ServiceIdentity(None))
 
 
 async def test_domain_error_maps_to_status_with_error_info(served):

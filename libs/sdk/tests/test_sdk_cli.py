@@ -21,7 +21,6 @@ async def mlmesh(target: str, *argv: str) -> tuple[int, list[dict[str, Any]], st
     """Runs the installed script with --json; returns its exit code, stdout as
     JSON lines, stderr."""
     env = {**os.environ, "MLMESH_TARGET": target}
-    env.pop("MLMESH_API_KEY", None)
     process = await asyncio.create_subprocess_exec(
         str(MLMESH),
         "--json",

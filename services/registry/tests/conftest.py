@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
+from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_REGISTRY
 from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
+from mlmesh_chassis.testing import bootstrap_keys_file, keyed_channel
 from mlmesh_registry.config import RegistrySettings
 from mlmesh_registry.server import build_server
 from registry_fixtures import IDLE_TIMEOUT_S, Registry
@@ -16,7 +17,9 @@ from registry_fixtures import IDLE_TIMEOUT_S, Registry
 @pytest.fixture(scope="session")
 async def registry_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Registry]:
     root = tmp_path_factory.mktemp("registry")
+    keys, secret = bootstrap_keys_file(root, [PLATFORM_SERVICE_REGISTRY])
     settings = RegistrySettings(
+        bootstrap_keys_file=keys,
         port=0,
         metrics_port=-1,
         database_url=f"sqlite+aiosqlite:///{root}/r.db",
@@ -26,7 +29,7 @@ async def registry_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
         upload_idle_timeout_seconds=IDLE_TIMEOUT_S,
     )
     host = await build_server(settings)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+    channel = keyed_channel(f"127.0.0.1:{host.port}", secret)
     try:
         yield Registry(RegistryServiceStub(channel), root / "artifacts")
     finally:

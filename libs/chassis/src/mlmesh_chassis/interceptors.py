@@ -362,3 +362,49 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
         StreamUnaryPropagator(),
         StreamStreamPropagator(),
     ]
+
+
+class _BearerKey:
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+        if "authorization" not in metadata:
+            metadata.add(*self._header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), requests)
+
+
+class _UnaryUnary(_BearerKey, grpc.aio.UnaryUnaryClientInterceptor):
+    pass
+
+
+class _UnaryStream(_BearerKey, grpc.aio.UnaryStreamClientInterceptor):
+    pass
+
+
+class _StreamUnary(_BearerKey, grpc.aio.StreamUnaryClientInterceptor):
+    pass
+
+
+class _StreamStream(_BearerKey, grpc.aio.StreamStreamClientInterceptor):
+    pass
+
+
+def api_key_interceptors(api_key: str) -> list[Any]:
+    """Interceptors that send ``api_key`` on every call that carries no key."""
+    return [cls(api_key) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]

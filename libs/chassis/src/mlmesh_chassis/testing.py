@@ -140,3 +140,22 @@ def fresh_postgres_database(prefix: str = "mlmesh_test") -> Iterator[str]:
         with engine.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
+
+
+def bootstrap_keys_file(folder: Path, services: list[int]) -> tuple[Path, str]:
+    """A bootstrap key directory with one key holding ``services`` (for a
+    service under test started without a gateway); (its path, the secret)."""
+    from google.protobuf import json_format
+    from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
+
+    entry, secret = directory_key(services)
+    path = folder / "bootstrap-keys.json"
+    path.write_text(json_format.MessageToJson(kd.WatchKeysResponse(snapshot=True, keys=[entry])))
+    return path, secret
+
+
+def keyed_channel(target: str, secret: str) -> grpc.aio.Channel:
+    """A channel whose every call carries ``secret``."""
+    from mlmesh_chassis.interceptors import api_key_interceptors
+
+    return grpc.aio.insecure_channel(target, interceptors=api_key_interceptors(secret))

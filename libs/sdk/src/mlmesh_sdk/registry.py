@@ -27,6 +27,7 @@ from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
+from mlmesh_chassis.auth import service_identity
 from mlmesh_chassis.interceptors import client_interceptors
 from mlmesh_chassis.retry import call_idempotent
 
@@ -94,9 +95,10 @@ class RegistryClient:
         self.timeout = timeout
         self.transfer_timeout = transfer_timeout
         self._credentials = credentials
-        # No key given: MLMESH_API_KEY, else (inside a service) the service's
-        # own key, which the chassis' client interceptors add.
-        api_key = api_key if api_key is not None else os.environ.get("MLMESH_API_KEY", "")
+        # No key given: inside a service, the service's own key (the chassis'
+        # client interceptors add it); elsewhere MLMESH_API_KEY.
+        if api_key is None and not service_identity().secret():
+            api_key = os.environ.get("MLMESH_API_KEY", "")
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
