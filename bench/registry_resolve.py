@@ -3,10 +3,13 @@ and straight to the registry's port, at several client concurrencies.
 
     python bench/registry_resolve.py [--requests 3000] [--warmup 200] [--concurrency 1,32]
 
-Starts its own mesh (registry + Envoy) in a temporary state directory, creates
-a model with 3 versions and the alias `champion` (-> version 2), then for each
-concurrency level: a warm-up of --warmup calls per target, then --requests
-calls per target split into --rounds rounds; each round runs both targets
+Starts its own mesh (registry, the gateway for keys, Envoy) in a temporary
+state directory, creates an API key with the REGISTRY scope (every call, on
+both paths, carries it: Envoy checks no key, the registry checks every
+caller itself, in process), creates a model with 3 versions and the alias
+`champion` (-> version 2), then for each concurrency level: a warm-up of
+--warmup calls per target, then --requests calls per target split into
+--rounds rounds; each round runs both targets
 back to back, alternating which goes first (envoy, direct / direct, envoy /
 ...), so drift on the machine hits both alike. One grpc.aio channel per
 target; concurrency N = N asyncio tasks each making calls one after another.
@@ -29,6 +32,7 @@ from typing import Any
 import _common as common
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
+from mlmesh.gateway.v1 import gateway_pb2, key_service_pb2, key_service_pb2_grpc
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 
@@ -102,6 +106,22 @@ async def setup(stub: Any) -> None:
     )
 
 
+async def app_key(target: str, admin_key: str) -> str:
+    """A key an application would hold: the REGISTRY scope only."""
+    async with common.channel(target, api_key=admin_key) as channel:
+        reply = await key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
+            key_service_pb2.CreateKeyRequest(
+                key=gateway_pb2.Key(
+                    display_name="bench",
+                    scopes=gateway_pb2.KeyScopes(services=[gateway_pb2.PLATFORM_SERVICE_REGISTRY]),
+                )
+            ),
+            timeout=CALL_TIMEOUT,
+        )
+    await asyncio.sleep(0.5)  # the registry's view has it within milliseconds
+    return reply.secret
+
+
 REQUEST = rpc.ResolveModelReferenceRequest(
     reference=model_reference_pb2.ModelReference(model=MODEL, alias=ALIAS)
 )
@@ -161,7 +181,7 @@ def summarize(burst: Burst, cpu: dict[str, float]) -> dict[str, Any]:
 
 async def main(args: argparse.Namespace) -> int:
     results: dict[int, dict[str, Any]] = {}
-    async with common.running_mesh(args) as (mesh, ready, _workdir):
+    async with common.running_mesh(args, ("registry", "gateway")) as (mesh, ready, _workdir):
         targets = {
             "envoy": ready["address"],
             "direct": f"127.0.0.1:{ready['services']['registry']['port']}",
@@ -173,9 +193,10 @@ async def main(args: argparse.Namespace) -> int:
             flush=True,
         )
         meter = common.CpuMeter(common.mesh_pids(mesh))
+        secret = await app_key(targets["envoy"], mesh.admin_key())
         async with (
-            common.channel(targets["envoy"], api_key=mesh.admin_key()) as envoy_ch,
-            common.channel(targets["direct"], api_key=mesh.admin_key()) as direct_ch,
+            common.channel(targets["envoy"], api_key=secret) as envoy_ch,
+            common.channel(targets["direct"], api_key=secret) as direct_ch,
         ):
             stubs = {
                 "envoy": registry_service_pb2_grpc.RegistryServiceStub(envoy_ch),

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from meshkit import usage_buckets
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
 from mlmesh.gateway.v1 import gateway_pb2 as pb
@@ -326,3 +327,36 @@ async def test_keys_are_stored_only_as_hashes(admin, full_mesh):
         admin.CreateKey(keys_rpc.CreateKeyRequest(key=pb.Key())), grpc.StatusCode.INVALID_ARGUMENT
     )
     assert details.bad_request.field_violations[0].field == "key.display_name"
+
+
+async def test_the_registry_meters_its_callers_per_key(admin, full_mesh):
+    key, secret = await create_key(
+        admin, pb.PLATFORM_SERVICE_REGISTRY, limits=pb.KeyLimits(requests_per_minute=5)
+    )
+    async with (
+        mesh_channel(full_mesh.address, secret) as front,
+        mesh_channel(direct(full_mesh, "registry"), secret) as straight,
+    ):
+        stubs = [registry_service_pb2_grpc.RegistryServiceStub(c) for c in (front, straight)]
+        for i in range(5):  # through Envoy and straight to the port: one budget
+            await stubs[i % 2].ListModels(registry_rpc.ListModelsRequest())
+        details = await expect_error(
+            stubs[1].ListModels(registry_rpc.ListModelsRequest()),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert details.quota_failure is not None and details.retry_info is not None
+    # One usage event per admitted call, in the gateway's ledger.
+    async with mesh_channel(full_mesh.address, full_mesh.api_key) as channel:
+        usage = usage_service_pb2_grpc.UsageServiceStub(channel)
+        deadline = time.monotonic() + 10
+        while True:
+            buckets = [
+                b
+                for b in await usage_buckets(usage, key.id)
+                if b.service == pb.PLATFORM_SERVICE_REGISTRY
+            ]
+            if sum(b.request_count for b in buckets) >= 5:
+                break
+            assert time.monotonic() < deadline, buckets
+            await asyncio.sleep(0.2)
+    assert sum(b.request_count for b in buckets) == 5

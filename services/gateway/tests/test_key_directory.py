@@ -17,7 +17,7 @@ from mlmesh_chassis.auth import KeyView, KeyWatcher, ServiceIdentity
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.errors import FailedPrecondition, Unauthenticated
 from mlmesh_chassis.server import start_service
-from mlmesh_chassis.testing import directory_key
+from mlmesh_chassis.testing import directory_key, keyed_channel
 from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 
@@ -164,3 +164,24 @@ async def test_a_bootstrap_key_is_added_once_and_never_revived(store):
     with pytest.raises(Unauthenticated, match="revoked"):
         view.verify(secret)
     assert kd.DirectoryKey in {type(e) for e in entries}
+
+
+async def test_a_key_made_on_another_replica_works_here_at_once(store, tmp_path):
+    replica = Gateway(store)
+    await replica.start()
+    replica.directory.poll_seconds = 60  # no help from polling
+    try:
+        _, secret = await store.create(  # as another replica would
+            pb.Key(
+                display_name="new",
+                scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_KEY_DIRECTORY]),
+            )
+        )
+        async with keyed_channel(f"127.0.0.1:{replica.port}", secret) as channel:
+            stub = key_directory_service_pb2_grpc.KeyDirectoryServiceStub(channel)
+            call = stub.WatchKeys(kd.WatchKeysRequest())
+            first = await call.read()
+            assert first.snapshot
+            call.cancel()
+    finally:
+        await replica.stop()

@@ -23,6 +23,7 @@ a file that an operator may replace to rotate it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import fnmatch
@@ -230,6 +231,10 @@ class KeyView:
         self.synced = False
         self.revision = 0
         self._listeners: list[Callable[[], None]] = []
+        # Where the view can catch up at once on an unknown key (the gateway:
+        # its own store, for keys another replica created a moment ago);
+        # None elsewhere.
+        self.catch_up: Callable[[], Awaitable[None]] | None = None
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -283,11 +288,18 @@ class KeyView:
                 raise Unavailable(
                     "this service has not loaded the key directory yet", retry_after_s=1.0
                 )
-            raise Unauthenticated("unknown API key")
+            raise UnknownKey()
         refusal = record.refusal(digest, time.time())
         if refusal is not None:
             raise Unauthenticated(refusal, key_id=key_id)
         return Principal(record.key, digest)
+
+
+class UnknownKey(Unauthenticated):
+    """A well-formed key whose id the view does not hold."""
+
+    def __init__(self) -> None:
+        super().__init__("unknown API key")
 
 
 def read_bootstrap_keys(path: Path) -> list[kd.DirectoryKey]:
@@ -299,6 +311,12 @@ def read_bootstrap_keys(path: Path) -> list[kd.DirectoryKey]:
 # ---- open streams ----------------------------------------------------------------
 
 
+# How long a stream whose key stopped authenticating may take to notice by
+# itself (the interceptor checks after every message it sends) before its
+# task is cancelled (a stream that sends nothing: a watch, an upload).
+CANCEL_AFTER_S = 0.2
+
+
 @dataclass(eq=False)
 class LiveCall:
     """An open stream and the key it was verified against."""
@@ -306,12 +324,18 @@ class LiveCall:
     principal: Principal
     task: asyncio.Task[object] | None
     ended_because: str | None = None
+    done: bool = False
 
     def end(self, reason: str) -> None:
         if self.ended_because is None:
             self.ended_because = reason
             if self.task is not None:
-                self.task.cancel()
+                asyncio.get_running_loop().call_later(CANCEL_AFTER_S, self._cancel)
+
+    def _cancel(self) -> None:
+        # Not while it is busy sending: a busy stream ends at its next message.
+        if not self.done and self.task is not None:
+            self.task.cancel()
 
 
 class LiveCalls:
@@ -359,17 +383,24 @@ class LiveCalls:
 
 # ---- the server side: one check per call -------------------------------------------
 
+# What a service does with each verified call before its handler runs (e.g.
+# per-key request limits and a usage event: mlmesh_metering.call_admission):
+# a context manager entered around the whole call, given the caller and the
+# method.
+CallAdmission = Callable[[Principal, str], contextlib.AbstractAsyncContextManager[object]]
+
 
 class CallerCheck:
     """What the server interceptor asks of every call: which scopes the
     method needs, and whether the caller's key holds one."""
 
-    def __init__(self, view: KeyView) -> None:
+    def __init__(self, view: KeyView, admission: CallAdmission | None = None) -> None:
         self.view = view
         self.live = LiveCalls(view)
+        self.admission = admission
         self._scopes: dict[str, frozenset[int] | None] = {}
 
-    def check(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+    async def check(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
         try:
             scopes = self._scopes[method]
         except KeyError:
@@ -379,7 +410,13 @@ class CallerCheck:
             if name == "authorization" and isinstance(value, str):
                 secret = bearer(value)
                 break
-        principal = self.view.verify(secret)
+        try:
+            principal = self.view.verify(secret)
+        except UnknownKey:
+            if self.view.catch_up is None:
+                raise
+            await self.view.catch_up()
+            principal = self.view.verify(secret)
         if scopes is None:
             raise PermissionDenied("no access policy covers this method", method=method[:120])
         authorize(principal.key, scopes)

@@ -19,6 +19,7 @@ outgoing call's timeout to what is left of the current call's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,7 +54,7 @@ _tracer = trace.get_tracer("mlmesh.chassis")
 class _CallScope:
     """Everything set up for one served call, and its teardown."""
 
-    __slots__ = ("code", "live", "method", "service", "span", "start")
+    __slots__ = ("code", "live", "method", "principal", "service", "span", "start")
 
     def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
         self.service = service
@@ -80,20 +81,30 @@ class _CallScope:
         deadline_var.set(deadline)
         trace.context_api.attach(trace.set_span_in_context(self.span))
         self.live: LiveCall | None = None
+        self.principal: Principal | None = None
         metrics.RPC_IN_FLIGHT.labels(service).inc()
 
-    def authenticate(
+    async def authenticate(
         self, callers: CallerCheck | None, context: grpc.aio.ServicerContext, stream: bool
     ) -> None:
         """Verifies the caller (raises a domain error); streams are followed
         so that a key revoked mid-stream ends them."""
         if callers is None:
             return
-        principal: Principal = callers.check(self.method, context)
+        principal: Principal = await callers.check(self.method, context)
         principal_var.set(principal)
+        self.principal = principal
         self.span.set_attribute("mlmesh.key_id", principal.key_id)
         if stream:
             self.live = callers.live.add(principal)
+
+    def admitted(
+        self, callers: CallerCheck | None
+    ) -> contextlib.AbstractAsyncContextManager[object]:
+        """The service's admission of this call (limits, usage), if it has one."""
+        if callers is None or callers.admission is None or self.principal is None:
+            return contextlib.nullcontext()
+        return callers.admission(self.principal, self.method)
 
     def ended_because(self) -> str | None:
         return self.live.ended_because if self.live is not None else None
@@ -129,6 +140,7 @@ class _CallScope:
 
     def close(self, callers: CallerCheck | None, error: BaseException | None = None) -> None:
         if self.live is not None and callers is not None:
+            self.live.done = True
             callers.live.discard(self.live)
         if isinstance(error, asyncio.CancelledError):
             self.code = grpc.StatusCode.CANCELLED
@@ -242,8 +254,9 @@ def _wrap(
             scope = _CallScope(service, method, context)
             error: BaseException | None = None
             try:
-                scope.authenticate(callers, context, stream=client_streams)
-                return await inner(request_of(request), context)
+                await scope.authenticate(callers, context, stream=client_streams)
+                async with scope.admitted(callers):
+                    return await inner(request_of(request), context)
             except BaseException as exc:  # mapped to a status
                 error = exc
                 await _aborting(scope, exc, context, domain)
@@ -269,11 +282,12 @@ def _wrap(
         scope = _CallScope(service, method, context)
         error: BaseException | None = None
         try:
-            scope.authenticate(callers, context, stream=True)
-            async for response in inner_stream(request_of(request), context):
-                yield response
-                if scope.ended_because() is not None:
-                    raise asyncio.CancelledError
+            await scope.authenticate(callers, context, stream=True)
+            async with scope.admitted(callers):
+                async for response in inner_stream(request_of(request), context):
+                    yield response
+                    if scope.ended_because() is not None:
+                        raise asyncio.CancelledError
         except BaseException as exc:  # mapped to a status
             error = exc
             await _aborting(scope, exc, context, domain)

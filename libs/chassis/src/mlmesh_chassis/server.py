@@ -24,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mlmesh_chassis.auth import (
+    CallAdmission,
     CallerCheck,
     KeyView,
     KeyWatcher,
@@ -114,6 +115,7 @@ async def start_service(
     error_domain: str,
     serving: bool = True,
     key_view: KeyView | None = None,
+    admission: CallAdmission | None = None,
 ) -> ServiceHost:
     """Builds, binds and starts a server; ``register`` adds servicers and
     returns their full service names. ``serving=False`` leaves health at
@@ -121,7 +123,8 @@ async def start_service(
 
     Every call but health and reflection is checked against ``key_view``
     (default: one built from the settings and kept current from the
-    gateway's key directory)."""
+    gateway's key directory); ``admission`` is entered around every verified
+    call (per-key limits, usage)."""
     if settings.service_key_file is not None:
         set_service_identity(ServiceIdentity(settings.service_key_file))
     watcher = None
@@ -129,7 +132,7 @@ async def start_service(
         key_view, watcher = key_view_for(settings)
     server = grpc.aio.server(
         interceptors=[
-            ServerInterceptor(settings.service_name, error_domain, CallerCheck(key_view))
+            ServerInterceptor(settings.service_name, error_domain, CallerCheck(key_view, admission))
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -25,14 +25,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from mlmesh_chassis.auth import CallAdmission, Principal
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import QuotaViolation, ResourceExhausted
 
 from mlmesh_metering.batcher import UsageBatcher
-from mlmesh_metering.events import UsageEvent, check_request_id
+from mlmesh_metering.events import REQUEST_ID, UsageEvent, check_request_id
 from mlmesh_metering.throttle import Decision, Limits, Throttle
 
 
@@ -48,10 +50,11 @@ class MeteringSettings(ServiceSettings):
     # A Redis decision slower than this counts as Redis being down.
     redis_timeout_seconds: float = 0.5
     # Services other than the gateway: where the ledger is (the gateway's
-    # UsageService, usually through Envoy) and the service key to send with
-    # (scope PLATFORM_SERVICE_USAGE_RECORD).
+    # UsageService), as host:port or as the path of its port file (read at
+    # each send). Events are sent with the service's own key, which needs the
+    # scope PLATFORM_SERVICE_USAGE_RECORD.
     usage_target: str = ""
-    usage_api_key: str = ""
+    usage_target_file: Path | None = None
 
 
 @dataclass
@@ -146,10 +149,15 @@ class Metering:
             from mlmesh_metering.ledger import UsageLedger
 
             sink = UsageLedger(database)
-        elif settings.usage_target:
+        elif settings.usage_target or settings.usage_target_file:
+            from mlmesh_chassis.auth import port_file_target
+
             from mlmesh_metering.remote import RemoteUsageSink
 
-            sink = RemoteUsageSink(settings.usage_target, settings.usage_api_key)
+            target = settings.usage_target
+            sink = RemoteUsageSink(
+                (lambda: target) if target else port_file_target(settings.usage_target_file)  # type: ignore[arg-type]
+            )
         else:
             raise ValueError("metering needs the ledger: set usage_target (the gateway)")
         return cls(throttle, sink, service)
@@ -255,3 +263,28 @@ def status_of(error: BaseException) -> str:
             code = code()
     name = getattr(code, "name", None)
     return name if isinstance(name, str) else "INTERNAL"
+
+
+def call_admission(meter: Metering) -> CallAdmission:
+    """Metering for every verified call of a service (``start_service(...,
+    admission=...)``): the caller key's requests_per_minute, and one usage
+    event per call (unit "requests"), billed to the verified key."""
+    from mlmesh_chassis.context import request_id_var
+
+    @contextlib.asynccontextmanager
+    async def admit(principal: Principal, method: str) -> AsyncIterator[object]:
+        request_id = request_id_var.get()
+        limits = Limits(requests_per_minute=principal.key.limits.requests_per_minute)
+        async with meter.admit(
+            principal.key_id,
+            limits,
+            unit="requests",
+            stream=False,
+            # The caller's x-request-id, for tracing, when it is a valid one.
+            request_id=request_id if REQUEST_ID.fullmatch(request_id) else "",
+            model=method.rsplit("/", 1)[-1],
+        ) as call:
+            call.settle(1)
+            yield call
+
+    return admit

@@ -3,6 +3,8 @@ usage events sent with UsageService.RecordUsage (idempotent by event id)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from mlmesh.gateway.v1 import usage_service_pb2, usage_service_pb2_grpc
 from mlmesh_chassis.errors import Unavailable
@@ -59,33 +61,44 @@ def from_message(message: usage_service_pb2.MeteredEvent) -> UsageEvent:
 
 
 class RemoteUsageSink(UsageBatcher):
-    """Sends batches to the gateway's UsageService.RecordUsage (through
-    Envoy, with a service key holding PLATFORM_SERVICE_USAGE_RECORD)."""
+    """Sends batches to the gateway's UsageService.RecordUsage, with this
+    service's own key (``api_key`` only where a process has none, e.g. a
+    test): it needs PLATFORM_SERVICE_USAGE_RECORD."""
 
     name = "remote"
 
     def __init__(
         self,
-        target: str,
-        api_key: str,
+        target: str | Callable[[], str | None],
+        api_key: str = "",
         flush_s: float = 0.25,
         batch: int = MAX_EVENTS,
         timeout_s: float = 5.0,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         super().__init__(flush_s, min(batch, MAX_EVENTS))
-        if channel is None:
+        # The gateway's address may be known only later (a port file the
+        # runner writes when it starts): the channel opens at the first send.
+        self._target = (lambda: target) if isinstance(target, str) else target
+        self._api_key = api_key
+        self._channel = channel
+        self.timeout_s = timeout_s
+
+    def _stub(self) -> usage_service_pb2_grpc.UsageServiceStub:
+        if self._channel is None:
+            target = self._target()
+            if not target:
+                raise Unavailable("the ledger's address is not known yet")
             from mlmesh_sdk.channel import mesh_channel
 
-            channel = mesh_channel(target, api_key)
-        self._channel = channel
-        self._stub = usage_service_pb2_grpc.UsageServiceStub(channel)
-        self.timeout_s = timeout_s
+            self._channel = mesh_channel(target, self._api_key)
+        return usage_service_pb2_grpc.UsageServiceStub(self._channel)
 
     async def _write(self, events: list[UsageEvent]) -> None:
         request = usage_service_pb2.RecordUsageRequest(events=[to_message(e) for e in events])
+        stub = self._stub()
         try:
-            await self._stub.RecordUsage(request, timeout=self.timeout_s)
+            await stub.RecordUsage(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
             code = error.code()  # type: ignore[attr-defined]
             if code in _RETRY:
@@ -97,4 +110,5 @@ class RemoteUsageSink(UsageBatcher):
 
     async def close(self) -> None:
         await super().close()
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()

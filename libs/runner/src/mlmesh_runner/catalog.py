@@ -150,6 +150,8 @@ CATALOG: list[ServiceSpec] = [
         name="registry",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_registry"],
         services=_registry_services,
+        # It meters its callers' requests into the gateway's ledger.
+        key_scopes=("KEY_DIRECTORY", "USAGE_RECORD"),
         env_prefix="MLMESH_REGISTRY_",
         env=lambda ctx: {
             "MLMESH_REGISTRY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/registry.db",

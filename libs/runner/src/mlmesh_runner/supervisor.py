@@ -336,10 +336,12 @@ class Mesh:
             f"{spec.env_prefix}SERVICE_KEY_FILE": str(self.keys.service_files[spec.name]),
             f"{spec.env_prefix}BOOTSTRAP_KEYS_FILE": str(self.keys.directory_file),
         }
+        gateway_port_file = str(self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json")
         if spec.name != KEY_DIRECTORY_SERVICE:
-            env[f"{spec.env_prefix}KEYS_TARGET_FILE"] = str(
-                self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json"
-            )
+            env[f"{spec.env_prefix}KEYS_TARGET_FILE"] = gateway_port_file
+            if "USAGE_RECORD" in spec.key_scopes:
+                # Its usage goes into the gateway's ledger (RecordUsage).
+                env[f"{spec.env_prefix}USAGE_TARGET_FILE"] = gateway_port_file
         return env
 
     async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
@@ -28,6 +29,8 @@ HEARTBEAT_SECONDS = 5.0
 # Changes a slow watcher may fall behind by before its stream is ended (it
 # reconnects and reads a fresh snapshot).
 WATCHER_BACKLOG = 1000
+# Unknown keys make the gateway read its store at most this often.
+CATCH_UP_S = 0.05
 
 
 class KeyDirectory:
@@ -40,8 +43,23 @@ class KeyDirectory:
         self._watchers: set[asyncio.Queue[kd.WatchKeysResponse | None]] = set()
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self._caught_up = 0.0
+        self._catching_up: asyncio.Task[None] | None = None
+
+    async def catch_up(self) -> None:
+        """Reads the store now, for a key another replica created a moment
+        ago. Callers arriving together share one read; unknown keys make at
+        most one read per CATCH_UP_S however many arrive."""
+        if self._catching_up is None or self._catching_up.done():
+            if time.monotonic() - self._caught_up < CATCH_UP_S:
+                return
+            self._caught_up = time.monotonic()
+            self._catching_up = asyncio.get_running_loop().create_task(self.refresh())
+        with contextlib.suppress(Exception):  # the database is down: the view held
+            await asyncio.shield(self._catching_up)
 
     async def start(self) -> None:
+        self.view.catch_up = self.catch_up
         entries, self.revision = await self.store.changes_since(0)
         self._entries = {e.key.id: e for e in entries}
         self.view.replace(entries, self.revision)

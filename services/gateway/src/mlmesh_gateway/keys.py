@@ -90,17 +90,25 @@ class KeyStore:
 
     async def ensure(self, entry: kd.DirectoryKey) -> bool:
         """Inserts a bootstrap key (an operator's service or admin key, by its
-        id and secret hash) unless a key with that id exists: a revoked one
-        stays revoked. True when inserted."""
+        id and secret hash) unless a key with that id exists. An existing one
+        takes the bootstrap scopes (a service that needs a new scope gets it
+        on the next start); its secret (it may have been rotated) and its
+        state stay: a revoked one stays revoked. True when inserted."""
         if not KEY_ID.fullmatch(entry.key.id) or not SHA256_HEX.fullmatch(entry.secret_sha256):
-            raise InvalidArgument.field(
-                "key", "a bootstrap key needs a 16-hex-digit id and a SHA-256"
-            )
+            raise InvalidArgument.field("key", "a 16-hex-digit id and a SHA-256 hex digest")
         async with self.db.write() as c:
             row = (
-                await c.execute(sa.select(keys_table.c.id).where(keys_table.c.id == entry.key.id))
+                await c.execute(sa.select(keys_table).where(keys_table.c.id == entry.key.id))
             ).first()
             if row is not None:
+                key = _key(row)
+                if key.state == pb.KEY_STATE_ACTIVE and key.scopes != entry.key.scopes:
+                    key.scopes.CopyFrom(entry.key.scopes)
+                    await c.execute(
+                        keys_table.update()
+                        .where(keys_table.c.id == key.id)
+                        .values(body=key.SerializeToString(), revision=await _next_revision(c))
+                    )
                 return False
             stored = pb.Key()
             stored.CopyFrom(entry.key)

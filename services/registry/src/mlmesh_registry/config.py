@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from mlmesh_chassis.config import ServiceSettings
+from mlmesh_metering.metering import MeteringSettings
 from pydantic_settings import SettingsConfigDict
 
 
-class RegistrySettings(ServiceSettings):
+class RegistrySettings(MeteringSettings):
     model_config = SettingsConfigDict(env_prefix="MLMESH_REGISTRY_", extra="ignore")
     service_name: ClassVar[str] = "registry"
 
