@@ -9,13 +9,14 @@ through Envoy + the gateway (with an API key) and straight to the backend.
 Starts its own mesh (registry + llm + Triton + deployer + gateway + Envoy; the
 deployer serves digits@champion on Triton, the llm service tiny-llama@champion)
 in a temporary state directory. The gateway path is the whole production
-path: Envoy's route (GatewayService routes skip ext_authz: the gateway checks
-keys itself), the gateway's key check, throttle admit (settle for streams;
+path: Envoy's route (no key check in Envoy: every service checks its
+callers itself, in process), the gateway's key check, throttle admit (settle for streams;
 in-process, or Redis database 15 with --redis: flushed before and after,
 and checked to hold the throttle's keys afterwards), the
 usage ledger write (SQLite), and for Generate the CountTokens round trip to
 the llm service before the stream. "direct" is the same backend call without
-any of that: Infer with mlmesh_inference.triton.TritonClient (the client the
+any of that (but the llm's own key check of the caller, as on the gateway's
+hop to it): Infer with mlmesh_inference.triton.TritonClient (the client the
 gateway itself uses) at Triton's port, Generate with LlmService/Generate at
 the llm port.
 
@@ -273,7 +274,12 @@ async def run_generate(
                         if chunk.finish_reason:
                             final = chunk
                 else:
-                    async for chunk in stubs["llm"].Generate(inner, timeout=CALL_TIMEOUT):
+                    # The llm checks its callers too: the admin key (the
+                    # gateway uses its own service key), as metadata like the
+                    # gateway path's key.
+                    async for chunk in stubs["llm"].Generate(
+                        inner, metadata=stubs["llm_metadata"], timeout=CALL_TIMEOUT
+                    ):
                         if first is None and (chunk.text or chunk.token_count):
                             first = time.perf_counter_ns() - started
                         tokens += chunk.token_count
@@ -332,8 +338,8 @@ async def main(args: argparse.Namespace) -> int:
                 raise RuntimeError("the gateway wrote no admin key")
             repository = workdir / "state" / "triton-repository"
             async with (
-                common.channel(envoy, api_key=mesh.admin_key()) as envoy_ch,
-                common.channel(llm_url, api_key=mesh.admin_key()) as llm_ch,
+                common.channel(envoy) as envoy_ch,
+                common.channel(llm_url) as llm_ch,
                 TritonClient(triton_url, timeout_s=tb.CALL_TIMEOUT) as triton,
             ):
                 secret, key_info = await gw.make_key(envoy_ch, admin_key, args.key)
@@ -341,7 +347,10 @@ async def main(args: argparse.Namespace) -> int:
                 await tb.wait_ready(triton, DIGITS, 120)
                 checks["digits_train_accuracy"] = await reference(triton, digits)
                 llm_stub = llm_service_pb2_grpc.LlmServiceStub(llm_ch)
-                model = await llm_stub.GetModel(llm_rpc.GetModelRequest(model=LLM_MODEL))
+                llm_metadata = (("authorization", f"Bearer {admin_key}"),)
+                model = await llm_stub.GetModel(
+                    llm_rpc.GetModelRequest(model=LLM_MODEL), metadata=llm_metadata
+                )
                 checks["llm_engine"] = model.model.engine
                 if model.model.engine != args.llm_engine:
                     raise RuntimeError(
@@ -351,6 +360,7 @@ async def main(args: argparse.Namespace) -> int:
                 stubs = {
                     "gateway": gateway_service_pb2_grpc.GatewayServiceStub(envoy_ch),
                     "llm": llm_stub,
+                    "llm_metadata": llm_metadata,
                 }
                 infer_calls = infer_callers(stubs["gateway"], triton, digits, metadata)
                 meter = tb.meter_for(mesh, repository, (DIGITS,))

@@ -8,7 +8,7 @@ port in the same run, and the gateway process's CPU per chunk and per request.
 Starts its own mesh (registry + llm + gateway + Envoy) with
 MLMESH_LLM_ENGINE=null (checked through GetModel), whose engine "generates"
 instantly, one token per chunk, so what is measured is the relay: Envoy
-(the route; GatewayService skips ext_authz), the gateway (key check,
+(the route; Envoy checks no keys), the gateway (key check,
 CountTokens round trip to the llm, throttle admit/settle, the relay of every
 chunk, the usage ledger write) and the llm service, against the llm service
 alone. The key goes as `authorization: Bearer ...` metadata on each gateway
@@ -152,7 +152,10 @@ class Burst:
                         if chunk.finish_reason:
                             final = chunk
                 else:
-                    async for chunk in stubs["llm"].Generate(inner, timeout=CALL_TIMEOUT):
+                    # The llm checks its callers too: the admin key as metadata.
+                    async for chunk in stubs["llm"].Generate(
+                        inner, metadata=stubs["llm_metadata"], timeout=CALL_TIMEOUT
+                    ):
                         chunks += 1
                         if first is None:
                             first = time.perf_counter() - started
@@ -269,16 +272,19 @@ async def main(args: argparse.Namespace) -> int:
             if args.redis and (pid := gw.redis_pid()):
                 meter.pids["redis"] = pid  # Redis's own CPU (JSON only)
             async with (
-                common.channel(targets["gateway"], api_key=mesh.admin_key()) as gateway_ch,
-                common.channel(targets["direct"], api_key=mesh.admin_key()) as direct_ch,
+                common.channel(targets["gateway"]) as gateway_ch,
+                common.channel(targets["direct"]) as direct_ch,
             ):
                 secret, key_info = await gw.make_key(gateway_ch, admin_key, args.key)
                 metadata = (("authorization", f"Bearer {secret}"),)
                 stubs: dict[str, Any] = {
                     "gateway": gateway_service_pb2_grpc.GatewayServiceStub(gateway_ch),
                     "llm": llm_service_pb2_grpc.LlmServiceStub(direct_ch),
+                    "llm_metadata": (("authorization", f"Bearer {admin_key}"),),
                 }
-                check = await stubs["llm"].GetModel(llm_rpc.GetModelRequest(model=MODEL))
+                check = await stubs["llm"].GetModel(
+                    llm_rpc.GetModelRequest(model=MODEL), metadata=stubs["llm_metadata"]
+                )
                 if check.model.engine != "null":
                     raise RuntimeError(
                         f"the llm service runs engine {check.model.engine!r}, not null"

@@ -238,3 +238,17 @@ async def test_a_client_gone_mid_stream_leaves_no_errors_in_the_log(server, capl
     assert "Failed to detach context" not in text
     assert "never retrieved" not in text
     assert "Traceback" not in text
+
+
+async def test_bad_keys_leave_nothing_behind(server):
+    """Checks keep no per-secret cache: a flood of distinct bad keys grows no
+    state (the gateway's old auth cache kept one entry per bad key)."""
+    view, _, stub, _ = server
+    callers_before = len(view)
+    for i in range(300):
+        secret = f"mlm_{i:016x}_" + "B" * 32
+        await expect_error(
+            stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(secret)),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    assert len(view) == callers_before

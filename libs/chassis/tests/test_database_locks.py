@@ -5,16 +5,11 @@ service still serialize theirs."""
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 
 import pytest
 import sqlalchemy as sa
 from mlmesh_chassis.database import Database, advisory_lock_key
-
-PG_ADMIN_URL = os.environ.get(
-    "MLMESH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+from mlmesh_chassis.testing import fresh_postgres_database
 
 
 def test_each_service_has_its_own_stable_lock_keys():
@@ -40,19 +35,11 @@ def test_each_service_has_its_own_stable_lock_keys():
 
 @pytest.fixture
 def postgres_url():
-    name = f"mlmesh_locks_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(
-        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
-    )
     try:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as error:
-        pytest.fail(f"PostgreSQL is required for these tests ({PG_ADMIN_URL}): {error}")
-    yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
+        with fresh_postgres_database("mlmesh_locks") as url:
+            yield url
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 @pytest.mark.postgres

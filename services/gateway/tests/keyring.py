@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+import mlmesh_gateway
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh_chassis.auth import KeyView, ServiceIdentity, set_service_identity
 from mlmesh_chassis.config import ServiceSettings
@@ -15,6 +16,17 @@ from mlmesh_chassis.database import Database
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_gateway.key_directory import KeyDirectory
 from mlmesh_gateway.keys import KeyStore
+
+MIGRATIONS = Path(mlmesh_gateway.__file__).parent / "migrations"
+
+
+async def migrated_gateway_db(url: str) -> Database:
+    """The gateway's database at ``url``, migrated by the real migrations."""
+    database = Database(
+        url, name="gateway", migrations=MIGRATIONS, version_table="alembic_version_gateway"
+    )
+    await database.migrate()
+    return database
 
 
 class Settings(ServiceSettings):

@@ -8,11 +8,10 @@ from __future__ import annotations
 import grpc
 import pytest
 import sqlalchemy as sa
-from keyring import Keyring
+from keyring import Keyring, migrated_gateway_db
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2
 from mlmesh.llm.v1 import llm_service_pb2_grpc
-from mlmesh_chassis.database import Database
 from mlmesh_chassis.generation import MAX_PROMPT_BYTES
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
@@ -31,14 +30,7 @@ GENERATE = pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=
 async def gateway(tmp_path):
     """(address, keys, ledger, fake llm) for a gateway with one llm endpoint."""
     fake = FakeLlm("a1")
-    database = Database(
-        f"sqlite+aiosqlite:///{tmp_path}/g.db",
-        name="gateway",
-        version_table="alembic_version_gateway",
-        migrations=__import__("pathlib").Path(__import__("mlmesh_gateway").__file__).parent
-        / "migrations",
-    )
-    await database.migrate()
+    database = await migrated_gateway_db(f"sqlite+aiosqlite:///{tmp_path}/g.db")
     keys = await Keyring.open(database, tmp_path)
     llm_host, llm_port = await keys.serve(
         fake, llm_service_pb2_grpc.add_LlmServiceServicer_to_server

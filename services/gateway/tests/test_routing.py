@@ -15,7 +15,7 @@ from typing import ClassVar
 import grpc
 import pytest
 import sqlalchemy as sa
-from keyring import Keyring
+from keyring import Keyring, migrated_gateway_db
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
@@ -23,7 +23,6 @@ from mlmesh.gateway.v1 import gateway_service_pb2_grpc
 from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.config import ServiceSettings
-from mlmesh_chassis.database import Database
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
 from mlmesh_gateway.servicer import GatewayServicer
@@ -81,14 +80,7 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
 async def mesh(tmp_path):
     """Two regions: a (home) with endpoints a1, a2; b with b1."""
     fakes = {name: FakeLlm(name) for name in ("a1", "a2", "b1")}
-    database = Database(
-        f"sqlite+aiosqlite:///{tmp_path}/g.db",
-        name="gateway",
-        version_table="alembic_version_gateway",
-        migrations=__import__("pathlib").Path(__import__("mlmesh_gateway").__file__).parent
-        / "migrations",
-    )
-    await database.migrate()
+    database = await migrated_gateway_db(f"sqlite+aiosqlite:///{tmp_path}/g.db")
     keys = await Keyring.open(database, tmp_path)
     hosts, spec = [], []
     for name, fake in fakes.items():

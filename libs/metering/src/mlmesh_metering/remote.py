@@ -76,7 +76,9 @@ class RemoteUsageSink(UsageBatcher):
         timeout_s: float = 5.0,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        super().__init__(flush_s, min(batch, MAX_EVENTS))
+        # Retries at most 2 s apart: the gateway being away (a restart, or not
+        # started yet) should delay usage by seconds, not half a minute.
+        super().__init__(flush_s, min(batch, MAX_EVENTS), max_backoff_s=2.0)
         # The gateway's address may be known only later (a port file the
         # runner writes when it starts): the channel opens at the first send.
         self._target = (lambda: target) if isinstance(target, str) else target
@@ -101,6 +103,12 @@ class RemoteUsageSink(UsageBatcher):
             await stub.RecordUsage(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
             code = error.code()  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # A new channel next time: it re-reads the address (the gateway
+                # may have moved) and skips grpc's own reconnect backoff.
+                channel, self._channel = self._channel, None
+                if channel is not None:
+                    await channel.close()
             if code in _RETRY:
                 raise Unavailable(
                     f"RecordUsage failed ({code.name}): {error.details()}",  # type: ignore[attr-defined]
