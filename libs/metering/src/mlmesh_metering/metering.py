@@ -273,6 +273,7 @@ def call_admission(meter: Metering) -> CallAdmission:
 
     @contextlib.asynccontextmanager
     async def admit(principal: Principal, method: str) -> AsyncIterator[object]:
+        del method  # usage is per service and key; the ledger has no method column
         request_id = request_id_var.get()
         limits = Limits(requests_per_minute=principal.key.limits.requests_per_minute)
         async with meter.admit(
@@ -282,7 +283,6 @@ def call_admission(meter: Metering) -> CallAdmission:
             stream=False,
             # The caller's x-request-id, for tracing, when it is a valid one.
             request_id=request_id if REQUEST_ID.fullmatch(request_id) else "",
-            model=method.rsplit("/", 1)[-1],
         ) as call:
             call.settle(1)
             yield call

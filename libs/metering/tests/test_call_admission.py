@@ -1,0 +1,47 @@
+"""Metering every verified call of a service (the chassis' admission hook):
+the key's requests per minute, and one valid usage event per admitted call."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from mlmesh.gateway.v1 import gateway_pb2 as pb
+from mlmesh_chassis.auth import Principal
+from mlmesh_chassis.errors import ResourceExhausted
+from mlmesh_metering.batcher import UsageBatcher
+from mlmesh_metering.events import UsageEvent
+from mlmesh_metering.metering import Metering, call_admission
+from mlmesh_metering.throttle import Throttle
+
+
+class Collected(UsageBatcher):
+    """A sink that keeps what it is given (the ledger's checks applied)."""
+
+    def __init__(self) -> None:
+        super().__init__(flush_s=0.01)
+        self.events: list[UsageEvent] = []
+
+    async def _write(self, events: list[UsageEvent]) -> None:
+        for event in events:
+            assert not event.violations(), event.violations()
+        self.events.extend(events)
+
+
+async def test_each_call_counts_against_the_key_and_is_recorded_once():
+    sink = Collected()
+    admit = call_admission(Metering(Throttle(), sink, pb.PLATFORM_SERVICE_REGISTRY))
+    key = pb.Key(id="0123456789abcdef", limits=pb.KeyLimits(requests_per_minute=3))
+    principal = Principal(key, "0" * 64)
+    for _ in range(3):
+        async with admit(principal, "/mlmesh.registry.v1.RegistryService/ListModels"):
+            pass
+    with pytest.raises(ResourceExhausted) as refused:
+        async with admit(principal, "/mlmesh.registry.v1.RegistryService/ListModels"):
+            pass
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await sink.flush()
+    assert [(e.key_id, e.unit, e.quantity) for e in sink.events] == [
+        ("0123456789abcdef", "requests", 1)
+    ] * 3
+    assert len({e.call_id for e in sink.events}) == 3
+    await sink.close()
