@@ -17,6 +17,7 @@ from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_chassis.auth import KeyView, current_principal
 from mlmesh_chassis.config import ServiceSettings
+from mlmesh_chassis.errors import Unauthenticated
 from mlmesh_chassis.server import start_service
 from mlmesh_chassis.testing import bearer_metadata, directory_key, expect_error
 
@@ -252,3 +253,25 @@ async def test_bad_keys_leave_nothing_behind(server):
             grpc.StatusCode.UNAUTHENTICATED,
         )
     assert len(view) == callers_before
+
+
+def test_a_time_no_datetime_holds_counts_as_expired_and_never_breaks_the_view():
+    entry, secret = directory_key([pb.PLATFORM_SERVICE_REGISTRY])
+    entry.key.expire_time.seconds = 10**12  # past year 9999
+    good, good_secret = directory_key([pb.PLATFORM_SERVICE_REGISTRY])
+    view = KeyView()
+    view.replace([entry, good], 2)
+    with pytest.raises(Unauthenticated, match="expired"):
+        view.verify(secret)
+    assert view.verify(good_secret).key_id == good.key.id
+
+
+def test_an_older_snapshot_never_undoes_a_newer_change():
+    entry, secret = directory_key([pb.PLATFORM_SERVICE_REGISTRY], revision=5)
+    view = KeyView()
+    view.replace([entry], 5)
+    _revoke(view, entry)  # revision 6
+    view.replace([entry], 5)  # a lagging gateway replica's snapshot
+    with pytest.raises(Unauthenticated, match="revoked"):
+        view.verify(secret)
+    assert view.revision == 6

@@ -3,10 +3,14 @@ the key's requests per minute, and one valid usage event per admitted call."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import pytest
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh_chassis.auth import Principal
+from mlmesh_chassis.context import deadline_var, remaining_time
 from mlmesh_chassis.errors import ResourceExhausted
 from mlmesh_metering.batcher import UsageBatcher
 from mlmesh_metering.events import UsageEvent
@@ -44,4 +48,31 @@ async def test_each_call_counts_against_the_key_and_is_recorded_once():
         ("0123456789abcdef", "requests", 1)
     ] * 3
     assert len({e.call_id for e in sink.events}) == 3
+    await sink.close()
+
+
+class Deadlines(Collected):
+    """Remembers what deadline each write ran under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remaining: list[float | None] = []
+
+    async def _write(self, events: list[UsageEvent]) -> None:
+        self.remaining.append(remaining_time())
+        await super()._write(events)
+
+
+async def test_writes_never_run_under_the_first_callers_deadline():
+    sink = Deadlines()
+
+    async def a_call_with_a_deadline_long_gone() -> None:
+        deadline_var.set(time.monotonic() - 1)
+        await sink.record(
+            UsageEvent(key_id="k", call_id="c1", service=pb.PLATFORM_SERVICE_REGISTRY)
+        )
+
+    await asyncio.create_task(a_call_with_a_deadline_long_gone())
+    await asyncio.sleep(0.1)
+    assert sink.events and sink.remaining == [None]
     await sink.close()

@@ -15,7 +15,7 @@ from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.gateway.v1 import key_directory_service_pb2_grpc
 from mlmesh_chassis.auth import KeyView, KeyWatcher, ServiceIdentity
 from mlmesh_chassis.config import ServiceSettings
-from mlmesh_chassis.errors import FailedPrecondition, Unauthenticated
+from mlmesh_chassis.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from mlmesh_chassis.server import start_service
 from mlmesh_chassis.testing import directory_key, keyed_channel
 from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
@@ -185,3 +185,10 @@ async def test_a_key_made_on_another_replica_works_here_at_once(store, tmp_path)
             call.cancel()
     finally:
         await replica.stop()
+
+
+async def test_a_key_expiring_past_year_9999_is_refused(store):
+    key = pb.Key(display_name="far")
+    key.expire_time.seconds = 10**12
+    with pytest.raises(InvalidArgument):
+        await store.create(key)

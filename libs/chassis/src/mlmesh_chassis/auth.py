@@ -40,6 +40,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pool, json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.gateway.v1 import key_directory_service_pb2_grpc as kd_grpc
@@ -193,14 +194,9 @@ class KeyRecord:
         return cls(
             key=entry.key,
             secret_sha256=entry.secret_sha256,
-            grace=tuple(
-                (g.secret_sha256, g.expire_time.ToDatetime(dt.UTC).timestamp())
-                for g in entry.grace_secrets
-            ),
+            grace=tuple((g.secret_sha256, _epoch(g.expire_time)) for g in entry.grace_secrets),
             expires_at=(
-                entry.key.expire_time.ToDatetime(dt.UTC).timestamp()
-                if entry.key.HasField("expire_time")
-                else None
+                _epoch(entry.key.expire_time) if entry.key.HasField("expire_time") else None
             ),
             revision=entry.revision,
         )
@@ -219,6 +215,15 @@ class KeyRecord:
         ):
             return f"API key {self.key.id} expired"
         return None
+
+
+def _epoch(stamp: Timestamp) -> float:
+    """Seconds since the epoch; a time no datetime can hold counts as already
+    past (one bad key must never stop the view from loading)."""
+    try:
+        return stamp.ToDatetime(dt.UTC).timestamp()
+    except (ValueError, OverflowError):
+        return 0.0
 
 
 class KeyView:
@@ -252,9 +257,17 @@ class KeyView:
             self._keys.update({e.key.id: KeyRecord.of(e) for e in entries})
 
     def replace(self, entries: Iterable[kd.DirectoryKey], revision: int) -> None:
-        """A full snapshot: the view becomes exactly these keys."""
-        self._keys = {e.key.id: KeyRecord.of(e) for e in entries}
-        self.revision = revision
+        """A full snapshot: the view becomes these keys. A snapshot older than
+        the view (a lagging gateway replica) keeps the newer records held."""
+        fresh = {e.key.id: KeyRecord.of(e) for e in entries}
+        if revision < self.revision:
+            for key_id, held in self._keys.items():
+                if held.revision > revision and (
+                    key_id not in fresh or held.revision > fresh[key_id].revision
+                ):
+                    fresh[key_id] = held
+        self._keys = fresh
+        self.revision = max(revision, self.revision)
         self.synced = True
         self._changed()
 

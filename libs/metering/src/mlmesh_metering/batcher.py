@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import logging
 
 from mlmesh_chassis.errors import Unavailable
@@ -76,7 +77,9 @@ class UsageBatcher(abc.ABC):
         self._pending.append(event)
         self._recorded(event)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
+            # A context of its own: not the first call's (its deadline and
+            # request id would follow every later write).
+            self._flusher = asyncio.create_task(self._flush_loop(), context=contextvars.Context())
         if len(self._pending) >= self.batch:
             self._wake.set()
 

@@ -32,6 +32,8 @@ from mlmesh_runner.envoy import Upstream, render
 from mlmesh_runner.keys import BootstrapKeys, ensure_bootstrap_keys
 
 log = logging.getLogger("mlmesh.runner")
+# A Unix socket's path must fit in sockaddr_un (108 bytes on Linux).
+UNIX_PATH_MAX = 100
 
 
 @dataclass
@@ -211,7 +213,8 @@ class Mesh:
 
     async def start(self) -> dict[str, Any]:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
-        (self.state / "run").mkdir(parents=True, exist_ok=True)
+        (self.state / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.state / "run").chmod(0o700)  # the gateway's socket lives here
         self.keys = ensure_bootstrap_keys(
             self.state,
             [(s.name, s.key_scopes) for s in self.catalog if s.port_discovery == "port-file"],
@@ -336,12 +339,23 @@ class Mesh:
             f"{spec.env_prefix}SERVICE_KEY_FILE": str(self.keys.service_files[spec.name]),
             f"{spec.env_prefix}BOOTSTRAP_KEYS_FILE": str(self.keys.directory_file),
         }
-        gateway_port_file = str(self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json")
-        if spec.name != KEY_DIRECTORY_SERVICE:
-            env[f"{spec.env_prefix}KEYS_TARGET_FILE"] = gateway_port_file
+        socket = self.state / "run" / "gateway.sock"
+        if spec.name == KEY_DIRECTORY_SERVICE:
+            if len(str(socket)) < UNIX_PATH_MAX:
+                env[f"{spec.env_prefix}LOCAL_SOCKET"] = str(socket)
+            return env
+        # The key directory (and the ledger) on the gateway's Unix socket in
+        # the private run folder; on its TCP port (from its port file) when
+        # the path is too long for a socket.
+        if len(str(socket)) < UNIX_PATH_MAX:
+            where = {"TARGET": f"unix:{socket}"}
+        else:
+            where = {"TARGET_FILE": str(self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json")}
+        for name, value in where.items():
+            env[f"{spec.env_prefix}KEYS_{name}"] = value
             if "USAGE_RECORD" in spec.key_scopes:
                 # Its usage goes into the gateway's ledger (RecordUsage).
-                env[f"{spec.env_prefix}USAGE_TARGET_FILE"] = gateway_port_file
+                env[f"{spec.env_prefix}USAGE_{name}"] = value
         return env
 
     async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:

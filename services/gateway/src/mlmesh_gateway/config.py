@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from mlmesh_metering import MeteringSettings
@@ -16,6 +17,11 @@ class GatewaySettings(MeteringSettings):
     database_url: str = "sqlite+aiosqlite:///.mlmesh/gateway.db"
     # How often this replica reads key changes other replicas made.
     key_poll_seconds: float = 0.25
+    # Also serve on this Unix socket (for services on the same host to follow
+    # the key directory and send usage: only processes that may open the
+    # socket's folder can reach it, so none can pose as the key directory by
+    # taking over a TCP port). Unset: TCP only.
+    local_socket: Path | None = None
 
     # Token throttling (redis_url, replicas, redis_timeout_seconds): see
     # mlmesh_metering.MeteringSettings. The gateway writes the ledger itself

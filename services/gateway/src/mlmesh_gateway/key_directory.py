@@ -79,10 +79,10 @@ class KeyDirectory:
             entries, revision = await self.store.changes_since(self.revision)
             if not entries:
                 return
-            self.revision = revision
+            self.view.apply(entries, revision)
             for entry in entries:
                 self._entries[entry.key.id] = entry
-            self.view.apply(entries, revision)
+            self.revision = revision
             change = kd.WatchKeysResponse(keys=entries, revision=revision)
             for queue in list(self._watchers):
                 self._push(queue, change)

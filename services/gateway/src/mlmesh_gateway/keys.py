@@ -260,6 +260,11 @@ def _check_key(key: pb.Key) -> None:
     for i, service in enumerate(key.scopes.services):
         if service == pb.PLATFORM_SERVICE_UNSPECIFIED or service not in pb.PlatformService.values():
             violations.append(FieldViolation(f"key.scopes.services[{i}]", "not a service"))
+    if key.HasField("expire_time"):
+        try:
+            key.expire_time.ToDatetime(dt.UTC)
+        except (ValueError, OverflowError):
+            violations.append(FieldViolation("key.expire_time", "a valid time (years 1 to 9999)"))
     limits = key.limits
     for name in (
         "token_quota",

@@ -91,6 +91,10 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         )
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(ledger), server)
+        if settings.local_socket is not None:
+            settings.local_socket.unlink(missing_ok=True)
+            if server.add_insecure_port(f"unix:{settings.local_socket}") == 0:
+                raise OSError(f"could not bind unix:{settings.local_socket}")
         return [KEY_SERVICE, KEY_DIRECTORY, GATEWAY, USAGE]
 
     host = await start_service(settings, register, error_domain="mlmesh.gateway", key_view=view)
