@@ -45,7 +45,7 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.gateway.v1 import key_directory_service_pb2_grpc as kd_grpc
 
-from mlmesh_chassis.errors import MlmeshError, PermissionDenied, Unauthenticated, Unavailable
+from mlmesh_chassis.errors import PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger("mlmesh.auth")
 
@@ -372,21 +372,19 @@ class LiveCalls:
         self._calls.discard(call)
 
     def sweep(self) -> None:
-        now = time.time()
         for call in list(self._calls):
-            key = call.principal.key
-            record = self.view.get(key.id)
-            refusal = (
-                "unknown API key"
-                if record is None and self.view.synced
-                else record.refusal(call.principal.digest, now)
-                if record is not None
-                else None
-            )
-            if refusal is not None:
-                log.info("ending an open stream: %s", refusal, extra={"key_id": key.id})
-                call.end(refusal)
+            try:
+                self.view.verify_digest(call.principal.key_id, call.principal.digest)
+            except Unauthenticated as refused:
+                log.info(
+                    "ending an open stream: %s",
+                    refused.message,
+                    extra={"key_id": call.principal.key_id},
+                )
+                call.end(refused.message)
                 self._calls.discard(call)
+            except Unavailable:
+                pass  # the view is not loaded yet: nothing to judge by
 
     async def _sweep_forever(self) -> None:
         while self._calls:
@@ -516,6 +514,17 @@ class KeyWatcher:
                     self.view.apply(message.keys, message.revision)
 
 
+def peer_target(address: str, port_file: Path | None) -> Callable[[], str | None] | None:
+    """Where a peer is, asked at each (re)connect: a fixed ``address``
+    (host:port or unix:path), else the port in its chassis ``port_file``;
+    None when neither is set."""
+    if address:
+        return lambda: address
+    if port_file is not None:
+        return port_file_target(port_file)
+    return None
+
+
 def port_file_target(path: Path, host: str = "127.0.0.1") -> Callable[[], str | None]:
     """A target read from a chassis port file each time (it follows restarts)."""
 
@@ -571,7 +580,3 @@ def set_service_identity(identity: ServiceIdentity) -> None:
 def service_identity() -> ServiceIdentity:
     """The key this process calls its peers with (empty outside a service)."""
     return _identity
-
-
-def error_for_stream_end(reason: str) -> MlmeshError:
-    return Unauthenticated(f"the stream was ended: {reason}")

@@ -180,10 +180,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 class _Undecodable:
     """What a request that failed to decode becomes (see ``_decoding``)."""
 
-    __slots__ = ("error",)
+    __slots__ = ()
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+
+_UNDECODABLE = _Undecodable()
 
 
 def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -195,19 +195,15 @@ def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def decode(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except (DecodeError, UnicodeDecodeError, ValueError) as error:
-            return _Undecodable(error)
+        except (DecodeError, UnicodeDecodeError, ValueError):
+            return _UNDECODABLE
 
     return decode
 
 
-def _undecodable() -> InvalidArgument:
-    return InvalidArgument.field("request", "the request is not a valid protobuf message")
-
-
 def _checked(request: Any) -> Any:
-    if isinstance(request, _Undecodable):
-        raise _undecodable()
+    if request is _UNDECODABLE:
+        raise InvalidArgument.field("request", "the request is not a valid protobuf message")
     return request
 
 
@@ -338,87 +334,64 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
     )
 
 
-class _ClientInterceptor:
+Rewrite = Callable[[grpc.aio.ClientCallDetails], grpc.aio.ClientCallDetails]
+
+
+class _Rewriting:
+    """A client interceptor that rewrites each call's details (metadata,
+    timeout) before sending it; one class per call shape below."""
+
+    def __init__(self, rewrite: Rewrite) -> None:
+        self._rewrite = rewrite
+
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_outgoing(details), request)
+        return await continuation(self._rewrite(details), request)
 
     async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_outgoing(details), request)
+        return await continuation(self._rewrite(details), request)
 
     async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(_outgoing(details), request_iterator)
+        return await continuation(self._rewrite(details), request_iterator)
 
     async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(_outgoing(details), request_iterator)
+        return await continuation(self._rewrite(details), request_iterator)
 
 
-class UnaryUnaryPropagator(_ClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnary(_Rewriting, grpc.aio.UnaryUnaryClientInterceptor):
     pass
 
 
-class UnaryStreamPropagator(_ClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(_Rewriting, grpc.aio.UnaryStreamClientInterceptor):
     pass
 
 
-class StreamUnaryPropagator(_ClientInterceptor, grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnary(_Rewriting, grpc.aio.StreamUnaryClientInterceptor):
     pass
 
 
-class StreamStreamPropagator(_ClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _StreamStream(_Rewriting, grpc.aio.StreamStreamClientInterceptor):
     pass
+
+
+def _rewriting(rewrite: Rewrite) -> list[Any]:
+    return [cls(rewrite) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Interceptors for every channel a service opens to a peer."""
-    return [
-        UnaryUnaryPropagator(),
-        UnaryStreamPropagator(),
-        StreamUnaryPropagator(),
-        StreamStreamPropagator(),
-    ]
-
-
-class _BearerKey:
-    def __init__(self, api_key: str) -> None:
-        self._header = ("authorization", f"Bearer {api_key}")
-
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
-        if "authorization" not in metadata:
-            metadata.add(*self._header)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), request)
-
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), request)
-
-    async def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), requests)
-
-    async def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), requests)
-
-
-class _UnaryUnary(_BearerKey, grpc.aio.UnaryUnaryClientInterceptor):
-    pass
-
-
-class _UnaryStream(_BearerKey, grpc.aio.UnaryStreamClientInterceptor):
-    pass
-
-
-class _StreamUnary(_BearerKey, grpc.aio.StreamUnaryClientInterceptor):
-    pass
-
-
-class _StreamStream(_BearerKey, grpc.aio.StreamStreamClientInterceptor):
-    pass
+    return _rewriting(_outgoing)
 
 
 def api_key_interceptors(api_key: str) -> list[Any]:
     """Interceptors that send ``api_key`` on every call that carries no key."""
-    return [cls(api_key) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+    header = f"Bearer {api_key}"
+
+    def with_key(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+        if "authorization" not in metadata:
+            metadata.add("authorization", header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    return _rewriting(with_key)

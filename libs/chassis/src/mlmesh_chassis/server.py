@@ -29,7 +29,7 @@ from mlmesh_chassis.auth import (
     KeyView,
     KeyWatcher,
     ServiceIdentity,
-    port_file_target,
+    peer_target,
     read_bootstrap_keys,
     set_service_identity,
 )
@@ -93,19 +93,11 @@ def key_view_for(settings: ServiceSettings) -> tuple[KeyView, KeyWatcher | None]
     view = KeyView()
     if settings.bootstrap_keys_file is not None:
         view.seed(read_bootstrap_keys(settings.bootstrap_keys_file))
-    if settings.keys_target:
-        target = settings.keys_target
-        watcher = KeyWatcher(view, lambda: target, ServiceIdentity(settings.service_key_file))
-    elif settings.keys_target_file is not None:
-        watcher = KeyWatcher(
-            view,
-            port_file_target(settings.keys_target_file),
-            ServiceIdentity(settings.service_key_file),
-        )
-    else:
-        watcher = None
+    target = peer_target(settings.keys_target, settings.keys_target_file)
+    if target is None:
         log.warning("no key directory configured: only bootstrap keys will authenticate")
-    return view, watcher
+        return view, None
+    return view, KeyWatcher(view, target, ServiceIdentity(settings.service_key_file))
 
 
 async def start_service(

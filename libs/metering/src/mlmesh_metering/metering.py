@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlmesh_chassis.auth import CallAdmission, Principal
+from mlmesh_chassis.auth import CallAdmission, Principal, peer_target
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import QuotaViolation, ResourceExhausted
@@ -145,19 +145,15 @@ class Metering:
             settings.redis_url, settings.replicas, redis_timeout_s=settings.redis_timeout_seconds
         )
         sink: UsageBatcher
+        target = peer_target(settings.usage_target, settings.usage_target_file)
         if database is not None:
             from mlmesh_metering.ledger import UsageLedger
 
             sink = UsageLedger(database)
-        elif settings.usage_target or settings.usage_target_file:
-            from mlmesh_chassis.auth import port_file_target
-
+        elif target is not None:
             from mlmesh_metering.remote import RemoteUsageSink
 
-            target = settings.usage_target
-            sink = RemoteUsageSink(
-                (lambda: target) if target else port_file_target(settings.usage_target_file)  # type: ignore[arg-type]
-            )
+            sink = RemoteUsageSink(target)
         else:
             raise ValueError("metering needs the ledger: set usage_target (the gateway)")
         return cls(throttle, sink, service)

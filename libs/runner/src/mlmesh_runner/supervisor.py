@@ -213,7 +213,7 @@ class Mesh:
 
     async def start(self) -> dict[str, Any]:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
-        (self.state / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.state / "run").mkdir(parents=True, exist_ok=True)
         (self.state / "run").chmod(0o700)  # the gateway's socket lives here
         self.keys = ensure_bootstrap_keys(
             self.state,
@@ -332,7 +332,9 @@ class Mesh:
 
     def _key_env(self, spec: ServiceSpec) -> dict[str, str]:
         """A chassis service's own key, the bootstrap keys it starts from, and
-        where the key directory is (the gateway's port file)."""
+        where the key directory (and the ledger) is: the gateway's Unix socket
+        in the private run folder, or its TCP port when the socket's path is
+        too long."""
         if self.keys is None or spec.name not in self.keys.service_files:
             return {}
         env = {
@@ -340,14 +342,12 @@ class Mesh:
             f"{spec.env_prefix}BOOTSTRAP_KEYS_FILE": str(self.keys.directory_file),
         }
         socket = self.state / "run" / "gateway.sock"
+        on_socket = len(str(socket)) < UNIX_PATH_MAX
         if spec.name == KEY_DIRECTORY_SERVICE:
-            if len(str(socket)) < UNIX_PATH_MAX:
+            if on_socket:
                 env[f"{spec.env_prefix}LOCAL_SOCKET"] = str(socket)
             return env
-        # The key directory (and the ledger) on the gateway's Unix socket in
-        # the private run folder; on its TCP port (from its port file) when
-        # the path is too long for a socket.
-        if len(str(socket)) < UNIX_PATH_MAX:
+        if on_socket:
             where = {"TARGET": f"unix:{socket}"}
         else:
             where = {"TARGET_FILE": str(self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json")}
