@@ -91,13 +91,23 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         )
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, server)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(ledger), server)
-        if settings.local_socket is not None:
-            settings.local_socket.unlink(missing_ok=True)
-            if server.add_insecure_port(f"unix:{settings.local_socket}") == 0:
-                raise OSError(f"could not bind unix:{settings.local_socket}")
+        if starting is not None:
+            starting.unlink(missing_ok=True)
+            if server.add_insecure_port(f"unix:{starting}") == 0:
+                raise OSError(f"could not bind unix:{starting}")
         return [KEY_SERVICE, KEY_DIRECTORY, GATEWAY, USAGE]
 
+    # The socket is bound under a name no service looks for, and takes its
+    # real name only once the server runs: a client that found it earlier
+    # would wait on a server that does not answer yet.
+    starting = (
+        settings.local_socket.with_name(settings.local_socket.name + ".starting")
+        if settings.local_socket is not None
+        else None
+    )
     host = await start_service(settings, register, error_domain="mlmesh.gateway", key_view=view)
+    if starting is not None and settings.local_socket is not None:
+        starting.replace(settings.local_socket)
     host.on_close.append(key_directory.close)
     host.on_close.append(database.close)
     host.on_close.append(meter.close)
