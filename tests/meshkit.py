@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# A whole mesh builds its models, provisions Triton and starts every service;
+# on a busy 2-core machine that has taken over two minutes.
+START_TIMEOUT_S = 300
 
 
 @dataclass
@@ -54,14 +58,19 @@ def start_mesh(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 240
-    while not ready.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"runner exited: {(state_dir / 'runner.log').read_text()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError((state_dir / "runner.log").read_text())
-        time.sleep(0.1)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while not ready.exists():
+            if process.poll() is not None:
+                raise RuntimeError(f"runner exited with {process.returncode}:\n{_logs(state_dir)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mesh not up after {START_TIMEOUT_S} s:\n{_logs(state_dir)}")
+            time.sleep(0.1)
+    except BaseException:
+        # Whatever stopped the wait (its deadline, a failure, an interrupt),
+        # no mesh is left running behind the test session.
+        _kill(process)
+        raise
     described = json.loads(ready.read_text())
     # The ready file names the admin key's file (0600); it holds no secret.
     described["api_key"] = Path(described["admin_key_file"]).read_text().strip()
@@ -73,8 +82,30 @@ def stop_mesh(process: subprocess.Popen) -> None:
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
+        _kill(process)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kills the runner and everything it started (its own session)."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process.wait()
+
+
+def _logs(state_dir: Path, tail_lines: int = 40) -> str:
+    """The runner's log and the last lines of every service's log: what a
+    failed start in CI shows the next reader."""
+    parts = [f"--- runner.log\n{_tail(state_dir / 'runner.log', 200)}"]
+    for log in sorted((state_dir / "logs").glob("*.log")):
+        parts.append(f"--- {log.name}\n{_tail(log, tail_lines)}")
+    return "\n".join(parts)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"({error})"
 
 
 # ---- the gateway's API, as the mesh tests call it --------------------------------
