@@ -38,7 +38,7 @@ def test_only_the_gateway_and_deployer_reach_triton_and_only_over_grpc():
     policies = [
         p
         for p in network_policies().values()
-        if p["spec"]["podSelector"]["matchLabels"].get("serving.kserve.io/inferenceservice")
+        if p["spec"]["podSelector"].get("matchLabels", {}).get("serving.kserve.io/inferenceservice")
         == kserve["metadata"]["name"]
     ]
     assert policies, "no NetworkPolicy selects the Triton predictor pods"
@@ -66,7 +66,7 @@ def test_envoy_admin_is_never_exposed():
     policy = next(
         p
         for p in network_policies().values()
-        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "envoy"
+        if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "envoy"
     )
     admitted = [(p["protocol"], p["port"]) for r in policy["spec"]["ingress"] for p in r["ports"]]
     assert admitted == [("TCP", listener_port)]
@@ -79,3 +79,18 @@ def test_envoy_admin_is_never_exposed():
             assert f"port: {admin_port}\n" not in text, path
             assert f"containerPort: {admin_port}\n" not in text, path
             assert f"targetPort: {admin_port}\n" not in text, path
+
+
+def test_every_chassis_service_takes_traffic_only_from_the_mesh():
+    from mlmesh_runner.catalog import CATALOG
+
+    chassis = {s.name for s in CATALOG if s.port_discovery == "port-file"}
+    policy = network_policies()["mesh-services-from-the-mesh-only"]
+    (selector,) = policy["spec"]["podSelector"]["matchExpressions"]
+    assert selector["key"] == "app.kubernetes.io/name" and selector["operator"] == "In"
+    assert chassis <= set(selector["values"]), chassis - set(selector["values"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in policy["spec"]["ingress"]:
+        assert rule["from"] == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "mlmesh"}}}
+        ]

@@ -76,3 +76,25 @@ async def test_writes_never_run_under_the_first_callers_deadline():
     await asyncio.sleep(0.1)
     assert sink.events and sink.remaining == [None]
     await sink.close()
+
+
+async def test_keys_billed_elsewhere_pass_unmetered_and_no_one_else_does():
+    sink = Collected()
+    gateway = pb.Key(id="feedfacefeedface", limits=pb.KeyLimits(requests_per_minute=1))
+    other = pb.Key(id="0123456789abcdef", limits=pb.KeyLimits(requests_per_minute=1))
+    admit = call_admission(
+        Metering(Throttle(), sink, pb.PLATFORM_SERVICE_LLM), frozenset({gateway.id})
+    )
+    for _ in range(3):  # its limit does not apply here: the gateway bills its calls
+        async with admit(Principal(gateway, "0" * 64), "/mlmesh.llm.v1.LlmService/Generate"):
+            pass
+    async with admit(Principal(other, "0" * 64), "/mlmesh.llm.v1.LlmService/Generate"):
+        pass
+    with pytest.raises(ResourceExhausted):
+        async with admit(Principal(other, "0" * 64), "/mlmesh.llm.v1.LlmService/Generate"):
+            pass
+    await sink.flush()
+    assert [(e.key_id, e.service) for e in sink.events] == [
+        ("0123456789abcdef", pb.PLATFORM_SERVICE_LLM)
+    ]
+    await sink.close()

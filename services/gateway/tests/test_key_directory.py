@@ -9,6 +9,7 @@ import datetime as dt
 import time
 from typing import ClassVar
 
+import grpc
 import pytest
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
@@ -18,7 +19,7 @@ from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from mlmesh_chassis.server import start_service
 from mlmesh_chassis.testing import directory_key, keyed_channel
-from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
+from mlmesh_gateway.key_directory import CATCH_UP_S, KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 
 
@@ -129,6 +130,13 @@ async def test_a_watcher_without_the_scope_is_refused(store, tmp_path):
     try:
         await asyncio.sleep(0.5)
         assert not view.synced
+        # The watcher did reach the directory: the same call with the app key
+        # is refused for its scope, not for want of a server.
+        async with keyed_channel(f"127.0.0.1:{gateway.port}", secret) as channel:
+            stub = key_directory_service_pb2_grpc.KeyDirectoryServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                await stub.WatchKeys(kd.WatchKeysRequest()).read()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         task.cancel()
         await gateway.stop()
@@ -192,3 +200,45 @@ async def test_a_key_expiring_past_year_9999_is_refused(store):
     key.expire_time.seconds = 10**12
     with pytest.raises(InvalidArgument):
         await store.create(key)
+
+
+async def test_a_flood_of_unknown_keys_reads_the_store_boundedly_and_grows_nothing(store, tmp_path):
+    """Each unknown key makes the gateway look in its store (another replica
+    may have made it a moment ago), but callers share one read and reads are
+    at most one per CATCH_UP_S: 300 distinct bad keys neither cost 300 store
+    reads nor leave 300 entries behind (the old auth cache kept one each)."""
+    replica = Gateway(store)
+    await replica.start()
+    replica.directory.poll_seconds = 60  # only catch-up reads count below
+    reads = 0
+    real_changes_since = store.changes_since
+
+    async def counting(revision):
+        nonlocal reads
+        reads += 1
+        return await real_changes_since(revision)
+
+    store.changes_since = counting
+    try:
+        keys_before = len(replica.directory.view)
+        started = time.monotonic()
+
+        async def bad_call(i: int) -> None:
+            secret = f"mlm_{i:016x}_" + "B" * 32
+            async with keyed_channel(f"127.0.0.1:{replica.port}", secret) as channel:
+                stub = key_directory_service_pb2_grpc.KeyDirectoryServiceStub(channel)
+                call = stub.WatchKeys(kd.WatchKeysRequest())
+                with pytest.raises(grpc.RpcError) as caught:
+                    await call.read()
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        await asyncio.gather(*(bad_call(i) for i in range(300)))
+        elapsed = time.monotonic() - started
+        assert len(replica.directory.view) == keys_before
+        assert len(replica.directory._entries) == keys_before
+        # one read per CATCH_UP_S window at most, plus one in flight
+        assert reads <= elapsed / CATCH_UP_S + 2, (reads, elapsed)
+        assert reads < 300
+    finally:
+        store.changes_since = real_changes_since
+        await replica.stop()

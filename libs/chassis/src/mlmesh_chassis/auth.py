@@ -148,7 +148,7 @@ ROUTE_SCOPES: tuple[Route, ...] = (
         {S.PLATFORM_SERVICE_REGISTRY},
         {S.PLATFORM_SERVICE_REGISTRY, S.PLATFORM_SERVICE_REGISTRY_READ},
     ),
-    _route("/mlmesh.deployer.", {S.PLATFORM_SERVICE_ADMIN}),
+    _route("/mlmesh.deployer.", {S.PLATFORM_SERVICE_DEPLOYER}),
     _route("/mlmesh.features.", {S.PLATFORM_SERVICE_FEATURES}),
     _route("/mlmesh.vectors.", {S.PLATFORM_SERVICE_VECTORS}),
     _route("/mlmesh.batch.", {S.PLATFORM_SERVICE_BATCH}),

@@ -55,6 +55,10 @@ class MeteringSettings(ServiceSettings):
     # scope PLATFORM_SERVICE_USAGE_RECORD.
     usage_target: str = ""
     usage_target_file: Path | None = None
+    # Comma-separated key ids whose calls another service bills (the
+    # gateway's service key on the llm): an operator's setting, never a
+    # caller's. Their calls pass unmetered.
+    unmetered_key_ids: str = ""
 
 
 @dataclass
@@ -261,15 +265,19 @@ def status_of(error: BaseException) -> str:
     return name if isinstance(name, str) else "INTERNAL"
 
 
-def call_admission(meter: Metering) -> CallAdmission:
+def call_admission(meter: Metering, unmetered: frozenset[str] = frozenset()) -> CallAdmission:
     """Metering for every verified call of a service (``start_service(...,
     admission=...)``): the caller key's requests_per_minute, and one usage
-    event per call (unit "requests"), billed to the verified key."""
+    event per call (unit "requests"), billed to the verified key. Calls of
+    the ``unmetered`` key ids (billed by another service) pass as they are."""
     from mlmesh_chassis.context import request_id_var
 
     @contextlib.asynccontextmanager
     async def admit(principal: Principal, method: str) -> AsyncIterator[object]:
         del method  # usage is per service and key; the ledger has no method column
+        if principal.key_id in unmetered:
+            yield None
+            return
         request_id = request_id_var.get()
         limits = Limits(requests_per_minute=principal.key.limits.requests_per_minute)
         async with meter.admit(
@@ -284,3 +292,18 @@ def call_admission(meter: Metering) -> CallAdmission:
             yield call
 
     return admit
+
+
+def metered_calls(
+    settings: MeteringSettings, service: int
+) -> tuple[CallAdmission | None, Metering | None]:
+    """Per-key request limits and one usage event per verified call, for a
+    service whose settings name the ledger (``usage_target`` or
+    ``usage_target_file``): the admission hook for ``start_service`` and the
+    meter to close with the host. Both None for a service run standalone,
+    with no ledger to send to."""
+    if not (settings.usage_target or settings.usage_target_file):
+        return None, None
+    meter = Metering.from_settings(settings, service=service)
+    unmetered = frozenset(i for i in settings.unmetered_key_ids.split(",") if i)
+    return call_admission(meter, unmetered), meter

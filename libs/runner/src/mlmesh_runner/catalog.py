@@ -71,6 +71,11 @@ class ServiceSpec:
     # PLATFORM_SERVICE_ prefix): what it calls on its peers. Every chassis
     # service also follows the key directory.
     key_scopes: tuple[str, ...] = ("KEY_DIRECTORY",)
+    # Services whose calls to it are billed elsewhere, so it does not meter
+    # them again (the gateway bills the application's key for the traffic it
+    # relays to the llm). Their service keys' ids reach it as
+    # <env_prefix>UNMETERED_KEY_IDS.
+    billed_by: tuple[str, ...] = ()
 
 
 def _gateway_services() -> Sequence[descriptor.ServiceDescriptor]:
@@ -162,7 +167,8 @@ CATALOG: list[ServiceSpec] = [
         name="llm",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_llm"],
         services=_llm_services,
-        key_scopes=("KEY_DIRECTORY", "REGISTRY_READ"),
+        key_scopes=("KEY_DIRECTORY", "REGISTRY_READ", "USAGE_RECORD"),
+        billed_by=("gateway",),
         env_prefix="MLMESH_LLM_",
         env=lambda ctx: {
             "MLMESH_LLM_REGISTRY_TARGET": ctx.address("registry"),
@@ -200,7 +206,7 @@ CATALOG: list[ServiceSpec] = [
         name="deployer",
         command=lambda ctx, port: [sys.executable, "-m", "mlmesh_deployer"],
         services=_deployer_services,
-        key_scopes=("KEY_DIRECTORY", "REGISTRY_READ"),
+        key_scopes=("KEY_DIRECTORY", "REGISTRY_READ", "USAGE_RECORD"),
         env_prefix="MLMESH_DEPLOYER_",
         env=lambda ctx: {
             "MLMESH_DEPLOYER_REGISTRY_TARGET": ctx.address("registry"),

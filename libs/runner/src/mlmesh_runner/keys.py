@@ -29,6 +29,8 @@ class BootstrapKeys:
     admin_file: Path
     service_files: dict[str, Path]
     directory_file: Path  # WatchKeysResponse JSON: ids, SHA-256s, scopes
+    # Each service key's id (public, unlike its secret).
+    service_ids: dict[str, str]
 
 
 def _private_file(path: Path, make: str) -> str:
@@ -64,10 +66,12 @@ def ensure_bootstrap_keys(
     for name, scopes in services:
         service_files[name] = folder / f"{name}.key"
         wanted.append((name, service_files[name], list(scopes)))
+    service_ids = {}
     for name, path, scopes in wanted:
         secret = secret_in(path)
+        service_ids[name] = secret.split("_")[1]
         key = pb.Key(
-            id=secret.split("_")[1],
+            id=service_ids[name],
             display_name=f"bootstrap {name}" if name == ADMIN else f"service {name}",
             state=pb.KEY_STATE_ACTIVE,
             scopes=pb.KeyScopes(
@@ -84,4 +88,5 @@ def ensure_bootstrap_keys(
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
     tmp.replace(directory_file)
-    return BootstrapKeys(admin_file, service_files, directory_file)
+    service_ids.pop(ADMIN)
+    return BootstrapKeys(admin_file, service_files, directory_file, service_ids)

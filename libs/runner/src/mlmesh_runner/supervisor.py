@@ -341,6 +341,10 @@ class Mesh:
             f"{spec.env_prefix}SERVICE_KEY_FILE": str(self.keys.service_files[spec.name]),
             f"{spec.env_prefix}BOOTSTRAP_KEYS_FILE": str(self.keys.directory_file),
         }
+        if spec.billed_by:
+            env[f"{spec.env_prefix}UNMETERED_KEY_IDS"] = ",".join(
+                self.keys.service_ids[name] for name in spec.billed_by
+            )
         socket = self.state / "run" / "gateway.sock"
         on_socket = len(str(socket)) < UNIX_PATH_MAX
         if spec.name == KEY_DIRECTORY_SERVICE:

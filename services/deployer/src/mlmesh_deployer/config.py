@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from mlmesh_chassis.config import ServiceSettings
+from mlmesh_metering.metering import MeteringSettings
 from pydantic_settings import SettingsConfigDict
 
 
-class DeployerSettings(ServiceSettings):
+class DeployerSettings(MeteringSettings):
     model_config = SettingsConfigDict(env_prefix="MLMESH_DEPLOYER_", extra="ignore")
     service_name: ClassVar[str] = "deployer"
 

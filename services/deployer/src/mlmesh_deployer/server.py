@@ -9,8 +9,10 @@ import asyncio
 import logging
 
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
+from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_DEPLOYER
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
+from mlmesh_metering.metering import metered_calls
 from mlmesh_sdk.snapshot import UnpackLimits
 
 from mlmesh_deployer.config import DeployerSettings
@@ -42,8 +44,13 @@ async def build_server(settings: DeployerSettings) -> ServiceHost:
         )
         return [SERVICE_NAME]
 
-    host = await start_service(settings, register, error_domain="mlmesh.deployer", serving=False)
+    admission, meter = metered_calls(settings, PLATFORM_SERVICE_DEPLOYER)
+    host = await start_service(
+        settings, register, error_domain="mlmesh.deployer", serving=False, admission=admission
+    )
     host.on_close.append(triton.close)
+    if meter is not None:
+        host.on_close.append(meter.close)
     host.on_close.append(deployer.stop)
     await deployer.start()
 

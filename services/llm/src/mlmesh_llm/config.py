@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from mlmesh_chassis.config import ServiceSettings
+from mlmesh_metering.metering import MeteringSettings
 from pydantic_settings import SettingsConfigDict
 
 
-class LlmSettings(ServiceSettings):
+class LlmSettings(MeteringSettings):
     model_config = SettingsConfigDict(env_prefix="MLMESH_LLM_", extra="ignore")
     service_name: ClassVar[str] = "llm"
 

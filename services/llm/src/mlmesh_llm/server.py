@@ -10,8 +10,10 @@ import logging
 import os
 from pathlib import Path
 
+from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_LLM
 from mlmesh.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
 from mlmesh_chassis.server import ServiceHost, start_service
+from mlmesh_metering.metering import metered_calls
 
 from mlmesh_llm.config import LlmSettings
 from mlmesh_llm.engines.base import Engine
@@ -66,8 +68,16 @@ async def build_server(settings: LlmSettings) -> ServiceHost:
         llm_service_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    host = await start_service(settings, register, error_domain="mlmesh.llm", serving=False)
+    # Every caller's requests per minute and one usage event per call (the
+    # gateway's service key too: the tokens of the model traffic it relays
+    # are billed to the application's key by the gateway itself).
+    admission, meter = metered_calls(settings, PLATFORM_SERVICE_LLM)
+    host = await start_service(
+        settings, register, error_domain="mlmesh.llm", serving=False, admission=admission
+    )
     host.on_close.append(models.stop)
+    if meter is not None:
+        host.on_close.append(meter.close)
     await models.start()
 
     async def serve_when_ready() -> None:

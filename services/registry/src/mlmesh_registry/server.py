@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_REGISTRY
 from mlmesh.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from mlmesh_chassis.server import ServiceHost, start_service
-from mlmesh_metering.metering import Metering, call_admission
+from mlmesh_metering.metering import metered_calls
 
 from mlmesh_registry.artifacts import ArtifactStore
 from mlmesh_registry.config import RegistrySettings
@@ -25,9 +25,7 @@ async def build_server(settings: RegistrySettings) -> ServiceHost:
     servicer = RegistryServicer(RegistryStore(database), artifacts, settings)
     # Every caller's requests per minute and usage (one event per call, into
     # the gateway's ledger); off when no ledger is configured (standalone).
-    meter = None
-    if settings.usage_target or settings.usage_target_file:
-        meter = Metering.from_settings(settings, service=PLATFORM_SERVICE_REGISTRY)
+    admission, meter = metered_calls(settings, PLATFORM_SERVICE_REGISTRY)
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
@@ -37,7 +35,7 @@ async def build_server(settings: RegistrySettings) -> ServiceHost:
         settings,
         register,
         error_domain="mlmesh.registry",
-        admission=call_admission(meter) if meter is not None else None,
+        admission=admission,
     )
     host.on_close.append(database.close)
     if meter is not None:
