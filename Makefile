@@ -25,7 +25,7 @@ lint:
 	$(BIN)/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs/chassis/src libs/metering/src libs/runner/src libs/sdk/src libs/inference/src services/registry/src services/llm/src services/triton/src services/deployer/src services/gateway/src
+	$(BIN)/mypy libs/chassis/src libs/metering/src libs/runner/src libs/sdk/src libs/serving/src libs/inference/src services/registry/src services/llm/src services/triton/src services/deployer/src services/gateway/src
 
 breaking:
 	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \

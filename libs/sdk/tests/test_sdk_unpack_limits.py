@@ -127,12 +127,3 @@ def test_pack_then_unpack_still_round_trips(tmp_path: Path) -> None:
     finally:
         packed.path.unlink()
     assert tree_of(tmp_path / "out") == tree_of(folder)
-
-
-def test_backoff_doubles_up_to_its_cap() -> None:
-    from itertools import islice
-
-    from mlmesh_sdk.follow import backoff_delays
-
-    assert list(islice(backoff_delays(2.0), 10)) == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
-    assert list(islice(backoff_delays(1.0, 3.0), 4)) == [1, 2, 3, 3]

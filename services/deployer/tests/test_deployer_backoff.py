@@ -12,15 +12,16 @@ from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_deployer import deployer as deployer_module
 from mlmesh_deployer.deployer import State, TritonDeployer
 from mlmesh_sdk.snapshot import UnsafeArchiveError
+from mlmesh_serving import ServedVersions
 
 
 async def test_a_refused_artifact_is_retried_ever_more_rarely(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def one_version(*_: Any) -> AsyncIterator[ModelVersion]:
-        yield ModelVersion(model="digits", version=7)
+    async def one_version(*_: Any) -> AsyncIterator[ServedVersions]:
+        yield ServedVersions(ModelVersion(model="digits", version=7), frozenset())
 
-    monkeypatch.setattr(deployer_module, "follow", one_version)
+    monkeypatch.setattr(deployer_module, "follow_served", one_version)
     deployer = TritonDeployer(
         ["digits@champion"],
         "127.0.0.1:1",
@@ -33,8 +34,8 @@ async def test_a_refused_artifact_is_retried_ever_more_rarely(
     tries: list[int] = []
     sleeps: list[float] = []
 
-    async def roll(deployment: Any, version: ModelVersion) -> None:
-        tries.append(version.version)
+    async def roll(deployment: Any, wanted: ServedVersions) -> None:
+        tries.append(wanted.served.version)
         if len(tries) <= 6:
             raise UnsafeArchiveError("archive member 'weights.bin' is a sparse file")
         deployment.set(State.READY)

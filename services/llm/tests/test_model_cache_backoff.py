@@ -13,15 +13,16 @@ from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_llm import models
 from mlmesh_llm.models import ModelManager
 from mlmesh_sdk.snapshot import UnsafeArchiveError
+from mlmesh_serving import ServedVersions
 
 
 async def test_a_refused_artifact_is_retried_ever_more_rarely(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def one_version(*_: Any) -> AsyncIterator[ModelVersion]:
-        yield ModelVersion(model="tiny-llama", version=3)
+    async def one_version(*_: Any) -> AsyncIterator[ServedVersions]:
+        yield ServedVersions(ModelVersion(model="tiny-llama", version=3), frozenset())
 
-    monkeypatch.setattr(models, "follow", one_version)
+    monkeypatch.setattr(models, "follow_served", one_version)
     manager = ModelManager(
         ["tiny-llama@champion"],
         "127.0.0.1:1",
@@ -33,7 +34,7 @@ async def test_a_refused_artifact_is_retried_ever_more_rarely(
     tries = 0
     sleeps: list[float] = []
 
-    async def switch(served: Any, version: ModelVersion) -> None:
+    async def apply(served: Any, wanted: ServedVersions) -> None:
         nonlocal tries
         tries += 1
         if tries <= 5:
@@ -43,7 +44,7 @@ async def test_a_refused_artifact_is_retried_ever_more_rarely(
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    monkeypatch.setattr(manager, "_switch", switch)
+    monkeypatch.setattr(manager, "_apply", apply)
     manager._sleep = sleep  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="mlmesh.llm.models"):
         await manager._follow(manager.served[0])

@@ -353,22 +353,6 @@ class RegistryClient:
         await self.set_alias(model, alias, version.version, reason=reason)
         return version
 
-    async def experiment_versions(self, model: str) -> set[int]:
-        """Every version the model's running experiments use (arms and shadow):
-        what serving must keep loaded beside the aliased version."""
-        reply = await self._read(
-            self.stub.ListExperiments,
-            rpc.ListExperimentsRequest(
-                model=model, state=pb.EXPERIMENT_STATE_RUNNING, page_size=1000
-            ),
-        )
-        versions: set[int] = set()
-        for experiment in reply.experiments:
-            versions |= {arm.version for arm in experiment.arms}
-            if experiment.HasField("shadow"):
-                versions.add(experiment.shadow.version)
-        return versions
-
     # versions and models
 
     async def resolve(self, reference: Reference) -> pb.ModelVersion:
@@ -389,6 +373,27 @@ class RegistryClient:
             response = await self._read(self.stub.ListModels, request)
             for model in response.models:
                 yield model
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def list_experiments(
+        self,
+        model: str = "",
+        *,
+        state: pb.ExperimentState = pb.EXPERIMENT_STATE_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> AsyncIterator[pb.Experiment]:
+        """Every experiment (of ``model``, in ``state``: an ExperimentState;
+        0 for all), by name, following the pages."""
+        token = ""
+        while True:
+            request = rpc.ListExperimentsRequest(
+                model=model, state=state, page_size=page_size, page_token=token
+            )
+            response = await self._read(self.stub.ListExperiments, request)
+            for experiment in response.experiments:
+                yield experiment
             token = response.next_page_token
             if not token:
                 return

@@ -1,13 +1,16 @@
 """Keeps Triton's model repository in step with registry aliases.
 
 For each followed reference (``digits@champion``) the Triton model is named
-after the registry model and its versions are registry versions. On an alias
-move: download the version, write it into the repository, load the model
-with both the old and the new version, wait until the new one is ready (new
-requests without a version go to the highest loaded one), then load with the
-new version alone, which unloads the old after its in-flight requests finish.
-Moving to a lower version works the same way; the switch then happens at the
-second load. A reconcile loop reloads live versions a restarted Triton lost.
+after the registry model and its versions are registry versions. What to hold
+comes from ``mlmesh_serving.follow_served``: the alias' version and the
+versions of the model's running experiments. On a change: take each wanted
+version's folder from the artifact cache, write it into the repository, load
+the model with the old live version and every wanted one, wait until the
+wanted ones are ready (new requests without a version go to the highest
+loaded one), then load with the wanted versions alone, which unloads the
+others after their in-flight requests finish. Moving to a lower version works
+the same way; the switch then happens at the second load. A reconcile loop
+reloads live versions a restarted Triton lost.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
-from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_inference.triton import TritonClient
-from mlmesh_sdk.follow import MAX_RETRY_SECONDS, backoff_delays, follow
 from mlmesh_sdk.reference import format_reference, parse_reference
-from mlmesh_sdk.registry import RegistryClient
 from mlmesh_sdk.snapshot import UnpackLimits, UnsafeArchiveError
+from mlmesh_serving import (
+    MAX_RETRY_SECONDS,
+    ArtifactCache,
+    ServedVersions,
+    backoff_delays,
+    follow_served,
+)
 
 log = logging.getLogger("mlmesh.deployer")
 
@@ -81,12 +88,11 @@ class TritonDeployer:
         self.registry_target = registry_target
         self.triton = triton
         self.repository = repository
-        self.cache_dir = cache_dir
+        self.cache = ArtifactCache(cache_dir, registry_target, unpack_limits)
         self.reconcile_seconds = reconcile_seconds
         self.load_timeout_s = load_timeout_s
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
-        self.unpack_limits = unpack_limits or UnpackLimits()
         self._sleep = asyncio.sleep  # tests replace it
         self._tasks: list[asyncio.Task[None]] = []
         self._locks = {d.model: asyncio.Lock() for d in self.deployments}
@@ -106,12 +112,14 @@ class TritonDeployer:
                 await task
 
     async def _follow(self, deployment: Deployment) -> None:
-        async for version in follow(self.registry_target, deployment.reference, self.retry_seconds):
-            deployment.target_version = version.version
+        async for wanted in follow_served(
+            self.registry_target, deployment.reference, self.retry_seconds, self.max_retry_seconds
+        ):
+            deployment.target_version = wanted.served.version
             delays = backoff_delays(self.retry_seconds, self.max_retry_seconds)
             while True:
                 try:
-                    await self._roll(deployment, version)
+                    await self._roll(deployment, wanted)
                     break
                 except Exception as error:  # registry, Triton or disk: retry, ever more rarely
                     delay = next(delays)
@@ -121,9 +129,9 @@ class TritonDeployer:
                         else "deploying it failed"
                     )
                     log.warning(
-                        "%s/%d: %s: %s; retrying in %.0f s",
-                        version.model,
-                        version.version,
+                        "%s/%s: %s: %s; retrying in %.0f s",
+                        wanted.model,
+                        ",".join(map(str, sorted(wanted.versions))),
                         what,
                         error,
                         delay,
@@ -133,46 +141,48 @@ class TritonDeployer:
             if all(d.state is State.READY for d in self.deployments):
                 self.ready.set()
 
-    async def _roll(self, deployment: Deployment, version: ModelVersion) -> None:
+    async def _roll(self, deployment: Deployment, wanted: ServedVersions) -> None:
         async with self._locks[deployment.model]:
-            old, new = deployment.live_version, version.version
-            if old == new:
+            old, new = deployment.live_version, wanted.served.version
+            before = {old, *deployment.experiment_versions} - {0}
+            keep = set(wanted.versions)
+            if before == keep and old == new:
                 deployment.set(State.READY)
                 return
             deployment.set(State.LOADING)
-            folder = await self._download(version)
             model_dir = self.repository / deployment.model
-            await asyncio.to_thread(_install, folder, model_dir, new)
-            extra = deployment.experiment_versions
-            # 1: old and new side by side; wait for the new one.
-            _write_config(folder, model_dir, deployment.model, sorted(({old, new} | extra) - {0}))
+            for version in sorted(keep):
+                folder = await self.cache.folder(deployment.model, version)
+                await asyncio.to_thread(_install, folder, model_dir, version)
+            config_from = await self.cache.folder(deployment.model, new)
+            # 1: the old live version beside every wanted one; wait for those.
+            _write_config(config_from, model_dir, deployment.model, sorted(before | keep))
             await self._load(deployment.model)
-            await self._wait_ready(deployment.model, new)
+            for version in sorted(keep):
+                await self._wait_ready(deployment.model, version)
             deployment.live_version = new
+            deployment.experiment_versions = set(wanted.experiments)
             deployment.set(State.READY)
-            log.info(
-                "%s: version %d is live on Triton", format_reference(deployment.reference), new
-            )
-            # 2: the new one alone; Triton unloads the old after its in-flight requests.
-            if old:
-                _write_config(folder, model_dir, deployment.model, sorted({new} | extra))
-                await self._load(deployment.model)
-                if old not in extra:
-                    await asyncio.to_thread(shutil.rmtree, model_dir / str(old), True)
-                    log.info("%s: version %d unloaded", deployment.model, old)
-
-    async def _download(self, version: ModelVersion) -> Path:
-        folder = self.cache_dir / version.model / str(version.version)
-        if not (folder / ".complete").exists():
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-            async with RegistryClient(self.registry_target) as registry:
-                await registry.download_folder(
-                    ModelReference(model=version.model, version=version.version),
-                    folder,
-                    limits=self.unpack_limits,
+            if old != new:
+                log.info(
+                    "%s: version %d is live on Triton", format_reference(deployment.reference), new
                 )
-            (folder / ".complete").touch()
-        return folder
+            if wanted.experiments:
+                log.info(
+                    "%s: experiment versions live: %s",
+                    deployment.model,
+                    sorted(wanted.experiments),
+                )
+            # 2: the wanted ones alone; Triton unloads the rest after their
+            # in-flight requests.
+            dropped = before - keep
+            if dropped:
+                _write_config(config_from, model_dir, deployment.model, sorted(keep))
+                await self._load(deployment.model)
+                for version in sorted(dropped):
+                    await asyncio.to_thread(shutil.rmtree, model_dir / str(version), True)
+                    log.info("%s: version %d unloaded", deployment.model, version)
+            await self.cache.retain(deployment.model, keep)
 
     async def _load(self, model: str) -> None:
         # Triton re-reads config.pbtxt from the repository on every load.
@@ -190,47 +200,10 @@ class TritonDeployer:
     async def _is_ready(self, model: str, version: int) -> bool:
         return await self.triton.model_ready(model, str(version))
 
-    async def _sync_experiments(self, deployment: Deployment) -> None:
-        """Keeps the versions of the model's running experiments (arms and
-        shadow) live beside the aliased one, and unloads those no longer used."""
-        live = deployment.live_version
-        if not live:
-            return
-        async with RegistryClient(self.registry_target) as registry:
-            wanted = await registry.experiment_versions(deployment.model)
-            wanted.discard(live)
-            if wanted == deployment.experiment_versions:
-                return
-            async with self._locks[deployment.model]:
-                model_dir = self.repository / deployment.model
-                folder = None
-                for version in sorted(wanted - deployment.experiment_versions):
-                    folder = await self._download(
-                        ModelVersion(model=deployment.model, version=version)
-                    )
-                    await asyncio.to_thread(_install, folder, model_dir, version)
-                folder = folder or await self._download(
-                    ModelVersion(model=deployment.model, version=live)
-                )
-                _write_config(folder, model_dir, deployment.model, sorted(wanted | {live}))
-                await self._load(deployment.model)
-                for version in wanted:
-                    await self._wait_ready(deployment.model, version)
-                for version in deployment.experiment_versions - wanted:
-                    await asyncio.to_thread(shutil.rmtree, model_dir / str(version), True)
-                deployment.experiment_versions = wanted
-                log.info("%s: experiment versions live: %s", deployment.model, sorted(wanted))
-
     async def _reconcile(self) -> None:
-        """Reloads live versions Triton does not have (e.g. after a restart),
-        and keeps experiment versions live."""
+        """Reloads live versions Triton does not have (e.g. after a restart)."""
         while True:
             await asyncio.sleep(self.reconcile_seconds)
-            for deployment in self.deployments:
-                try:
-                    await self._sync_experiments(deployment)
-                except Exception as error:  # registry or Triton away: next round
-                    log.warning("experiment versions of %s: %s", deployment.model, error)
             for deployment in self.deployments:
                 live = deployment.live_version
                 if not live or self._locks[deployment.model].locked():

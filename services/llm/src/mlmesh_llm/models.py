@@ -1,10 +1,12 @@
 """Which model versions this server serves, and hot swaps on alias moves.
 
-For each configured reference (``tiny-llama@champion``) the manager resolves
-it through the registry, downloads and caches the version's folder, and starts
-an engine on it. It then watches the registry's event stream for that model;
-when the alias moves, it loads the new version beside the old one, switches
-new requests to it, and stops the old engine once its in-flight streams end.
+For each configured reference (``tiny-llama@champion``) the manager follows
+what to hold (``mlmesh_serving.follow_served``: the alias' version and the
+versions of the model's running experiments), takes each version's folder
+from the shared artifact cache, and starts an engine on it. When the alias
+moves it loads the new version beside the old one, switches new requests to
+it, and stops the old engine once its in-flight streams end; experiment
+versions stay loaded beside it while their experiment runs.
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
-from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_chassis.errors import FailedPrecondition, NotFound
-from mlmesh_sdk.follow import MAX_RETRY_SECONDS, backoff_delays, follow
 from mlmesh_sdk.reference import format_reference, parse_reference
-from mlmesh_sdk.registry import RegistryClient
 from mlmesh_sdk.snapshot import UnpackLimits, UnsafeArchiveError
+from mlmesh_serving import (
+    MAX_RETRY_SECONDS,
+    ArtifactCache,
+    ServedVersions,
+    backoff_delays,
+    follow_served,
+)
 
 from mlmesh_llm.engines.base import Engine
 
@@ -70,46 +74,45 @@ class ModelManager:
     ) -> None:
         self.served = [Served(parse_reference(text)) for text in references]
         self.registry_target = registry_target
-        self.cache_dir = cache_dir
+        self.cache = ArtifactCache(cache_dir, registry_target, unpack_limits)
         self.engine_factory = engine_factory
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
-        self.unpack_limits = unpack_limits or UnpackLimits()
         self._sleep = asyncio.sleep  # tests replace it
         self.loaded: list[LoadedVersion] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Versions kept loaded for running experiments, per model.
-        self.experiment_versions: dict[str, set[int]] = {}
+        self.experiment_versions: dict[str, frozenset[int]] = {}
         self._swap_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
     # ---- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Follows every configured reference: loads its version (retrying while
-        the registry cannot give it) and each version its alias moves to. Sets
+        """Follows every configured reference: loads what it holds (retrying
+        while the registry cannot give it) and whatever it holds next. Sets
         ``ready`` once every reference has a version loaded."""
         for served in self.served:
             self._tasks.append(asyncio.create_task(self._follow(served)))
-        for model in sorted({s.reference.model for s in self.served}):
-            self._tasks.append(asyncio.create_task(self._follow_experiments(model)))
 
     async def _follow(self, served: Served) -> None:
-        async for version in follow(self.registry_target, served.reference, self.retry_seconds):
+        async for wanted in follow_served(
+            self.registry_target, served.reference, self.retry_seconds, self.max_retry_seconds
+        ):
             # A version that keeps failing (a broken artifact) is retried ever
             # more rarely, up to max_retry_seconds apart.
             delays = backoff_delays(self.retry_seconds, self.max_retry_seconds)
             while True:
                 try:
-                    await self._switch(served, version)
+                    await self._apply(served, wanted)
                     break
                 except (grpc.RpcError, OSError, ValueError) as error:
                     delay = next(delays)
                     refused = isinstance(error, UnsafeArchiveError)
                     log.warning(
-                        "cannot load %s/%d yet: %s%s; retrying in %.0f s",
-                        version.model,
-                        version.version,
+                        "cannot load %s/%s yet: %s%s; retrying in %.0f s",
+                        wanted.model,
+                        ",".join(map(str, sorted(wanted.versions))),
                         "its artifact is refused: " if refused else "",
                         _describe(error),
                         delay,
@@ -164,19 +167,30 @@ class ModelManager:
 
     # ---- loading and swapping ----------------------------------------------
 
-    async def _switch(self, served: Served, version: ModelVersion) -> None:
-        """Loads ``version`` (download once, start an engine) and switches new
-        requests to it; the old version stops when its last stream ends."""
+    async def _apply(self, served: Served, wanted: ServedVersions) -> None:
+        """Loads what ``wanted`` holds that is not loaded yet (experiment
+        versions first, then the served one), switches new requests to the
+        served version, then retires (once idle) and evicts from the cache
+        what no reference and no running experiment holds any more."""
+        model = wanted.model
         async with self._swap_lock:
-            if served.current is not None and served.current.version == version.version:
-                return
-            existing = await self._ensure_loaded(version.model, version.version)
-            old, served.current = served.current, existing
-            log.info(
-                "serving %s with version %d", format_reference(served.reference), version.version
-            )
-            if old is not None and old is not existing:
-                await self._retire_if_unused(old)
+            for version in sorted(wanted.experiments):
+                await self._ensure_loaded(model, version)
+            current = await self._ensure_loaded(model, wanted.served.version)
+            previous, served.current = served.current, current
+            self.experiment_versions[model] = wanted.experiments
+            if previous is not current:
+                log.info(
+                    "serving %s with version %d",
+                    format_reference(served.reference),
+                    current.version,
+                )
+            if wanted.experiments:
+                log.info("%s: experiment versions loaded: %s", model, sorted(wanted.experiments))
+            for loaded in [v for v in self.loaded if v.model == model]:
+                await self._retire_if_unused(loaded)
+            held = {v.version for v in self.loaded if v.model == model}
+            await self.cache.retain(model, held | wanted.versions)
 
     async def _ensure_loaded(self, model: str, version: int) -> LoadedVersion:
         """The running engine for ``model``/``version``, downloading and
@@ -191,27 +205,7 @@ class ModelManager:
         )
         if existing is not None:
             return existing
-        folder = self.cache_dir / model / str(version)
-        if not (folder / ".complete").exists():
-            # Into a folder of this process's own, then renamed into place:
-            # replicas sharing a cache never see (or delete) a half download.
-            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-            shutil.rmtree(partial, ignore_errors=True)
-            async with RegistryClient(self.registry_target) as registry:
-                await registry.download_folder(
-                    ModelReference(model=model, version=version),
-                    partial,
-                    limits=self.unpack_limits,
-                )
-            (partial / ".complete").touch()
-            try:
-                partial.rename(folder)
-            except OSError:  # another replica finished first (or a stale folder)
-                if not (folder / ".complete").exists():
-                    shutil.rmtree(folder, ignore_errors=True)
-                    partial.rename(folder)
-                else:
-                    shutil.rmtree(partial, ignore_errors=True)
+        folder = await self.cache.folder(model, version)
         engine = self.engine_factory(folder)
         await engine.start()
         loaded = LoadedVersion(model, version, engine, dt.datetime.now(dt.UTC))
@@ -220,41 +214,13 @@ class ModelManager:
 
     async def _retire_if_unused(self, loaded: LoadedVersion) -> None:
         """Stops a version no reference and no experiment uses, once idle."""
-        if any(s.current is loaded for s in self.served):
+        if loaded.draining or any(s.current is loaded for s in self.served):
             return
-        if loaded.version in self.experiment_versions.get(loaded.model, set()):
+        if loaded.version in self.experiment_versions.get(loaded.model, frozenset()):
             return
         loaded.draining = True
         if loaded.in_flight == 0:
             await self._stop_engine(loaded)
-
-    async def _follow_experiments(self, model: str) -> None:
-        """Keeps the versions of the model's running A/B experiments (arms and
-        shadow) loaded beside the served one, so the gateway can pin requests
-        to them; unloads them when the experiment stops."""
-        while True:
-            await asyncio.sleep(self.retry_seconds)
-            try:
-                async with RegistryClient(self.registry_target) as registry:
-                    wanted = await registry.experiment_versions(model)
-                previous = self.experiment_versions.get(model, set())
-                if wanted == previous:
-                    continue
-                async with self._swap_lock:
-                    for version in sorted(wanted - previous):
-                        await self._ensure_loaded(model, version)
-                    self.experiment_versions[model] = wanted
-                    for loaded in [
-                        v
-                        for v in self.loaded
-                        if v.model == model and v.version in previous - wanted
-                    ]:
-                        await self._retire_if_unused(loaded)
-                log.info("%s: experiment versions loaded: %s", model, sorted(wanted))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # registry away: next round
-                log.warning("experiment versions of %s: %s", model, _describe(error))
 
     async def _stop_engine(self, loaded: LoadedVersion) -> None:
         if loaded.stopped.is_set():

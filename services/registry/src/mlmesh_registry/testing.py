@@ -18,16 +18,15 @@ from mlmesh_registry.server import build_server
 async def start_test_registry(root: Path, **settings: Any) -> tuple[ServiceHost, str]:
     """(the started server, the secret of its one key)."""
     keys, secret = bootstrap_keys_file(root, [PLATFORM_SERVICE_REGISTRY])
+    defaults: dict[str, Any] = {
+        "port": 0,
+        "metrics_port": -1,
+        "database_url": f"sqlite+aiosqlite:///{root}/r.db",
+        "artifact_url": str(root / "artifacts"),
+        "drain_seconds": 0.0,
+        "grace_seconds": 1.0,
+    }
     host = await build_server(
-        RegistrySettings(
-            bootstrap_keys_file=keys,
-            port=0,
-            metrics_port=-1,
-            database_url=f"sqlite+aiosqlite:///{root}/r.db",
-            artifact_url=str(root / "artifacts"),
-            drain_seconds=0.0,
-            grace_seconds=1.0,
-            **settings,
-        )
+        RegistrySettings(bootstrap_keys_file=keys, **{**defaults, **settings})
     )
     return host, secret
