@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 from mlmesh_runner.__main__ import select
 from mlmesh_runner.supervisor import Mesh
 from mlmesh_sdk.channel import api_key_interceptors
@@ -35,10 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 MIB = 1024 * 1024
 MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes per second)
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * MIB),
-    ("grpc.max_send_message_length", 16 * MIB),
-]
+CHANNEL_OPTIONS = list(MESSAGE_SIZE_OPTIONS)
 
 log = logging.getLogger("mlmesh.bench")
 

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 from mlmesh_chassis.database import Database
 from mlmesh_metering import UsageEvent
-from mlmesh_metering.ledger import UsageLedger
+from mlmesh_metering.ledger import UsageLedger, tokens_since_query
+from sqlalchemy.dialects import sqlite
 
 
 @pytest.fixture
@@ -163,14 +164,9 @@ async def test_events_recorded_while_loading_count_once(database, monkeypatch):
 async def test_the_quota_query_uses_the_key_time_index(database):
     if not database.is_sqlite:
         pytest.skip("EXPLAIN QUERY PLAN is SQLite's")
+    # The very statement UsageLedger.tokens_since runs, compiled for SQLite.
+    query = tokens_since_query("k1", _today())
+    compiled = query.compile(dialect=sqlite.dialect(paramstyle="named"))
     async with database.read() as c:
-        plan = (
-            await c.execute(
-                sa.text(
-                    "EXPLAIN QUERY PLAN SELECT sum(prompt_tokens + completion_tokens)"
-                    " FROM usage_events WHERE key_id = :k AND create_time >= :t"
-                ),
-                {"k": "k1", "t": _today()},
-            )
-        ).all()
+        plan = (await c.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}"), compiled.params)).all()
     assert "ix_usage_key_time" in " ".join(str(row) for row in plan)

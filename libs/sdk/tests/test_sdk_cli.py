@@ -30,7 +30,6 @@ async def mlmesh(target: str, *argv: str) -> tuple[int, list[dict[str, Any]], st
         env=env,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
     lines = [json.loads(line) for line in out.decode().splitlines()]
     return process.returncode, lines, err.decode()
 

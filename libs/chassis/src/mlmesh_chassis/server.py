@@ -36,6 +36,7 @@ from mlmesh_chassis.auth import (
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.contracts import all_services
 from mlmesh_chassis.interceptors import ServerInterceptor
+from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.logs import configure_logging
 from mlmesh_chassis.metrics import start_metrics_server
 from mlmesh_chassis.tracing import configure_tracing
@@ -45,7 +46,6 @@ log = logging.getLogger("mlmesh.server")
 # current with the key directory (for operators and the runner; a service
 # also serves before it, from its bootstrap keys).
 KEY_DIRECTORY_HEALTH = "mlmesh.keys"
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -127,8 +127,7 @@ async def start_service(
             ServerInterceptor(settings.service_name, error_domain, CallerCheck(key_view, admission))
         ],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *MESSAGE_SIZE_OPTIONS,
             ("grpc.so_reuseport", 0),
         ],
     )

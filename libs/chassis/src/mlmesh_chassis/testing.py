@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -44,18 +44,38 @@ class RedisServer:
         self.binary = binary
         self.folder = folder
         self.socket = folder / "redis.sock"
-        self.port = _free_port() if tcp else 0
-        self.url = f"redis://127.0.0.1:{self.port}/0" if tcp else f"unix://{self.socket}"
+        self.tcp = tcp
+        self.port = 0  # TCP: chosen at the first start, kept for restarts
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0" if self.tcp else f"unix://{self.socket}"
+
     def start(self) -> None:
-        self._process = subprocess.Popen(
+        """Starts redis-server. On TCP the server binds the port itself: a
+        random one, another if that is taken (redis cannot take port 0), and
+        the same one on a restart. No bind-then-close probe, which races."""
+        if not self.tcp or self.port:
+            if not self._launch(self.port):
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            return
+        for _ in range(20):
+            port = random.randint(20000, 59999)
+            if self._launch(port):
+                self.port = port
+                return
+        raise RuntimeError("redis-server found no free port in 20 tries")
+
+    def _launch(self, port: int) -> bool:
+        """Whether redis-server came up listening on ``port`` (0: none)."""
+        self._process = process = subprocess.Popen(
             [
                 self.binary,
                 "--bind",
                 "127.0.0.1",
                 "--port",
-                str(self.port),
+                str(port),
                 "--unixsocket",
                 str(self.socket),
                 "--save",
@@ -70,7 +90,10 @@ class RedisServer:
         )
         for _ in range(200):
             if self.socket.exists():
-                return
+                return True
+            if process.poll() is not None:  # it could not bind: the port is taken
+                self._process = None
+                return False
             time.sleep(0.05)
         raise TimeoutError("redis-server did not start")
 
@@ -80,12 +103,6 @@ class RedisServer:
             process.terminate()
             process.wait(timeout=10)
         self.socket.unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # ---- keys for servers under test ----------------------------------------------------

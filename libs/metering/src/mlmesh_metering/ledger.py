@@ -157,12 +157,8 @@ class UsageLedger(UsageBatcher):
                 return total.tokens
             loaded = time.monotonic()
             await self._write_pending()
-            e = usage_events
-            stmt = sa.select(sa.func.coalesce(sa.func.sum(e.c.quantity), 0)).where(
-                e.c.key_id == key_id, e.c.create_time >= start, e.c.unit == "tokens"
-            )
             async with self.db.read() as c:
-                tokens = int(await c.scalar(stmt) or 0)
+                tokens = int(await c.scalar(tokens_since_query(key_id, start)) or 0)
             # Holding the lock, nothing was written since that read: what is
             # queued now was recorded meanwhile and is not in it yet.
             tokens += sum(event.tokens for event in self._pending if event.key_id == key_id)
@@ -215,6 +211,15 @@ class UsageLedger(UsageBatcher):
                 row.quantity if row.unit != "tokens" else 0
             )
         return [totals[k] for k in sorted(totals)]
+
+
+def tokens_since_query(key_id: str, start: dt.datetime) -> sa.Select[tuple[int]]:
+    """The quota read: a key's token events since ``start`` (index
+    ix_usage_key_time)."""
+    e = usage_events
+    return sa.select(sa.func.coalesce(sa.func.sum(e.c.quantity), 0)).where(
+        e.c.key_id == key_id, e.c.create_time >= start, e.c.unit == "tokens"
+    )
 
 
 def _bucket(

@@ -7,8 +7,7 @@ from typing import Any
 
 import grpc
 from mlmesh_chassis.interceptors import api_key_interceptors, client_interceptors
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 
 
 def mesh_channel(
@@ -22,8 +21,7 @@ def mesh_channel(
         target,
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *MESSAGE_SIZE_OPTIONS,
             *options,
         ],
     )

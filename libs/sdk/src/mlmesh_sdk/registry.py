@@ -29,6 +29,7 @@ from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
 from mlmesh_chassis.auth import service_identity
 from mlmesh_chassis.interceptors import client_interceptors
+from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.retry import call_idempotent
 
 from mlmesh_sdk.reference import format_reference, parse_reference
@@ -42,7 +43,6 @@ from mlmesh_sdk.snapshot import (
     unpack_archive,
 )
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # The registry accepts upload chunks of 1 byte to 4 MiB.
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # A download is retried (each try resuming) this many times on UNAVAILABLE.
@@ -106,10 +106,7 @@ class RegistryClient:
         self._stub: RegistryServiceStub | None = None
 
     async def __aenter__(self) -> RegistryClient:
-        options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+        options = list(MESSAGE_SIZE_OPTIONS)
         if self._credentials is None:
             self._channel = grpc.aio.insecure_channel(
                 self.target, options=options, interceptors=client_interceptors()

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from mlmesh.llm.v1 import llm_service_pb2_grpc
+from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 
 
 @dataclass(eq=False)
@@ -71,9 +72,7 @@ class LatencyAwareBalancer:
             # No client interceptors: they wrap every streamed message (about
             # a seventh of the relay's CPU); calls pass trace context, request
             # id and deadline themselves (mlmesh_chassis.interceptors.propagation).
-            endpoint.channel = grpc.aio.insecure_channel(
-                address, options=[("grpc.max_receive_message_length", 16 << 20)]
-            )
+            endpoint.channel = grpc.aio.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
             endpoint.stub = llm_service_pb2_grpc.LlmServiceStub(endpoint.channel)
             endpoints.append(endpoint)
         return cls(endpoints, home_region, saturation)
