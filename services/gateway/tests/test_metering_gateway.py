@@ -12,6 +12,7 @@ from keyring import Keyring, migrated_gateway_db
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2
 from mlmesh.llm.v1 import llm_service_pb2_grpc
+from mlmesh.registry.v1 import model_pb2
 from mlmesh_chassis.generation import MAX_PROMPT_BYTES
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
@@ -26,9 +27,24 @@ from test_routing import FakeLlm, request
 GENERATE = pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=["*"])
 
 
+class ExperimentDirectory:
+    """The registry as the gateway reads it: alias versions and the model's
+    running experiment (none until a test sets one)."""
+
+    def __init__(self) -> None:
+        self.running: model_pb2.Experiment | None = None
+
+    async def experiment(self, model: str) -> model_pb2.Experiment | None:
+        return self.running
+
+    async def version(self, model: str, alias: str) -> int:
+        return 1
+
+
 @pytest.fixture
 async def gateway(tmp_path):
-    """(address, keys, ledger, fake llm) for a gateway with one llm endpoint."""
+    """(address, keys, ledger, fake llm, directory) for a gateway with one
+    llm endpoint."""
     fake = FakeLlm("a1")
     database = await migrated_gateway_db(f"sqlite+aiosqlite:///{tmp_path}/g.db")
     keys = await Keyring.open(database, tmp_path)
@@ -38,7 +54,16 @@ async def gateway(tmp_path):
     balancer = LatencyAwareBalancer.from_spec(f"a=127.0.0.1:{llm_port}", home_region="a")
     ledger = UsageLedger(database)
     meter = Metering(Throttle(), ledger, pb.PLATFORM_SERVICE_GENERATE)
-    servicer = GatewayServicer(meter, balancer, None, ["tiny-llama"], [], [])
+    directory = ExperimentDirectory()
+    servicer = GatewayServicer(
+        meter,
+        balancer,
+        None,
+        ["tiny-llama"],
+        [],
+        [],
+        directory=directory,  # type: ignore[arg-type]
+    )
     usage = UsageServicer(ledger)
 
     def add(_, server):
@@ -48,7 +73,7 @@ async def gateway(tmp_path):
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
 
     host, port = await keys.serve(None, add)
-    yield f"127.0.0.1:{port}", keys, ledger, fake
+    yield f"127.0.0.1:{port}", keys, ledger, fake, directory
     await ledger.close()
     await balancer.close()
     await host.shutdown()
@@ -73,7 +98,7 @@ async def _rows(ledger: UsageLedger, request_id: str) -> list:
 
 
 async def test_reusing_a_request_id_is_limited_and_billed_per_call(gateway):
-    address, keys, ledger, _ = gateway
+    address, keys, ledger, _, _ = gateway
     key_id, secret = await _key(keys, tokens_per_minute=3000)
     admitted = rejected = 0
     async with mesh_channel(address, secret) as channel:
@@ -93,7 +118,7 @@ async def test_reusing_a_request_id_is_limited_and_billed_per_call(gateway):
 
 
 async def test_two_keys_reusing_one_id_are_each_billed_their_own(gateway):
-    address, keys, ledger, _ = gateway
+    address, keys, ledger, _, _ = gateway
     billed = {}
     for name in ("first", "second"):
         key_id, secret = await _key(keys)
@@ -108,7 +133,7 @@ async def test_two_keys_reusing_one_id_are_each_billed_their_own(gateway):
 
 
 async def test_a_reused_id_does_not_dodge_the_daily_quota(gateway):
-    address, keys, _, _ = gateway
+    address, keys, _, _, _ = gateway
     _, secret = await _key(keys, token_quota=2100)
     async with mesh_channel(address, secret) as channel:
         stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
@@ -130,7 +155,7 @@ async def test_a_reused_id_does_not_dodge_the_daily_quota(gateway):
     ],
 )
 async def test_bad_request_ids_are_refused_before_admission(gateway, request_id, field):
-    address, keys, ledger, fake = gateway
+    address, keys, ledger, fake, _ = gateway
     _, secret = await _key(keys)
     async with mesh_channel(address, secret) as channel:
         stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
@@ -143,7 +168,7 @@ async def test_bad_request_ids_are_refused_before_admission(gateway, request_id,
 
 
 async def test_a_prompt_over_the_cap_is_refused_before_counting_tokens(gateway):
-    address, keys, _, fake = gateway
+    address, keys, _, fake, _ = gateway
     _, secret = await _key(keys)
     big = request()
     big.request.text = "x" * (MAX_PROMPT_BYTES + 1)
@@ -155,7 +180,7 @@ async def test_a_prompt_over_the_cap_is_refused_before_counting_tokens(gateway):
 
 
 async def test_record_usage_is_idempotent_and_needs_its_scope(gateway):
-    address, keys, ledger, _ = gateway
+    address, keys, ledger, _, _ = gateway
     _, plain = await _key(keys)
     _, secret = await keys.create(
         pb.Key(
@@ -198,3 +223,26 @@ async def test_record_usage_is_idempotent_and_needs_its_scope(gateway):
 async def _drain(call) -> None:
     async for _ in call:
         pass
+
+
+async def test_an_arm_the_llm_has_not_loaded_yet_is_served_as_asked(gateway):
+    """An experiment starts before the llm has loaded its arm's version: the
+    caller gets the reference as asked (no NOT_FOUND), then the arm once it
+    is loaded."""
+    address, keys, _, fake, directory = gateway
+    fake.loaded_versions = {1}
+    directory.running = model_pb2.Experiment(
+        name="tl-ab",
+        model="tiny-llama",
+        arms=[model_pb2.ExperimentArm(name="treatment", version=9, weight=100)],
+    )
+    _, secret = await _key(keys)
+    async with mesh_channel(address, secret) as channel:
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        chunks = [c async for c in stub.Generate(request(3))]
+        assert chunks[0].response.model.version == 1
+        assert fake.asked_versions[-1] == 0  # the alias, as the caller asked
+        fake.loaded_versions.add(9)
+        chunks = [c async for c in stub.Generate(request(3))]
+        assert chunks[0].response.model.version == 9
+        assert fake.asked_versions[-1] == 9

@@ -46,14 +46,26 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
         self.fail_before_first = False
         self.fail_after: int | None = None
         self.calls = 0
+        # Versions it has loaded (None: any); a pinned other one is NOT_FOUND.
+        self.loaded_versions: set[int] | None = None
+        self.asked_versions: list[int] = []  # what each Generate pinned (0: none)
+
+    async def _check_loaded(self, request, context) -> None:
+        version = request.model.version if request.model.WhichOneof("selector") == "version" else 0
+        if version and self.loaded_versions is not None and version not in self.loaded_versions:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"version {version} is not loaded")
 
     async def CountTokens(self, request, context):
+        await self._check_loaded(request, context)
         return llm_rpc.CountTokensResponse(
             token_count=len(request.text.split()), context_length=1024
         )
 
     async def Generate(self, request, context):
         self.calls += 1
+        await self._check_loaded(request, context)
+        pinned = request.model.WhichOneof("selector") == "version"
+        self.asked_versions.append(request.model.version if pinned else 0)
         if self.fail_before_first:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is down")
         await asyncio.sleep(self.delay)
@@ -65,7 +77,9 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
             chunk = llm_rpc.GenerateResponse(text="x", token_count=1)
             if i == 0:
                 chunk.model.CopyFrom(
-                    model_reference_pb2.ModelReference(model="tiny-llama", version=1)
+                    model_reference_pb2.ModelReference(
+                        model="tiny-llama", version=request.model.version if pinned else 1
+                    )
                 )
             if last:
                 chunk.finish_reason = llm_pb2.FINISH_REASON_LENGTH

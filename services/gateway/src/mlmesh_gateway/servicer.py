@@ -55,6 +55,8 @@ MAX_EMBED_TEXT_BYTES = 64 * 1024
 # are recorded as disagreeing.
 SHADOW_TOLERANCE = 1e-3
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# How long the gateway trusts what Triton said about an arm's version.
+ARM_READY_TTL_S = 1.0
 _CONTENTS = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
@@ -93,6 +95,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> None:
         self.meter = meter
         self.throttle = meter.throttle
+        # (model, version) -> (when asked, live on Triton): experiment arms.
+        self._arm_ready: dict[tuple[str, int], tuple[float, bool]] = {}
         # The gateway is the ledger's writer: quotas read it.
         assert isinstance(meter.sink, UsageLedger), "the gateway meters into the ledger"
         self.ledger: UsageLedger = meter.sink
@@ -120,10 +124,16 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
         check_generate(request)  # every caller-supplied value, before anything is reserved
         experiment = None
+        # The reference as asked: served instead of an experiment arm whose
+        # version the llm has not loaded yet (it loads after the experiment
+        # starts), so a new experiment never turns requests into NOT_FOUND.
+        asked: model_reference_pb2.ModelReference | None = None
         if inner.model.WhichOneof("selector") != "version" and self.directory is not None:
             experiment = await self.directory.experiment(model)
             if experiment is not None and experiment.arms:
                 arm = choose_arm(experiment, self._sticky_value(experiment, key, context))
+                asked = model_reference_pb2.ModelReference()
+                asked.CopyFrom(inner.model)
                 inner.model.CopyFrom(
                     model_reference_pb2.ModelReference(model=model, version=arm.version)
                 )
@@ -135,7 +145,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         candidates = self.llm.candidates(request.region)
         if not candidates:
             raise Unavailable("no LLM endpoint is configured", retry_after_s=5.0)
-        counted = await self._count_tokens(candidates, inner)
+        counted = await self._count_tokens(candidates, inner, asked)
+        if asked is not None and inner.model == asked:
+            asked = None  # unpinned while counting: nothing left to fall back to
         max_tokens = max_tokens_of(inner.sampling)
         reserve = counted + max(max_tokens, 0)
         await self._check_quota(key, reserve)
@@ -166,7 +178,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             status = "OK"
             text: list[str] = []
             try:
-                async for endpoint, chunk in self._stream(request.region, inner, started):
+                async for endpoint, chunk in self._stream(request.region, inner, started, asked):
                     if not text:  # the first chunk: say which backend serves the stream
                         call.region = endpoint.region
                         await context.send_initial_metadata(
@@ -238,7 +250,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             }
         )
 
-    async def _count_tokens(self, candidates: list[Endpoint], inner) -> int:  # type: ignore[no-untyped-def]
+    async def _count_tokens(self, candidates: list[Endpoint], inner, asked=None) -> int:  # type: ignore[no-untyped-def]
         request = llm_rpc.CountTokensRequest(model=inner.model)
         if inner.WhichOneof("prompt") == "chat":
             request.chat.CopyFrom(inner.chat)
@@ -248,7 +260,18 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         for endpoint in candidates[:3]:
             try:
                 metadata, timeout = propagation(10.0)
-                reply = await endpoint.stub.CountTokens(request, metadata=metadata, timeout=timeout)
+                try:
+                    reply = await endpoint.stub.CountTokens(
+                        request, metadata=metadata, timeout=timeout
+                    )
+                except grpc.RpcError as error:
+                    if asked is None or error.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                        raise
+                    _unpin(inner, asked)  # the arm's version is not loaded: as asked
+                    request.model.CopyFrom(asked)
+                    reply = await endpoint.stub.CountTokens(
+                        request, metadata=metadata, timeout=timeout
+                    )
                 return int(reply.token_count)
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE:  # type: ignore[attr-defined]
@@ -259,12 +282,14 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         raise last
 
     async def _stream(
-        self, region: str, inner, started: float
+        self, region: str, inner, started: float, asked=None
     ) -> AsyncIterator[tuple[Endpoint, llm_rpc.GenerateResponse]]:  # type: ignore[no-untyped-def]
         """Streams from the best endpoint; before the first token, a failed
-        endpoint is ejected and the next one tried. Endpoints are ranked here,
-        with no await between ranking and counting the request in flight, so
-        concurrent requests see each other."""
+        endpoint is ejected and the next one tried, and an endpoint that has
+        not loaded the pinned arm's version serves the reference as
+        ``asked``. Endpoints are ranked here, with no await between ranking
+        and counting the request in flight, so concurrent requests see each
+        other."""
         tried: set[int] = set()
         for attempt in range(3):
             remaining = [e for e in self.llm.candidates(region) if id(e) not in tried]
@@ -287,6 +312,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 self.llm.observe_load(endpoint, await call.trailing_metadata())
                 return
             except grpc.RpcError as error:
+                if first and asked is not None and error.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    _unpin(inner, asked)  # this endpoint lacks the arm's version
+                    asked = None
+                    tried.discard(id(endpoint))
+                    continue
                 if first and error.code() in RETRYABLE and attempt < 2:  # type: ignore[attr-defined]
                     self.llm.failed(endpoint)
                     continue  # nothing was sent yet: try elsewhere
@@ -358,6 +388,19 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             outputs=[_from_numpy(name, array) for name, array in result.outputs.items()],
         )
 
+    async def _ready_on_triton(self, model: str, version: int) -> bool:
+        """Whether Triton has ``model``/``version`` live (asked at most once
+        per ARM_READY_TTL_S per version)."""
+        now = time.monotonic()
+        cached = self._arm_ready.get((model, version))
+        if cached is not None and now - cached[0] < ARM_READY_TTL_S:
+            return cached[1]
+        ready = self.triton is not None and await self.triton.model_ready(model, str(version))
+        if len(self._arm_ready) >= 1024:  # experiments' versions: few; never unbounded
+            self._arm_ready.clear()
+        self._arm_ready[(model, version)] = (now, ready)
+        return ready
+
     async def _pick_version(self, reference, key: pb.Key, context):  # type: ignore[no-untyped-def]
         """The version to serve: a pinned one as asked; else the arm of the
         model's running experiment (sticky by the experiment's key); else the
@@ -370,7 +413,12 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         experiment = await self.directory.experiment(reference.model)
         if experiment is not None and experiment.arms:
             arm = choose_arm(experiment, self._sticky_value(experiment, key, context))
-            return str(arm.version), experiment, arm.name
+            if await self._ready_on_triton(reference.model, arm.version):
+                return str(arm.version), experiment, arm.name
+            # Not live on Triton yet (the deployer loads it after the
+            # experiment starts): the reference as asked serves meanwhile.
+            annotate(**{"mlmesh.experiment.arm_loaded": False})
+            experiment = None
         alias = reference.alias if reference.WhichOneof("selector") == "alias" else ""
         return str(await self.directory.version(reference.model, alias)), None, ""
 
@@ -578,6 +626,13 @@ class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
             await self.ledger.record(event)
         await self.ledger.flush()  # durable before the reply: Unavailable otherwise
         return usage_service_pb2.RecordUsageResponse(accepted_count=len(events))
+
+
+def _unpin(inner, asked: model_reference_pb2.ModelReference) -> None:  # type: ignore[no-untyped-def]
+    """Serves the reference as the caller asked instead of an experiment
+    arm's version that is not loaded yet (said on the span)."""
+    inner.model.CopyFrom(asked)
+    annotate(**{"mlmesh.experiment.arm_loaded": False})
 
 
 def check_model(model: str, path: str) -> None:
