@@ -358,58 +358,46 @@ class RegistryClient:
         response = await self._read(self.stub.ResolveModelReference, request)
         return response.model_version
 
-    async def list_models(
+    async def _pages(
+        self, method: Callable[..., Awaitable[Any]], request: Any, field: str
+    ) -> AsyncIterator[Any]:
+        """Every item of a paginated list (AIP-158), following the pages:
+        ``request`` is sent with each page's token, ``field`` holds the items."""
+        while True:
+            response = await self._read(method, request)
+            for item in getattr(response, field):
+                yield item
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def list_models(
         self, *, name_prefix: str = "", tags: Mapping[str, str] | None = None, page_size: int = 0
     ) -> AsyncIterator[pb.Model]:
         """Every model (by name), following the pages."""
-        token = ""
-        while True:
-            request = rpc.ListModelsRequest(
-                page_size=page_size, page_token=token, name_prefix=name_prefix, tags=tags or {}
-            )
-            response = await self._read(self.stub.ListModels, request)
-            for model in response.models:
-                yield model
-            token = response.next_page_token
-            if not token:
-                return
+        request = rpc.ListModelsRequest(
+            page_size=page_size, name_prefix=name_prefix, tags=tags or {}
+        )
+        return self._pages(self.stub.ListModels, request, "models")
 
-    async def list_experiments(
+    def list_experiments(
         self,
         model: str = "",
         *,
         state: pb.ExperimentState = pb.EXPERIMENT_STATE_UNSPECIFIED,
         page_size: int = 0,
     ) -> AsyncIterator[pb.Experiment]:
-        """Every experiment (of ``model``, in ``state``: an ExperimentState;
-        0 for all), by name, following the pages."""
-        token = ""
-        while True:
-            request = rpc.ListExperimentsRequest(
-                model=model, state=state, page_size=page_size, page_token=token
-            )
-            response = await self._read(self.stub.ListExperiments, request)
-            for experiment in response.experiments:
-                yield experiment
-            token = response.next_page_token
-            if not token:
-                return
+        """Every experiment (of ``model``, in ``state``; UNSPECIFIED for all),
+        by name, following the pages."""
+        request = rpc.ListExperimentsRequest(model=model, state=state, page_size=page_size)
+        return self._pages(self.stub.ListExperiments, request, "experiments")
 
-    async def list_versions(
+    def list_versions(
         self, model: str, *, tags: Mapping[str, str] | None = None, page_size: int = 0
     ) -> AsyncIterator[pb.ModelVersion]:
         """Every version of a model, newest first, following the pages."""
-        token = ""
-        while True:
-            request = rpc.ListModelVersionsRequest(
-                model=model, page_size=page_size, page_token=token, tags=tags or {}
-            )
-            response = await self._read(self.stub.ListModelVersions, request)
-            for version in response.model_versions:
-                yield version
-            token = response.next_page_token
-            if not token:
-                return
+        request = rpc.ListModelVersionsRequest(model=model, page_size=page_size, tags=tags or {})
+        return self._pages(self.stub.ListModelVersions, request, "model_versions")
 
     # aliases
 
@@ -437,21 +425,12 @@ class RegistryClient:
         request = rpc.RollbackAliasRequest(model=model, alias=alias, reason=reason)
         return await self._write(self.stub.RollbackAlias, request)
 
-    async def alias_history(
+    def alias_history(
         self, model: str, alias: str = "", *, page_size: int = 0
     ) -> AsyncIterator[pb.AliasEvent]:
         """A model's alias history (one alias's, when given), oldest first."""
-        token = ""
-        while True:
-            request = rpc.ListAliasHistoryRequest(
-                model=model, alias=alias, page_size=page_size, page_token=token
-            )
-            response = await self._read(self.stub.ListAliasHistory, request)
-            for event in response.events:
-                yield event
-            token = response.next_page_token
-            if not token:
-                return
+        request = rpc.ListAliasHistoryRequest(model=model, alias=alias, page_size=page_size)
+        return self._pages(self.stub.ListAliasHistory, request, "events")
 
 
 def _check_chunk_bytes(chunk_bytes: int) -> None:
