@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
+from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
 from mlmesh_runner.__main__ import select
 from mlmesh_runner.supervisor import Mesh
 from mlmesh_sdk.channel import api_key_interceptors

@@ -45,6 +45,7 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.gateway.v1 import key_directory_service_pb2_grpc as kd_grpc
 
+from mlmesh_chassis.channels import FAST_RECONNECT_OPTIONS
 from mlmesh_chassis.errors import PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger("mlmesh.auth")
@@ -488,7 +489,7 @@ class KeyWatcher:
             backoff = min(backoff * 2, 0.5)
 
     async def _follow(self, target: str) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=FAST_RECONNECT_OPTIONS) as channel:
             stub = kd_grpc.KeyDirectoryServiceStub(channel)
             call = stub.WatchKeys(
                 kd.WatchKeysRequest(),

@@ -33,10 +33,10 @@ from mlmesh_chassis.auth import (
     read_bootstrap_keys,
     set_service_identity,
 )
+from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.contracts import all_services
 from mlmesh_chassis.interceptors import ServerInterceptor
-from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.logs import configure_logging
 from mlmesh_chassis.metrics import start_metrics_server
 from mlmesh_chassis.tracing import configure_tracing

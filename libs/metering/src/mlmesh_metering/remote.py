@@ -91,9 +91,10 @@ class RemoteUsageSink(UsageBatcher):
             target = self._target()
             if not target:
                 raise Unavailable("the ledger's address is not known yet")
+            from mlmesh_chassis.channels import FAST_RECONNECT_OPTIONS
             from mlmesh_sdk.channel import mesh_channel
 
-            self._channel = mesh_channel(target, self._api_key)
+            self._channel = mesh_channel(target, self._api_key, FAST_RECONNECT_OPTIONS)
         return usage_service_pb2_grpc.UsageServiceStub(self._channel)
 
     async def _write(self, events: list[UsageEvent]) -> None:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.interceptors import api_key_interceptors, client_interceptors
-from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 
 
 def mesh_channel(

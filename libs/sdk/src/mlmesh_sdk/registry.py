@@ -28,8 +28,8 @@ from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1.registry_service_pb2_grpc import RegistryServiceStub
 from mlmesh_chassis.auth import service_identity
+from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.interceptors import client_interceptors
-from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.retry import call_idempotent
 
 from mlmesh_sdk.reference import format_reference, parse_reference

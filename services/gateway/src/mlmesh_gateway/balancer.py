@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 from mlmesh.llm.v1 import llm_service_pb2_grpc
-from mlmesh_chassis.limits import MESSAGE_SIZE_OPTIONS
+from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
 
 
 @dataclass(eq=False)
