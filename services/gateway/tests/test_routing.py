@@ -24,7 +24,7 @@ from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.testing import expect_error
-from mlmesh_gateway.balancer import LatencyAwareBalancer
+from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.servicer import GatewayServicer
 from mlmesh_metering import Metering, Throttle
 from mlmesh_metering.ledger import UsageLedger, usage_events
@@ -214,3 +214,16 @@ async def test_a_failure_mid_stream_is_unavailable_and_billed_once(mesh):
     # the reservation (3 + 10) was settled to what was used (3 + 3)
     key_subject = next(iter(throttle.local._tokens))
     assert await throttle.local.used(key_subject) == 6
+
+
+def test_one_stall_does_not_flip_the_ranking_but_a_slowdown_does():
+    balancer = LatencyAwareBalancer([Endpoint("fast", "a"), Endpoint("slow", "a")], "a")
+    fast, slow = balancer.endpoints
+    for _ in range(20):
+        balancer.observe_first_token(fast, 0.002)
+        balancer.observe_first_token(slow, 0.1)
+    balancer.observe_first_token(fast, 2.0)  # one stall, 1000x its usual
+    assert balancer.candidates()[0] is fast
+    for _ in range(8):  # a real slowdown: it keeps being slow
+        balancer.observe_first_token(fast, 2.0)
+    assert balancer.candidates()[0] is slow

@@ -56,6 +56,7 @@ class LatencyAwareBalancer:
     # An endpoint with this many requests in flight or waiting is saturated.
     saturation: int = 32
     alpha: float = 0.3
+    max_step: float = 4.0
     eject_base_s: float = 1.0
     eject_max_s: float = 30.0
     _by_address: dict[str, Endpoint] = field(default_factory=dict)
@@ -96,7 +97,12 @@ class LatencyAwareBalancer:
         return [*local, *remote, *saturated, *ejected]
 
     def observe_first_token(self, endpoint: Endpoint, seconds: float) -> None:
-        endpoint.ttft_ewma += self.alpha * (seconds - endpoint.ttft_ewma)
+        # One sample counts for at most max_step times the estimate: a single
+        # stall (a GC pause, a busy core) can no longer make the fastest
+        # endpoint look slowest for seconds; a real slowdown still takes over
+        # within a few requests (each may nearly double the estimate).
+        sample = min(seconds, endpoint.ttft_ewma * self.max_step)
+        endpoint.ttft_ewma += self.alpha * (sample - endpoint.ttft_ewma)
         endpoint.observed_at = time.monotonic()
         endpoint.failures = 0
 
