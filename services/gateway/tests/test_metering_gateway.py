@@ -16,7 +16,8 @@ from mlmesh.registry.v1 import model_pb2
 from mlmesh_chassis.generation import MAX_PROMPT_BYTES
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
-from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
+from mlmesh_gateway.servicer import GatewayServicer
+from mlmesh_gateway.usage_servicer import UsageServicer
 from mlmesh_metering import Metering, Throttle
 from mlmesh_metering.events import UsageEvent
 from mlmesh_metering.ledger import UsageLedger, usage_events

@@ -29,9 +29,10 @@ from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
-from mlmesh_gateway.servicer import GatewayServicer, UsageServicer
+from mlmesh_gateway.servicer import GatewayServicer
 from mlmesh_gateway.shadows import ShadowLog
 from mlmesh_gateway.telemetry import REJECTIONS
+from mlmesh_gateway.usage_servicer import UsageServicer
 
 log = logging.getLogger("mlmesh.gateway")
 KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name

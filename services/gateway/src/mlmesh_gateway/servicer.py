@@ -1,4 +1,4 @@
-"""GatewayService: one API for every model. UsageService: the ledger's totals."""
+"""GatewayService: one API for every model."""
 
 from __future__ import annotations
 
@@ -13,30 +13,26 @@ import numpy as np
 from mlmesh.common.v1 import model_reference_pb2, usage_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
-from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from mlmesh.gateway.v1 import gateway_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.auth import authorize, current_principal
 from mlmesh_chassis.errors import (
-    FieldViolation,
-    InvalidArgument,
     MlmeshError,
     QuotaViolation,
     ResourceExhausted,
     Unavailable,
 )
-from mlmesh_chassis.generation import MAX_PROMPT_BYTES, max_tokens_of, prompt_bytes
+from mlmesh_chassis.generation import max_tokens_of
 from mlmesh_chassis.interceptors import propagation
 from mlmesh_chassis.pagination import offset_page
 from mlmesh_inference.triton import TritonClient
 from mlmesh_metering import Limits, MeteredCall, Metering
-from mlmesh_metering import events as checks
 from mlmesh_metering.ledger import UsageLedger
-from mlmesh_metering.remote import MAX_EVENTS, from_message
-from tritonclient.utils import triton_to_np_dtype
 
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.experiments import choose_arm, mirror
+from mlmesh_gateway.request_checks import check_embed, check_generate, check_model
 from mlmesh_gateway.shadows import ShadowLog
 from mlmesh_gateway.telemetry import (
     BACKEND_PICKS,
@@ -46,31 +42,15 @@ from mlmesh_gateway.telemetry import (
     TOKENS,
     annotate,
 )
+from mlmesh_gateway.tensors import from_numpy, to_numpy
 
 log = logging.getLogger("mlmesh.gateway")
-# Embed: at most this many texts, each at most this many UTF-8 bytes.
-MAX_EMBED_TEXTS = 256
-MAX_EMBED_TEXT_BYTES = 64 * 1024
 # Shadow answers farther than this (max absolute difference) from the primary's
 # are recorded as disagreeing.
 SHADOW_TOLERANCE = 1e-3
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 # How long the gateway trusts what Triton said about an arm's version.
 ARM_READY_TTL_S = 1.0
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 
 def limits_of(key: pb.Key) -> Limits:
@@ -336,8 +316,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         authorize(key, pb.PLATFORM_SERVICE_INFER, model)
         triton = self._triton()
         inputs = {
-            tensor.name: _to_numpy(tensor, f"inputs[{i}]")
-            for i, tensor in enumerate(request.inputs)
+            tensor.name: to_numpy(tensor, f"inputs[{i}]") for i, tensor in enumerate(request.inputs)
         }
         items = int(sum(array.size for array in inputs.values()))
         check_model(model, "model.model")
@@ -385,7 +364,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             ),
             id=request.id or call.call_id,
             usage=usage_pb2.Usage(input_items=items),
-            outputs=[_from_numpy(name, array) for name, array in result.outputs.items()],
+            outputs=[from_numpy(name, array) for name, array in result.outputs.items()],
         )
 
     async def _ready_on_triton(self, model: str, version: int) -> bool:
@@ -583,113 +562,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         return rpc.ListModelsResponse(models=page, next_page_token=token)
 
 
-class UsageServicer(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, ledger: UsageLedger) -> None:
-        self.ledger = ledger
-
-    async def GetUsage(self, request, context):  # type: ignore[no-untyped-def]
-        if not request.HasField("start_time") or not request.HasField("end_time"):
-            raise InvalidArgument.field("start_time", "start_time and end_time are required")
-        start = request.start_time.ToDatetime(tzinfo=dt.UTC)
-        end = request.end_time.ToDatetime(tzinfo=dt.UTC)
-        if end <= start:
-            raise InvalidArgument.field("end_time", "must be after start_time")
-        buckets = await self.ledger.buckets(
-            start, end, list(request.key_ids), list(request.models), request.granularity
-        )
-        page, token = offset_page(buckets, request.page_size, request.page_token)
-        return usage_service_pb2.GetUsageResponse(buckets=page, next_page_token=token)
-
-    async def RecordUsage(self, request, context):  # type: ignore[no-untyped-def]
-        """Usage other services metered, into the one ledger. All or nothing:
-        one bad field rejects the batch (BadRequest names each); written
-        before the reply (a retry of an answered batch writes nothing twice:
-        insert-or-ignore on the event id). The chassis has checked the
-        caller's USAGE_RECORD scope."""
-        if not 1 <= len(request.events) <= MAX_EVENTS:
-            raise InvalidArgument.field("events", f"1 to {MAX_EVENTS} events")
-        events = [from_message(message) for message in request.events]
-        violations: list[FieldViolation] = []
-        known = set(pb.PlatformService.values()) - {pb.PLATFORM_SERVICE_UNSPECIFIED}
-        for i, (message, event) in enumerate(zip(request.events, events, strict=True)):
-            violations += event.violations(f"events[{i}].")
-            if message.service not in known:
-                violations.append(FieldViolation(f"events[{i}].service", "a PlatformService"))
-        if violations:
-            raise InvalidArgument(
-                f"{len(violations)} invalid fields in {len(events)} usage events",
-                violations[:100],
-                invalid_fields=len(violations),
-                events=len(events),
-            )
-        for event in events:
-            await self.ledger.record(event)
-        await self.ledger.flush()  # durable before the reply: Unavailable otherwise
-        return usage_service_pb2.RecordUsageResponse(accepted_count=len(events))
-
-
 def _unpin(inner, asked: model_reference_pb2.ModelReference) -> None:  # type: ignore[no-untyped-def]
     """Serves the reference as the caller asked instead of an experiment
     arm's version that is not loaded yet (said on the span)."""
     inner.model.CopyFrom(asked)
     annotate(**{"mlmesh.experiment.arm_loaded": False})
-
-
-def check_model(model: str, path: str) -> None:
-    violations: list[FieldViolation] = []
-    checks.check(violations, path, model, checks.MODEL, checks.MODEL_RULE)
-    if violations:
-        raise InvalidArgument(f"{path}: {checks.MODEL_RULE}", violations, field=path)
-
-
-def check_generate(request: rpc.GenerateRequest) -> None:
-    """Every value the caller supplies, before anything is reserved (one
-    INVALID_ARGUMENT naming each bad field): ids and names the ledger keeps,
-    and the prompt's size (before any tokenizer sees it)."""
-    inner = request.request
-    violations: list[FieldViolation] = []
-    checks.check(
-        violations, "region", request.region, checks.REGION, checks.REGION_RULE, optional=True
-    )
-    checks.check(
-        violations, "request.model.model", inner.model.model, checks.MODEL, checks.MODEL_RULE
-    )
-    checks.check(
-        violations,
-        "request.request_id",
-        inner.request_id,
-        checks.REQUEST_ID,
-        checks.REQUEST_ID_RULE,
-        optional=True,
-    )
-    size = prompt_bytes(inner)
-    if size > MAX_PROMPT_BYTES:
-        kind = inner.WhichOneof("prompt") or "text"
-        violations.append(
-            FieldViolation(f"request.{kind}", f"at most {MAX_PROMPT_BYTES} bytes (UTF-8)")
-        )
-    if violations:
-        raise InvalidArgument(
-            "; ".join(f"{v.field}: {v.description}" for v in violations),
-            violations,
-            prompt_bytes=size,
-        )
-
-
-def check_embed(request: rpc.EmbedRequest) -> None:
-    violations: list[FieldViolation] = []
-    checks.check(violations, "model.model", request.model.model, checks.MODEL, checks.MODEL_RULE)
-    if not 1 <= len(request.texts) <= MAX_EMBED_TEXTS:
-        violations.append(FieldViolation("texts", f"1 to {MAX_EMBED_TEXTS} texts"))
-    for i, text in enumerate(request.texts):
-        if len(text.encode()) > MAX_EMBED_TEXT_BYTES:
-            violations.append(
-                FieldViolation(f"texts[{i}]", f"at most {MAX_EMBED_TEXT_BYTES} bytes (UTF-8)")
-            )
-    if violations:
-        raise InvalidArgument(
-            "; ".join(f"{v.field}: {v.description}" for v in violations[:5]), violations
-        )
 
 
 def period(kind: int, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
@@ -702,36 +579,3 @@ def period(kind: int, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
         start = day.replace(day=1)
         return start, (start + dt.timedelta(days=32)).replace(day=1)
     return day, day + dt.timedelta(days=1)
-
-
-def _to_numpy(tensor: pb.InferTensor, field: str) -> np.ndarray:
-    try:
-        dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
-    except TypeError as error:
-        raise InvalidArgument.field(
-            f"{field}.datatype", f"unknown type {tensor.datatype}"
-        ) from error
-    shape = tuple(int(d) for d in tensor.shape)
-    if tensor.WhichOneof("contents") == "raw_contents":
-        if tensor.datatype == "BYTES":
-            raise InvalidArgument.field(f"{field}.raw_contents", "send BYTES as bytes_contents")
-        array = np.frombuffer(tensor.raw_contents, dtype=dtype)
-    else:
-        values = list(getattr(tensor.values, _CONTENTS.get(tensor.datatype, "fp32_contents")))
-        array = np.array(values, dtype=object if tensor.datatype == "BYTES" else dtype)
-    if int(np.prod(shape)) != array.size:
-        raise InvalidArgument.field(
-            f"{field}.shape", f"{list(shape)} does not hold {array.size} values"
-        )
-    return array.reshape(shape)
-
-
-def _from_numpy(name: str, array: np.ndarray) -> pb.InferTensor:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return pb.InferTensor(
-        name=name,
-        datatype=np_to_triton_dtype(array.dtype),
-        shape=list(array.shape),
-        raw_contents=np.ascontiguousarray(array).tobytes(),
-    )
