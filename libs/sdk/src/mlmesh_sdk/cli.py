@@ -30,6 +30,7 @@ from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.errors import details_of
 
+from mlmesh_sdk import cli_gateway
 from mlmesh_sdk.reference import parse_reference
 from mlmesh_sdk.registry import DownloadError, RegistryClient
 
@@ -209,6 +210,10 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     add_download,
     add_resolve,
     add_alias,
+    cli_gateway.add_keys,
+    cli_gateway.add_usage,
+    cli_gateway.add_generate,
+    cli_gateway.add_embed,
 )
 
 
@@ -306,6 +311,9 @@ def _event_line(event: pb.AliasEvent) -> str:
 
 def summary(message: Message) -> str:
     """One line for a result (what the commands print without --json)."""
+    line = cli_gateway.summary(message)
+    if line is not None:
+        return line
     if isinstance(message, pb.ModelVersion):
         return _version_line(message)
     if isinstance(message, pb.Model):
@@ -325,7 +333,13 @@ def summary(message: Message) -> str:
 async def _run(args: argparse.Namespace) -> None:
     run: Run = args.run
     async for message in run(args):
-        print(json.dumps(MessageToDict(message)) if args.json else summary(message), flush=True)
+        if args.json:
+            print(json.dumps(MessageToDict(message)), flush=True)
+        elif isinstance(message, cli_gateway.rpc.GenerateResponse):
+            sys.stdout.write(summary(message))  # the text as it streams
+            sys.stdout.flush()
+        else:
+            print(summary(message), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

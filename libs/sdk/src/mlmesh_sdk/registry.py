@@ -32,6 +32,7 @@ from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
 from mlmesh_chassis.interceptors import client_interceptors
 from mlmesh_chassis.retry import call_idempotent
 
+from mlmesh_sdk.pages import every_item
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.snapshot import (
     UnpackLimits,
@@ -358,18 +359,11 @@ class RegistryClient:
         response = await self._read(self.stub.ResolveModelReference, request)
         return response.model_version
 
-    async def _pages(
+    def _pages(
         self, method: Callable[..., Awaitable[Any]], request: Any, field: str
     ) -> AsyncIterator[Any]:
-        """Every item of a paginated list (AIP-158), following the pages:
-        ``request`` is sent with each page's token, ``field`` holds the items."""
-        while True:
-            response = await self._read(method, request)
-            for item in getattr(response, field):
-                yield item
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        """Every item of a paginated list, each page read with retries."""
+        return every_item(lambda page: self._read(method, page), request, field)
 
     def list_models(
         self, *, name_prefix: str = "", tags: Mapping[str, str] | None = None, page_size: int = 0
