@@ -49,9 +49,11 @@ usage_events = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
-    # Indexes (migrations): ix_usage_time (create_time), ix_usage_key_time
-    # (key_id, create_time) for a key's usage over its quota period,
-    # ix_usage_request (request_id) for tracing.
+    sa.Index("ix_usage_time", "create_time"),
+    # A key's usage over its quota period.
+    sa.Index("ix_usage_key_time", "key_id", "create_time"),
+    # A caller's request id, for tracing.
+    sa.Index("ix_usage_request", "request_id"),
 )
 
 

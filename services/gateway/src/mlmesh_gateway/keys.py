@@ -42,6 +42,8 @@ keys_table = sa.Table(
     sa.Column("state", sa.Integer, nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revision", sa.BigInteger, nullable=False),
+    # The key directory reads what changed since a revision.
+    sa.Index("ix_api_keys_revision", "revision"),
 )
 DEFAULT_SERVICES = (
     pb.PLATFORM_SERVICE_GENERATE,
