@@ -19,6 +19,7 @@ from mlmesh_sdk.reference import parse_reference
 from mlmesh_sdk.registry import RegistryClient
 from mlmesh_sdk.snapshot import UnpackLimits, UnsafeArchiveError
 from mlmesh_serving import ArtifactCache, ServedVersions, backoff_delays, follow_served
+from mlmesh_serving import follower as follower_module
 from mlmesh_serving.cache import COMPLETE
 
 
@@ -108,17 +109,27 @@ async def test_it_follows_alias_moves_and_experiments(registry: Registry, tmp_pa
 
 
 async def test_a_burst_of_moves_costs_few_reads_and_ends_on_the_last(
-    registry: Registry, tmp_path: Path
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     await versions_of(registry, "mdl", 3, tmp_path)
     async with RegistryClient(registry.target) as client:
         for version in (1, 2, 3, 1, 2, 3, 1, 2, 3, 2):  # a history to replay on connect
             await client.set_alias("mdl", "champion", version)
+    reads = 0
+    read = follower_module.read_served_versions
+
+    async def counted(*args):
+        nonlocal reads
+        reads += 1
+        return await read(*args)
+
+    monkeypatch.setattr(follower_module, "read_served_versions", counted)
     follower = follow_served(registry.target, parse_reference("mdl@champion"), 0.05)
     try:
         assert as_tuple(await next_item(follower)) == (2, [])
         with pytest.raises(TimeoutError):  # the replayed history yields nothing more
             await next_item(follower, within=0.5)
+        assert 1 <= reads < 10  # not one read per replayed move
     finally:
         await follower.aclose()
 

@@ -14,11 +14,11 @@ Every command goes through one channel to ``--target`` (Envoy) with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from mlmesh.gateway.v1 import gateway_pb2 as pb
@@ -51,10 +51,8 @@ GRANULARITY = {
 PERIODS = {"day": pb.QUOTA_PERIOD_DAY, "week": pb.QUOTA_PERIOD_WEEK, "month": pb.QUOTA_PERIOD_MONTH}
 
 
-@contextlib.asynccontextmanager
-async def _channel(args: argparse.Namespace) -> AsyncIterator[Any]:
-    async with mesh_channel(args.target, args.api_key or "") as channel:
-        yield channel
+def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    return mesh_channel(args.target, args.api_key or "")
 
 
 def _every(call: Any, request: Any, field: str, args: argparse.Namespace) -> AsyncIterator[Any]:

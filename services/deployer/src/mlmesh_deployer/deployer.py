@@ -151,10 +151,11 @@ class TritonDeployer:
                 return
             deployment.set(State.LOADING)
             model_dir = self.repository / deployment.model
+            folders = {}
             for version in sorted(keep):
-                folder = await self.cache.folder(deployment.model, version)
-                await asyncio.to_thread(_install, folder, model_dir, version)
-            config_from = await self.cache.folder(deployment.model, new)
+                folders[version] = await self.cache.folder(deployment.model, version)
+                await asyncio.to_thread(_install, folders[version], model_dir, version)
+            config_from = folders[new]  # the served version's config.pbtxt
             # 1: the old live version beside every wanted one; wait for those.
             _write_config(config_from, model_dir, deployment.model, sorted(before | keep))
             await self._load(deployment.model)
