@@ -2,10 +2,12 @@
 
 Every command prints one short line per result (a version's lineage, with its
 environment lock of hundreds of packages, is summed up in a few words);
-``--json`` prints the full records instead, as JSON (the proto3 JSON mapping),
-one object per line, so the output pipes into `jq`. A failed call prints
-`error: CODE: message` and the ErrorInfo to stderr and exits 1; bad usage
-exits 2.
+``--json`` (before or after the command) prints the full records instead, as
+JSON (the proto3 JSON mapping), one object per line, so the output pipes into
+`jq`. Uploads and downloads draw a progress bar on stderr when it is a
+terminal and --json is not given (``--progress`` / ``--no-progress`` decide
+otherwise). A failed call prints `error: CODE: message` and the ErrorInfo to
+stderr and exits 1; bad usage exits 2.
 
 A command is one function that adds its parser and sets ``run`` to an async
 generator ``run(args) -> AsyncIterator[Message]``; COMMANDS lists them. A
@@ -31,6 +33,7 @@ from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.errors import details_of
 
 from mlmesh_sdk import cli_gateway
+from mlmesh_sdk.progress import Progress, ProgressBar, human_bytes
 from mlmesh_sdk.reference import parse_reference
 from mlmesh_sdk.registry import DownloadError, RegistryClient
 
@@ -66,6 +69,15 @@ def _json_value(text: str) -> Any:
 
 def _registry(args: argparse.Namespace) -> RegistryClient:
     return RegistryClient(args.target, args.api_key, timeout=args.timeout)
+
+
+def _progress(args: argparse.Namespace, label: str) -> Progress | None:
+    """A progress bar on stderr: when asked (--progress), else when stderr is
+    a terminal and the output is not --json."""
+    show = args.progress
+    if show is None:
+        show = not args.json and sys.stderr.isatty()
+    return ProgressBar(label, sys.stderr) if show else None
 
 
 # commands
@@ -136,6 +148,7 @@ def add_upload(commands: Subcommands) -> None:
                 feature_service=args.feature_service,
                 source_folder=args.source,
                 create_model=not args.no_create,
+                progress=_progress(args, f"upload {args.model}"),
             )
 
     upload.set_defaults(run=run)
@@ -148,7 +161,11 @@ def add_download(commands: Subcommands) -> None:
 
     async def run(args: argparse.Namespace) -> AsyncIterator[Message]:
         async with _registry(args) as registry:
-            yield await registry.download_folder(args.reference, args.dest_dir)
+            yield await registry.download_folder(
+                args.reference,
+                args.dest_dir,
+                progress=_progress(args, f"download {args.reference}"),
+            )
 
     download.set_defaults(run=run)
 
@@ -214,7 +231,33 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     cli_gateway.add_usage,
     cli_gateway.add_generate,
     cli_gateway.add_embed,
+    cli_gateway.add_infer,
 )
+
+
+def _output_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default,
+        help="print full records as JSON, one object per line (default: a short summary)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=default if default is argparse.SUPPRESS else None,
+        help="a progress bar on stderr for uploads and downloads (default: on a terminal, "
+        "without --json)",
+    )
+
+
+def _commands_of(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every runnable command under ``parser`` (the leaves)."""
+    # argparse has no public way to list a parser's subcommands.
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        return [parser]
+    return [leaf for a in actions for sub in a.choices.values() for leaf in _commands_of(sub)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sent as `authorization: Bearer KEY` (env MLMESH_API_KEY)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print full records as JSON, one object per line (default: a short summary)",
-    )
+    _output_options(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(commands)
+    # The same options after the command (`mlmesh keys list --json`); SUPPRESS
+    # keeps a leaf from overwriting what was given before the command.
+    for command in _commands_of(parser):
+        _output_options(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -263,15 +306,6 @@ def _print_rpc_error(error: grpc.RpcError) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def _size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _labels(tags: Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
 
@@ -280,7 +314,7 @@ def _version_line(version: pb.ModelVersion) -> str:
     parts = [
         f"{version.model}/{version.version}",
         f"sha256:{version.sha256[:12]}",
-        _size(version.size_bytes),
+        human_bytes(version.size_bytes),
     ]
     if version.format:
         parts.append(f"format={version.format}")

@@ -5,10 +5,13 @@
     mlmesh usage [--key ID] [--hours 24] [--by hour|day|month]
     mlmesh generate tiny-llama@champion "The model serves" --max-tokens 16
     mlmesh embed minilm@champion "a sentence" "another one"
+    mlmesh infer digits@champion --input 'pixels=[[0, 0, 5, 13, ...]]' | --input pixels=@x.npy
 
 Every command goes through one channel to ``--target`` (Envoy) with
 ``--api-key``; results print as one line each (``--json``: the records).
-`generate` prints the text as it streams, then one line of usage.
+`generate` prints the text as it streams, then one line of usage; `infer`
+a line per output tensor (under ``--json`` its elements are typed values, not
+base64 bytes).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_sdk.channel import mesh_channel
 from mlmesh_sdk.pages import every_item
 from mlmesh_sdk.reference import parse_reference
+from mlmesh_sdk.tensors import elements, parse_input, with_values
 
 Subcommands = Any  # argparse's _SubParsersAction is private
 SCOPES = [
@@ -214,6 +218,74 @@ def add_embed(commands: Subcommands) -> None:
     embed.set_defaults(run=run)
 
 
+def _input(text: str) -> pb.InferTensor:
+    try:
+        return parse_input(text)
+    except (ValueError, OSError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_infer(commands: Subcommands) -> None:
+    infer = commands.add_parser("infer", help="run a Triton model through the gateway")
+    infer.add_argument("reference", metavar="REF", help="e.g. digits@champion")
+    infer.add_argument(
+        "--input",
+        action="append",
+        type=_input,
+        required=True,
+        metavar="NAME[:TYPE]=VALUE",
+        help="an input tensor (repeatable): JSON (numbers are FP32 unless a TYPE such as "
+        "INT64 follows the name), or @FILE.json / @FILE.npy",
+    )
+    infer.add_argument(
+        "--output", action="append", default=[], metavar="NAME", help="only these outputs"
+    )
+    infer.add_argument("--id", default="", help="request id echoed back")
+
+    async def run(args: argparse.Namespace) -> AsyncIterator[Message]:
+        request = rpc.InferRequest(
+            model=parse_reference(args.reference),
+            id=args.id,
+            inputs=args.input,
+            output_names=args.output,
+        )
+        async with _channel(args) as channel:
+            stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+            response = await stub.Infer(request, timeout=args.timeout)
+        if args.json:  # numbers jq can read, not base64
+            outputs = [with_values(tensor) for tensor in response.outputs]
+            del response.outputs[:]
+            response.outputs.extend(outputs)
+        yield response
+
+    infer.set_defaults(run=run)
+
+
+PREVIEW = 6  # elements shown per output tensor
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+def _tensor_line(tensor: pb.InferTensor) -> str:
+    values = elements(tensor)
+    shape = "x".join(map(str, tensor.shape)) or "scalar"
+    line = f"  {tensor.name}  {tensor.datatype} {shape}  "
+    line += " ".join(_number(v) for v in values[:PREVIEW])
+    if len(values) > PREVIEW:
+        line += f" ... ({len(values)} values)"
+    numeric = tensor.datatype not in ("BYTES", "BOOL")
+    if numeric and len(tensor.shape) == 2 and tensor.shape[1] > 1 and values:
+        width = tensor.shape[1]
+        rows = [values[i : i + width] for i in range(0, len(values), width)]
+        argmax = [str(max(range(width), key=row.__getitem__)) for row in rows[: PREVIEW * 4]]
+        line += (
+            "\n    argmax by row: " + " ".join(argmax) + (" ..." if len(rows) > PREVIEW * 4 else "")
+        )
+    return line
+
+
 def _key_line(key: pb.Key) -> str:
     state = pb.KeyState.Name(key.state).removeprefix("KEY_STATE_").lower()
     scopes = ",".join(
@@ -250,6 +322,13 @@ def summary(message: Message) -> str | None:
             f"{message.model.model}/{message.model.version}  {len(message.embeddings)} vectors "
             f"of {message.dimension}  items={message.usage.input_items}"
         )
+    if isinstance(message, rpc.InferResponse):
+        outputs = len(message.outputs)
+        head = (
+            f"{message.model.model}/{message.model.version}  {outputs} "
+            f"output{'s' if outputs != 1 else ''}  items={message.usage.input_items}"
+        )
+        return "\n".join([head, *map(_tensor_line, message.outputs)])
     if isinstance(message, rpc.GenerateResponse):
         chunk = message.response
         text = chunk.text

@@ -8,6 +8,9 @@
 Reads (resolve, lists, downloads) are retried on UNAVAILABLE through the
 chassis' retry policy; a retried download resumes where it stopped. Writes
 are not retried: an upload sent twice would be two versions.
+
+Uploads and downloads take a ``progress`` callback (mlmesh_sdk.progress):
+``progress(done_bytes, total_bytes)`` as the bytes move, for a progress bar.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from mlmesh_chassis.interceptors import client_interceptors
 from mlmesh_chassis.retry import call_idempotent
 
 from mlmesh_sdk.pages import every_item
+from mlmesh_sdk.progress import Progress
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.snapshot import (
     UnpackLimits,
@@ -163,6 +167,7 @@ class RegistryClient:
         source_folder: PathLike | None = None,
         create_model: bool = True,
         chunk_bytes: int = 1 << 20,
+        progress: Progress | None = None,
     ) -> pb.ModelVersion:
         """Packs ``folder`` (see snapshot.pack_folder) and uploads it as the
         model's next version. The lineage records a snapshot of
@@ -185,7 +190,7 @@ class RegistryClient:
                 lineage,
                 create_model,
             )
-            return await self._upload(header, packed.path, chunk_bytes)
+            return await self._upload(header, packed.path, chunk_bytes, progress)
         finally:
             packed.path.unlink(missing_ok=True)
 
@@ -202,6 +207,7 @@ class RegistryClient:
         source_folder: PathLike | None = None,
         create_model: bool = True,
         chunk_bytes: int = 1 << 20,
+        progress: Progress | None = None,
     ) -> pb.ModelVersion:
         """Uploads one already-packed artifact file as the model's next version.
         The lineage has a source snapshot only when ``source_folder`` is given."""
@@ -210,17 +216,27 @@ class RegistryClient:
         lineage = await asyncio.to_thread(_lineage, source_folder, run_metadata, feature_service)
         sha256, size = await asyncio.to_thread(file_sha256, path)
         header = _header(model, sha256, size, description, tags, format, lineage, create_model)
-        return await self._upload(header, path, chunk_bytes)
+        return await self._upload(header, path, chunk_bytes, progress)
 
     async def _upload(
-        self, header: rpc.UploadHeader, path: Path, chunk_bytes: int
+        self,
+        header: rpc.UploadHeader,
+        path: Path,
+        chunk_bytes: int,
+        progress: Progress | None,
     ) -> pb.ModelVersion:
         handle: BinaryIO = await asyncio.to_thread(path.open, "rb")
 
         async def requests() -> AsyncIterator[rpc.UploadModelVersionRequest]:
             yield rpc.UploadModelVersionRequest(header=header)
+            sent = 0
+            if progress is not None:
+                progress(sent, header.size_bytes)
             while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
                 yield rpc.UploadModelVersionRequest(chunk=chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, header.size_bytes)
 
         try:
             response = await self.stub.UploadModelVersion(
@@ -233,7 +249,12 @@ class RegistryClient:
     # downloads
 
     async def download(
-        self, reference: Reference, dest_file: PathLike, *, resume: bool = True
+        self,
+        reference: Reference,
+        dest_file: PathLike,
+        *,
+        resume: bool = True,
+        progress: Progress | None = None,
     ) -> pb.ModelVersion:
         """Downloads a version's artifact to ``dest_file``.
 
@@ -245,15 +266,15 @@ class RegistryClient:
         retries) raises DownloadIncompleteError and keeps the file to resume.
         """
         version = await self.resolve(reference)
-        return await self._download_version(version, Path(dest_file), resume)
+        return await self._download_version(version, Path(dest_file), resume, progress)
 
     async def _download_version(
-        self, version: pb.ModelVersion, dest: Path, resume: bool
+        self, version: pb.ModelVersion, dest: Path, resume: bool, progress: Progress | None
     ) -> pb.ModelVersion:
         pinned = ModelReference(model=version.model, version=version.version)
         await asyncio.to_thread(_prepare_destination, dest, version.size_bytes, resume)
         downloaded = await call_idempotent(
-            lambda: self._fetch(pinned, dest, version.size_bytes),
+            lambda: self._fetch(pinned, dest, version.size_bytes, progress),
             attempts=DOWNLOAD_ATTEMPTS,
             budget_s=float("inf"),  # every try resumes, so progress is never lost
         )
@@ -267,7 +288,9 @@ class RegistryClient:
             )
         return downloaded
 
-    async def _fetch(self, reference: ModelReference, dest: Path, size: int) -> pb.ModelVersion:
+    async def _fetch(
+        self, reference: ModelReference, dest: Path, size: int, progress: Progress | None
+    ) -> pb.ModelVersion:
         """One try: streams the bytes after dest's current size onto its end."""
         offset = await asyncio.to_thread(_size_of, dest)
         call = self.stub.DownloadModelVersion(
@@ -282,6 +305,8 @@ class RegistryClient:
                 raise DownloadError("the registry's download stream did not start with metadata")
             version = first.model_version
             received = offset
+            if progress is not None:
+                progress(received, version.size_bytes)
             while (message := await self._next(call)) is not grpc.aio.EOF:
                 received += len(message.chunk)
                 if received > version.size_bytes:
@@ -290,6 +315,8 @@ class RegistryClient:
                         f"{format_reference(reference)}"
                     )
                 await asyncio.to_thread(handle.write, message.chunk)
+                if progress is not None:
+                    progress(received, version.size_bytes)
         except BaseException:
             call.cancel()
             raise
@@ -312,7 +339,12 @@ class RegistryClient:
             ) from None
 
     async def download_folder(
-        self, reference: Reference, dest_dir: PathLike, *, limits: UnpackLimits | None = None
+        self,
+        reference: Reference,
+        dest_dir: PathLike,
+        *,
+        limits: UnpackLimits | None = None,
+        progress: Progress | None = None,
     ) -> pb.ModelVersion:
         """Downloads a folder packed by upload_folder and extracts it into
         ``dest_dir`` (missing or an empty folder), all or nothing: see
@@ -324,7 +356,7 @@ class RegistryClient:
         workdir = await asyncio.to_thread(_private_folder_beside, dest)
         try:
             archive = workdir / "artifact.tar"
-            version = await self._download_version(version, archive, resume=True)
+            version = await self._download_version(version, archive, True, progress)
             await asyncio.to_thread(unpack_archive, archive, dest, limits)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)

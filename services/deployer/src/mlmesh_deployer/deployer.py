@@ -214,6 +214,8 @@ class TritonDeployer:
                         deployment.set(State.READY)
                     continue
                 async with self._locks[deployment.model]:
+                    if deployment.live_version != live:
+                        continue  # a roll moved it meanwhile (and waited for the new one)
                     try:
                         log.warning(
                             "%s/%d is not ready on Triton; reloading", deployment.model, live
