@@ -13,6 +13,7 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc, usage_service_pb2
 from mlmesh.llm.v1 import llm_service_pb2_grpc
 from mlmesh.registry.v1 import model_pb2
+from mlmesh.registry.v1.model_pb2 import ModelVersion
 from mlmesh_chassis.generation import MAX_PROMPT_BYTES
 from mlmesh_chassis.testing import expect_error
 from mlmesh_gateway.balancer import LatencyAwareBalancer
@@ -23,23 +24,25 @@ from mlmesh_metering.events import UsageEvent
 from mlmesh_metering.ledger import UsageLedger, usage_events
 from mlmesh_metering.remote import RemoteUsageSink
 from mlmesh_sdk.channel import mesh_channel
+from mlmesh_serving import ServedVersions
 from test_routing import FakeLlm, request
 
 GENERATE = pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE], model_patterns=["*"])
 
 
 class ExperimentDirectory:
-    """The registry as the gateway reads it: alias versions and the model's
-    running experiment (none until a test sets one)."""
+    """The registry as the gateway follows it: every reference at version 1,
+    and the model's running experiment (none until a test sets one)."""
 
     def __init__(self) -> None:
         self.running: model_pb2.Experiment | None = None
 
-    async def experiment(self, model: str) -> model_pb2.Experiment | None:
-        return self.running
+    async def served(self, model: str, alias: str = "") -> ServedVersions:
+        running = (self.running,) if self.running is not None else ()
+        return ServedVersions(ModelVersion(model=model, version=1), frozenset(), running)
 
-    async def version(self, model: str, alias: str) -> int:
-        return 1
+    async def reread(self, model: str, alias: str = "") -> ServedVersions:
+        return await self.served(model, alias)
 
 
 @pytest.fixture
@@ -65,6 +68,7 @@ async def gateway(tmp_path):
         [],
         directory=directory,  # type: ignore[arg-type]
     )
+    servicer.llm_split.loaded.ttl_s = 0.0  # tests change what is loaded at once
     usage = UsageServicer(ledger)
 
     def add(_, server):

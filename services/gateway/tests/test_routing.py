@@ -55,6 +55,10 @@ class FakeLlm(llm_service_pb2_grpc.LlmServiceServicer):
         if version and self.loaded_versions is not None and version not in self.loaded_versions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"version {version} is not loaded")
 
+    async def GetModel(self, request, context):
+        await self._check_loaded(request, context)
+        return llm_rpc.GetModelResponse()
+
     async def CountTokens(self, request, context):
         await self._check_loaded(request, context)
         return llm_rpc.CountTokensResponse(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from mlmesh_chassis.context import remaining_time
-from mlmesh_chassis.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from mlmesh_chassis.errors import FieldViolation, InvalidArgument, NotFound, Reason, Unavailable
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 log = logging.getLogger("mlmesh.inference.triton")
@@ -140,8 +140,10 @@ class TritonClient:
         version: str = "",
         outputs: Sequence[str] | None = None,
         request_id: str = "",
+        parameters: Mapping[str, str | bool | int | float] | None = None,
     ) -> InferResult:
-        """Runs the model; ``version`` "" means the version Triton serves by default."""
+        """Runs the model; ``version`` "" means the version Triton serves by
+        default; ``parameters``: request parameters for the model."""
         signature = await self.signature(model, version)
         self._check(signature, inputs, outputs)
         request_inputs = []
@@ -158,6 +160,7 @@ class TritonClient:
                 model_version=version,
                 outputs=requested,
                 request_id=request_id,
+                parameters=dict(parameters) if parameters else None,
                 client_timeout=t,
             ),
             model,
@@ -237,7 +240,10 @@ class TritonClient:
                 ):
                     self._signatures.pop((model, version), None)
                     raise NotFound(
-                        "model", target, f"model {target!r} is not on Triton: {message}"
+                        "model",
+                        target,
+                        f"model {target!r} is not on Triton: {message}",
+                        Reason.ERROR_REASON_MODEL_NOT_LOADED,
                     ) from error
                 if status == "INVALID_ARGUMENT":
                     raise InvalidArgument(message, model=target) from error

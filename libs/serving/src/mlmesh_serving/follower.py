@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -60,6 +60,9 @@ class ServedVersions:
     # Versions the model's running experiments use (arms and shadow), the
     # served one left out.
     experiments: frozenset[int]
+    # The model's running experiments themselves (arms, weights, shadow), by
+    # create time: what the gateway splits traffic by.
+    running: tuple[pb.Experiment, ...] = ()
 
     @property
     def model(self) -> str:
@@ -77,6 +80,10 @@ class ServedVersions:
             and other.experiments == self.experiments
         )
 
+    def same_routing_as(self, other: ServedVersions | None) -> bool:
+        """Also the same experiments (a weight or shadow change is a change)."""
+        return self.same_as(other) and other is not None and other.running == self.running
+
 
 async def read_served_versions(
     registry: RegistryClient, reference: ModelReference
@@ -85,14 +92,17 @@ async def read_served_versions(
     of the model's running experiments."""
     served = await registry.resolve(reference)
     versions: set[int] = set()
+    running: list[pb.Experiment] = []
     async for experiment in registry.list_experiments(
         reference.model, state=pb.EXPERIMENT_STATE_RUNNING, page_size=PAGE_SIZE
     ):
+        running.append(experiment)
         versions |= {arm.version for arm in experiment.arms}
         if experiment.HasField("shadow"):
             versions.add(experiment.shadow.version)
     versions.discard(served.version)
-    return ServedVersions(served, frozenset(versions))
+    running.sort(key=lambda e: (e.create_time.seconds, e.create_time.nanos, e.name))
+    return ServedVersions(served, frozenset(versions), tuple(running))
 
 
 def _concerns(event: rpc.WatchEventsResponse, reference: ModelReference) -> bool:
@@ -113,10 +123,13 @@ async def follow_served(
     reference: ModelReference,
     retry_seconds: float = 2.0,
     max_retry_seconds: float = MAX_RETRY_SECONDS,
+    same: Callable[[ServedVersions, ServedVersions | None], bool] = ServedVersions.same_as,
 ) -> AsyncIterator[ServedVersions]:
     """Yields what to hold for ``reference`` now and after every change;
     never ends. The caller may take as long as it likes between two items
-    (loading a model): changes meanwhile are read when it asks again."""
+    (loading a model): changes meanwhile are read when it asks again.
+    ``same`` says which reads are no change (default: the same versions;
+    ``ServedVersions.same_routing_as`` for one that routes by experiments)."""
     cursor = _Cursor()  # the last event seen: a reconnect resumes there
     last: ServedVersions | None = None
     text = format_reference(reference)
@@ -135,7 +148,7 @@ async def follow_served(
                         changed.clear()
                         now = await read_served_versions(registry, reference)
                         delays = backoff_delays(retry_seconds, max_retry_seconds)
-                        if not now.same_as(last):
+                        if not same(now, last):
                             last = now
                             yield now
                 finally:

@@ -8,10 +8,15 @@ import random
 from mlmesh.registry.v1 import model_pb2
 
 
+def spread(salt: str, sticky_value: str, buckets: int) -> int:
+    """0..buckets-1, the same for the same salt and value on every replica."""
+    digest = hashlib.sha256(f"{salt}\0{sticky_value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
 def bucket(experiment: str, sticky_value: str) -> int:
     """0..99, the same for the same experiment and value on every replica."""
-    digest = hashlib.sha256(f"{experiment}\0{sticky_value}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100
+    return spread(experiment, sticky_value, 100)
 
 
 def choose_arm(experiment: model_pb2.Experiment, sticky_value: str) -> model_pb2.ExperimentArm:

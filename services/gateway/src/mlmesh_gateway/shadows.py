@@ -1,12 +1,27 @@
-"""Shadow comparisons (A/B experiments' mirrored traffic), for later review."""
+"""Shadow traffic (A/B experiments' mirrored requests): run off the
+callers' path, compared with the primary's answer, recorded for review."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable
 
+import numpy as np
 import sqlalchemy as sa
+from mlmesh.registry.v1 import model_pb2
+from mlmesh_chassis.context import deadline_var
 from mlmesh_chassis.database import Database
 from sqlalchemy import exc
+
+log = logging.getLogger("mlmesh.gateway")
+# Shadow answers farther than this (max absolute difference) from the primary's
+# are recorded as disagreeing.
+SHADOW_TOLERANCE = 1e-3
+# Each shadow's own deadline (the caller's call has ended by then).
+SHADOW_TIMEOUT_S = 60.0
 
 metadata = sa.MetaData()
 shadow_results = sa.Table(
@@ -57,3 +72,52 @@ class ShadowLog:
                 )
         except exc.IntegrityError:
             return
+
+
+class ShadowRunner:
+    """Mirrors requests to shadow versions, at most ``limit`` at once: when
+    that many run, a new one is dropped (shadows are best effort and never
+    queue); a failing shadow is logged and never reaches the caller."""
+
+    def __init__(self, shadows: ShadowLog | None, limit: int = 16) -> None:
+        self.shadows = shadows
+        self._running = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def mirror(
+        self,
+        call_id: str,
+        experiment: model_pb2.Experiment,
+        model: str,
+        versions: tuple[int, int],
+        difference: Callable[[], Awaitable[float]],
+    ) -> None:
+        """Runs ``difference()`` (the shadow's answer against the primary's:
+        the max absolute difference) for ``versions`` (primary, shadow) and
+        records it under the primary's ``call_id``."""
+        shadows = self.shadows
+        if shadows is None or self._running.locked():
+            return
+
+        async def run() -> None:
+            async with self._running:
+                deadline_var.set(time.monotonic() + SHADOW_TIMEOUT_S)
+                try:
+                    diff = await difference()
+                    await shadows.record(
+                        call_id, experiment.name, model, *versions, diff, diff <= SHADOW_TOLERANCE
+                    )
+                except Exception as error:  # a shadow never affects the caller
+                    log.warning("shadow of %s failed: %s", call_id, error)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def max_abs_difference(primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray]) -> float:
+    """How far the shadow's outputs are from the primary's (every output)."""
+    return max(
+        float(np.max(np.abs(primary[n].astype(np.float64) - shadow[n].astype(np.float64))))
+        for n in primary
+    )

@@ -30,7 +30,10 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 MINILM_CONFIG = """backend: "python"
 max_batch_size: 64
 input [ { name: "text" data_type: TYPE_STRING dims: [ 1 ] } ]
-output [ { name: "embedding" data_type: TYPE_FP32 dims: [ 384 ] } ]
+output [
+  { name: "embedding" data_type: TYPE_FP32 dims: [ 384 ] },
+  { name: "token_count" data_type: TYPE_INT64 dims: [ 1 ] }
+]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 dynamic_batching { max_queue_delay_microseconds: 2000 }
 """

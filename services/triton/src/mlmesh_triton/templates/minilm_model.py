@@ -1,8 +1,9 @@
 """Triton python backend: all-MiniLM-L6-v2 sentence embeddings.
 
-Input: "text" BYTES [batch, 1] (UTF-8). Output: "embedding" FP32 [batch, 384],
+Input: "text" BYTES [batch, 1] (UTF-8). Outputs: "embedding" FP32 [batch, 384],
 mean-pooled over tokens and L2-normalized, as sentence-transformers does for
-this model. The model files sit in model/ beside this file.
+this model; "token_count" INT64 [batch, 1], the tokens each text took (what
+the gateway bills). The model files sit in model/ beside this file.
 """
 
 import os
@@ -39,10 +40,12 @@ class TritonPythonModel:
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         embeddings = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy().astype(np.float32)
+        counts = encoded["attention_mask"].sum(dim=1, keepdim=True).numpy().astype(np.int64)
         responses = []
         start = 0
         for size in sizes:
             out = pb_utils.Tensor("embedding", embeddings[start : start + size])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            tokens = pb_utils.Tensor("token_count", counts[start : start + size])
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out, tokens]))
             start += size
         return responses
