@@ -17,7 +17,8 @@ if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
   echo "installing uv"
   "$PYTHON" -m pip install -q "uv==0.13.8"
 fi
-"$PYTHON" -m uv sync --frozen --python "$PYTHON" -q
+# Every workspace member (libs/*, services/*, found by glob) and the dev tools.
+"$PYTHON" -m uv sync --frozen --all-packages --python "$PYTHON" -q
 # Stubs are generated, never committed: regenerate when a proto is newer.
 stamp=libs/contracts/src/mlmesh/.generated
 if [ ! -f "$stamp" ] || [ -n "$(find protos buf.yaml buf.gen.yaml tools -newer "$stamp" -print -quit)" ]; then

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from meshkit import MeshInfo, start_mesh, stop_mesh
+from meshkit import MeshInfo, mesh_of, start_mesh, stop_mesh
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_sdk.channel import mesh_channel
 
@@ -54,8 +54,8 @@ LLM_TEST_ENV = {
 def meshes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """Starts each backend's mesh on first use, once per session.
 
-    sqlite: every service (registry, llm). postgres: the registry alone, on a
-    fresh database of the machine's PostgreSQL.
+    sqlite: every registered service. postgres: the registry and the key
+    directory alone, on a fresh database of the machine's PostgreSQL.
     """
     started: dict[str, tuple[subprocess.Popen, MeshInfo]] = {}
 
@@ -64,7 +64,7 @@ def meshes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             state_dir = tmp_path_factory.mktemp(f"mesh-{backend}")
             if backend == "postgres":
                 env = {"MLMESH_REGISTRY_DATABASE_URL": request.getfixturevalue("postgres_url")}
-                process, ready = start_mesh(state_dir, env, services="gateway,registry")
+                process, ready = start_mesh(state_dir, env, services=mesh_of("registry"))
             else:
                 process, ready = start_mesh(state_dir, LLM_TEST_ENV)
             started[backend] = (

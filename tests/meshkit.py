@@ -31,9 +31,24 @@ class MeshInfo:
         return int(self.services[service]["port"])
 
 
+def mesh_of(*names: str) -> str:
+    """The runner's ``--services`` for a mesh of ``names`` and the key
+    directory every chassis service follows, in start order (both from the
+    services' registrations)."""
+    from mlmesh_chassis.registration import key_directory_service, registrations
+
+    known = [r.name for r in registrations()]
+    wanted = {*names, key_directory_service() or ""} - {""}
+    unknown = wanted - set(known)
+    if unknown:
+        raise ValueError(f"no registered services {sorted(unknown)}; registered: {known}")
+    return ",".join(name for name in known if name in wanted)
+
+
 def start_mesh(
     state_dir: Path, env: dict[str, str], services: str = "", extra_args: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, dict]:
+    """Starts the runner with ``services`` (default: every registered one)."""
     ready = state_dir / "ready.json"
     argv = [
         sys.executable,

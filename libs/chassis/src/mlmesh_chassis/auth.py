@@ -46,7 +46,8 @@ from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.gateway.v1 import key_directory_service_pb2_grpc as kd_grpc
 
 from mlmesh_chassis.channels import FAST_RECONNECT_OPTIONS
-from mlmesh_chassis.errors import PermissionDenied, Unauthenticated, Unavailable
+from mlmesh_chassis.errors import PermissionDenied, Reason, Unauthenticated, Unavailable
+from mlmesh_chassis.registration import Route, registrations, route_table
 
 log = logging.getLogger("mlmesh.auth")
 
@@ -120,40 +121,17 @@ def authorize(key: pb.Key, services: int | Iterable[int] | None, model: str | No
 
 # ---- which scope each RPC needs -------------------------------------------------
 
-# (path prefix, scopes any of which allows a writing call, scopes for a
-# read-only call: idempotency_level NO_SIDE_EFFECTS). First match wins; a
-# method that matches none is refused (deny by default).
-Route = tuple[str, frozenset[int], frozenset[int]]
+# Each service's registration (mlmesh_chassis.registration) states the scopes
+# its RPCs need; the table is every installed service's routes, read on the
+# first check. First match wins; a method that matches none is refused (deny
+# by default).
 
 
-def _route(prefix: str, write: set[int], read: set[int] | None = None) -> Route:
-    return prefix, frozenset(write), frozenset(write if read is None else read)
+def route_scopes() -> tuple[Route, ...]:
+    """Every registered service's routes."""
+    return route_table(registrations())
 
 
-# (path prefix, scopes any of which allows a call, the same for a read-only
-# call: idempotency_level NO_SIDE_EFFECTS in the contract). First match wins;
-# a method that matches none is refused (deny by default).
-ROUTE_SCOPES: tuple[Route, ...] = (
-    _route("/mlmesh.gateway.v1.GatewayService/Generate", {S.PLATFORM_SERVICE_GENERATE}),
-    _route("/mlmesh.gateway.v1.GatewayService/Infer", {S.PLATFORM_SERVICE_INFER}),
-    _route("/mlmesh.gateway.v1.GatewayService/Embed", {S.PLATFORM_SERVICE_EMBED}),
-    _route("/mlmesh.gateway.v1.GatewayService/ListModels", set()),
-    _route("/mlmesh.gateway.v1.KeyService/", {S.PLATFORM_SERVICE_ADMIN}),
-    _route("/mlmesh.gateway.v1.KeyDirectoryService/", {S.PLATFORM_SERVICE_KEY_DIRECTORY}),
-    _route("/mlmesh.gateway.v1.UsageService/RecordUsage", {S.PLATFORM_SERVICE_USAGE_RECORD}),
-    _route("/mlmesh.gateway.v1.UsageService/", {S.PLATFORM_SERVICE_ADMIN}),
-    # The gateway's backend: callers generate through GatewayService.
-    _route("/mlmesh.llm.v1.LlmService/", {S.PLATFORM_SERVICE_LLM}),
-    _route(
-        "/mlmesh.registry.v1.RegistryService/",
-        {S.PLATFORM_SERVICE_REGISTRY},
-        {S.PLATFORM_SERVICE_REGISTRY, S.PLATFORM_SERVICE_REGISTRY_READ},
-    ),
-    _route("/mlmesh.deployer.", {S.PLATFORM_SERVICE_DEPLOYER}),
-    _route("/mlmesh.features.", {S.PLATFORM_SERVICE_FEATURES}),
-    _route("/mlmesh.vectors.", {S.PLATFORM_SERVICE_VECTORS}),
-    _route("/mlmesh.batch.", {S.PLATFORM_SERVICE_BATCH}),
-)
 UNCHECKED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
@@ -168,10 +146,11 @@ def _read_only(method: str) -> bool:
     return bool(options.idempotency_level == options.NO_SIDE_EFFECTS)
 
 
-def scopes_for(method: str) -> frozenset[int] | None:
+def scopes_for(method: str, routes: Iterable[Route] | None = None) -> frozenset[int] | None:
     """The scopes any of which may call ``method`` (empty: any key); None
-    when no policy covers it (refused)."""
-    for prefix, write, read in ROUTE_SCOPES:
+    when no route covers it (refused). ``routes``: default, every registered
+    service's (``route_scopes()``)."""
+    for prefix, write, read in route_scopes() if routes is None else routes:
         if method.startswith(prefix):
             return read if _read_only(method) else write
     return None
@@ -202,19 +181,20 @@ class KeyRecord:
             revision=entry.revision,
         )
 
-    def refusal(self, digest: str, now: float) -> str | None:
-        """Why ``digest`` does not authenticate as this key now (None: it does)."""
+    def refusal(self, digest: str, now: float) -> tuple[str, int] | None:
+        """Why ``digest`` does not authenticate as this key now, and the
+        ErrorReason that says so (None: it does)."""
         matches = hmac.compare_digest(digest, self.secret_sha256) or any(
             hmac.compare_digest(digest, sha) and now < until for sha, until in self.grace
         )
         if not matches:
-            return "unknown API key"
+            return "unknown API key", Reason.ERROR_REASON_API_KEY_INVALID
         if self.key.state == pb.KEY_STATE_REVOKED:
-            return f"API key {self.key.id} was revoked"
+            return f"API key {self.key.id} was revoked", Reason.ERROR_REASON_API_KEY_REVOKED
         if self.key.state != pb.KEY_STATE_ACTIVE or (
             self.expires_at is not None and now >= self.expires_at
         ):
-            return f"API key {self.key.id} expired"
+            return f"API key {self.key.id} expired", Reason.ERROR_REASON_API_KEY_EXPIRED
         return None
 
 
@@ -288,10 +268,13 @@ class KeyView:
         """The key ``secret`` authenticates as; Unauthenticated otherwise
         (Unavailable while the view has not been loaded yet)."""
         if not secret:
-            raise Unauthenticated("no API key: send `authorization: Bearer <key>`")
+            raise Unauthenticated(
+                "no API key: send `authorization: Bearer <key>`",
+                Reason.ERROR_REASON_API_KEY_MISSING,
+            )
         match = SECRET_PATTERN.fullmatch(secret) if len(secret) <= MAX_SECRET_LENGTH else None
         if match is None:
-            raise Unauthenticated("malformed API key")
+            raise Unauthenticated("malformed API key", Reason.ERROR_REASON_API_KEY_INVALID)
         digest = secret_sha256(secret)
         return self.verify_digest(match.group(1), digest)
 
@@ -305,7 +288,8 @@ class KeyView:
             raise UnknownKey()
         refusal = record.refusal(digest, time.time())
         if refusal is not None:
-            raise Unauthenticated(refusal, key_id=key_id)
+            message, reason = refusal
+            raise Unauthenticated(message, reason, key_id=key_id)
         return Principal(record.key, digest)
 
 
@@ -313,7 +297,7 @@ class UnknownKey(Unauthenticated):
     """A well-formed key whose id the view does not hold."""
 
     def __init__(self) -> None:
-        super().__init__("unknown API key")
+        super().__init__("unknown API key", Reason.ERROR_REASON_API_KEY_INVALID)
 
 
 def read_bootstrap_keys(path: Path) -> list[kd.DirectoryKey]:

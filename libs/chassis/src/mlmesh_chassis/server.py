@@ -2,8 +2,9 @@
 
 config -> clients -> grpc.aio.server(interceptors) -> servicers + health (every
 full service name and "") + reflection -> bind (port 0 allowed) -> start ->
-SERVING. SIGTERM/SIGINT: NOT_SERVING (Envoy's health checks drain us) -> a
-short drain -> server.stop(grace) -> close clients.
+SERVING (or, with a ready hook, NOT_SERVING until the hook returns).
+SIGTERM/SIGINT: NOT_SERVING (Envoy's health checks drain us) -> a short
+drain -> server.stop(grace) -> close clients.
 """
 
 from __future__ import annotations
@@ -105,13 +106,14 @@ async def start_service(
     register: Register,
     *,
     error_domain: str,
-    serving: bool = True,
+    ready: Callable[[], Awaitable[object]] | None = None,
     key_view: KeyView | None = None,
     admission: CallAdmission | None = None,
 ) -> ServiceHost:
     """Builds, binds and starts a server; ``register`` adds servicers and
-    returns their full service names. ``serving=False`` leaves health at
-    NOT_SERVING (for a service that must load something first).
+    returns their full service names. Health is SERVING at once, or, given
+    ``ready`` (for a service that must load something first), NOT_SERVING
+    until ``ready()`` returns.
 
     Every call but health and reflection is checked against ``key_view``
     (default: one built from the settings and kept current from the
@@ -167,13 +169,26 @@ async def start_service(
         await keys_current(False)
         watcher.on_connected = keys_current
         host.background.append(asyncio.get_running_loop().create_task(watcher.run()))
-    await host.set_serving(serving)
+    await host.set_serving(ready is None)
+    if ready is not None:
+        host.background.append(asyncio.get_running_loop().create_task(_serve_when(ready, host)))
     if settings.port_file:
         tmp = settings.port_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
         tmp.replace(settings.port_file)
     log.info("serving", extra={"port": port, "metrics_port": metrics_port, "services": names})
     return host
+
+
+async def _serve_when(ready: Callable[[], Awaitable[object]], host: ServiceHost) -> None:
+    """SERVING once ``ready()`` returns; NOT_SERVING for good if it fails."""
+    try:
+        await ready()
+    except Exception:
+        log.exception("not ready: health stays NOT_SERVING")
+        return
+    await host.set_serving(True)
+    log.info("ready: SERVING", extra={"services": host.service_names})
 
 
 async def run_until_signalled(host: ServiceHost) -> None:

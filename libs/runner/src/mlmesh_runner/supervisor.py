@@ -332,7 +332,7 @@ class Mesh:
 
     def _key_env(self, spec: ServiceSpec) -> dict[str, str]:
         """A chassis service's own key, the bootstrap keys it starts from, and
-        where the key directory (and the ledger) is: the gateway's Unix socket
+        where the key directory (and the ledger) is: its service's Unix socket
         in the private run folder, or its TCP port when the socket's path is
         too long."""
         if self.keys is None or spec.name not in self.keys.service_files:
@@ -345,7 +345,9 @@ class Mesh:
             env[f"{spec.env_prefix}UNMETERED_KEY_IDS"] = ",".join(
                 self.keys.service_ids[name] for name in spec.billed_by
             )
-        socket = self.state / "run" / "gateway.sock"
+        if KEY_DIRECTORY_SERVICE is None:
+            return env
+        socket = self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.sock"
         on_socket = len(str(socket)) < UNIX_PATH_MAX
         if spec.name == KEY_DIRECTORY_SERVICE:
             if on_socket:

@@ -5,10 +5,7 @@ Health is NOT_SERVING until every followed model is live on Triton.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
+from mlmesh.deployer.v1alpha1 import deployer_service_pb2_grpc
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_DEPLOYER
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
@@ -17,10 +14,8 @@ from mlmesh_sdk.snapshot import UnpackLimits
 
 from mlmesh_deployer.config import DeployerSettings
 from mlmesh_deployer.deployer import TritonDeployer
+from mlmesh_deployer.registration import REGISTRATION
 from mlmesh_deployer.servicer import DeployerServicer
-
-log = logging.getLogger("mlmesh.deployer")
-SERVICE_NAME = deployer_service_pb2.DESCRIPTOR.services_by_name["DeployerService"].full_name
 
 
 async def build_server(settings: DeployerSettings) -> ServiceHost:
@@ -42,22 +37,20 @@ async def build_server(settings: DeployerSettings) -> ServiceHost:
         deployer_service_pb2_grpc.add_DeployerServiceServicer_to_server(
             DeployerServicer(deployer), server
         )
-        return [SERVICE_NAME]
+        return REGISTRATION.service_names()
 
     admission, meter = metered_calls(settings, PLATFORM_SERVICE_DEPLOYER)
+    # SERVING once every followed model is live on Triton.
     host = await start_service(
-        settings, register, error_domain="mlmesh.deployer", serving=False, admission=admission
+        settings,
+        register,
+        error_domain="mlmesh.deployer",
+        ready=deployer.ready.wait,
+        admission=admission,
     )
     host.on_close.append(triton.close)
     if meter is not None:
         host.on_close.append(meter.close)
     host.on_close.append(deployer.stop)
     await deployer.start()
-
-    async def serve_when_ready() -> None:
-        await deployer.ready.wait()
-        await host.set_serving(True)
-        log.info("every model is live on Triton; SERVING")
-
-    host.background.append(asyncio.create_task(serve_when_ready()))
     return host

@@ -7,13 +7,9 @@ from pathlib import Path
 
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import (
-    gateway_service_pb2,
     gateway_service_pb2_grpc,
-    key_directory_service_pb2,
     key_directory_service_pb2_grpc,
-    key_service_pb2,
     key_service_pb2_grpc,
-    usage_service_pb2,
     usage_service_pb2_grpc,
 )
 from mlmesh_chassis.auth import KeyView, read_bootstrap_keys
@@ -29,18 +25,13 @@ from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
+from mlmesh_gateway.registration import REGISTRATION
 from mlmesh_gateway.servicer import GatewayServicer
 from mlmesh_gateway.shadows import ShadowLog
 from mlmesh_gateway.telemetry import REJECTIONS
 from mlmesh_gateway.usage_servicer import UsageServicer
 
 log = logging.getLogger("mlmesh.gateway")
-KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
-KEY_DIRECTORY = key_directory_service_pb2.DESCRIPTOR.services_by_name[
-    "KeyDirectoryService"
-].full_name
-GATEWAY = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-USAGE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 
 
 async def build_server(settings: GatewaySettings) -> ServiceHost:
@@ -96,7 +87,7 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
             starting.unlink(missing_ok=True)
             if server.add_insecure_port(f"unix:{starting}") == 0:
                 raise OSError(f"could not bind unix:{starting}")
-        return [KEY_SERVICE, KEY_DIRECTORY, GATEWAY, USAGE]
+        return REGISTRATION.service_names()
 
     # The socket is bound under a name no service looks for, and takes its
     # real name only once the server runs: a client that found it earlier

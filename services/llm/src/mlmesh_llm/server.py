@@ -5,23 +5,19 @@ Health stays NOT_SERVING until every configured model is loaded.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 from pathlib import Path
 
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_LLM
-from mlmesh.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
+from mlmesh.llm.v1 import llm_service_pb2_grpc
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_metering.metering import metered_calls
 
 from mlmesh_llm.config import LlmSettings
 from mlmesh_llm.engines.base import Engine
 from mlmesh_llm.models import ModelManager
+from mlmesh_llm.registration import REGISTRATION
 from mlmesh_llm.servicer import LlmServicer
-
-log = logging.getLogger("mlmesh.llm")
-SERVICE_NAME = llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 
 
 def engine_factory(settings: LlmSettings):  # type: ignore[no-untyped-def]
@@ -66,24 +62,18 @@ async def build_server(settings: LlmSettings) -> ServiceHost:
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         llm_service_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        return REGISTRATION.service_names()
 
     # Every caller's requests per minute and one usage event per call (the
     # gateway's service key too: the tokens of the model traffic it relays
     # are billed to the application's key by the gateway itself).
     admission, meter = metered_calls(settings, PLATFORM_SERVICE_LLM)
+    # SERVING once every configured model is loaded.
     host = await start_service(
-        settings, register, error_domain="mlmesh.llm", serving=False, admission=admission
+        settings, register, error_domain="mlmesh.llm", ready=models.ready.wait, admission=admission
     )
     host.on_close.append(models.stop)
     if meter is not None:
         host.on_close.append(meter.close)
     await models.start()
-
-    async def serve_when_ready() -> None:
-        await models.ready.wait()
-        await host.set_serving(True)
-        log.info("all models loaded; SERVING")
-
-    host.background.append(asyncio.create_task(serve_when_ready()))
     return host

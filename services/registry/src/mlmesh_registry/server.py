@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_REGISTRY
-from mlmesh.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_metering.metering import metered_calls
 
 from mlmesh_registry.artifacts import ArtifactStore
 from mlmesh_registry.config import RegistrySettings
 from mlmesh_registry.db import registry_database
+from mlmesh_registry.registration import REGISTRATION
 from mlmesh_registry.servicer import RegistryServicer
 from mlmesh_registry.store import RegistryStore
-
-SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
 
 
 async def build_server(settings: RegistrySettings) -> ServiceHost:
@@ -29,7 +28,7 @@ async def build_server(settings: RegistrySettings) -> ServiceHost:
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        return REGISTRATION.service_names()
 
     host = await start_service(
         settings,
