@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -53,8 +54,9 @@ class ArtifactCache:
         return folder
 
     async def _download(self, model: str, version: int, folder: Path) -> None:
-        partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        await asyncio.to_thread(shutil.rmtree, partial, True)
+        # Its own name per download: another cache on this folder in this
+        # process (another replica) downloads beside it, not into it.
+        partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             async with RegistryClient(self.registry_target) as registry:
                 await registry.download_folder(
