@@ -1,5 +1,5 @@
 """The `mlmesh` command line against the real mesh, through Envoy: keys,
-usage, generate and embed, as a person would type them."""
+usage, generate, embed and infer, as a person would type them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from mlmesh_triton.build import digits_training_data
 
 MLMESH = Path(sys.executable).parent / "mlmesh"
 
@@ -102,3 +105,45 @@ async def test_keys_generate_embed_usage_and_revoke_from_the_command_line(full_m
             break
         assert time.monotonic() < deadline, "the revoked key still works"
     assert err.startswith("error: UNAUTHENTICATED:"), err
+
+
+async def test_infer_a_triton_model_from_the_command_line(full_mesh, tmp_path: Path):
+    x, y = digits_training_data()
+    np.save(tmp_path / "batch.npy", x[:3].astype(np.float32))
+    code, out, err = await mlmesh(
+        full_mesh,
+        full_mesh.api_key,
+        "infer",
+        "digits@champion",
+        "--input",
+        f"pixels=@{tmp_path / 'batch.npy'}",
+    )
+    assert code == 0, err
+    head, output, argmax = out.splitlines()
+    assert head.startswith("digits/") and head.endswith("1 output  items=192")
+    assert " FP32 3x10  " in output
+    assert argmax == "    argmax by row: " + " ".join(map(str, y[:3]))
+
+    # typed as JSON; --json has the probabilities as numbers
+    pixels = json.dumps(x[3:4].tolist())
+    code, out, err = await mlmesh(
+        full_mesh,
+        full_mesh.api_key,
+        "infer",
+        "digits@champion",
+        "--input",
+        f"pixels={pixels}",
+        "--json",
+    )
+    assert code == 0, err
+    [record] = [json.loads(line) for line in out.splitlines()]
+    probabilities = record["outputs"][0]["values"]["fp32Contents"]
+    assert len(probabilities) == 10
+    assert probabilities.index(max(probabilities)) == y[3]
+
+    code, out, err = await mlmesh(
+        full_mesh, full_mesh.api_key, "infer", "digits", "--input", "pixels=[[1, 2, 3]]"
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("error: INVALID_ARGUMENT:"), err
+    assert "field: inputs['pixels'].shape:" in err
