@@ -28,6 +28,14 @@ ARTIFACT_CONFIG = (
 _VERSIONS = re.compile(r"version_policy: \{ specific: \{ versions: \[ ([\d, ]*) \] \} \}")
 
 
+def triton_artifact(folder: Path, version: int) -> Path:
+    """A folder as the registry holds a Triton model: config.pbtxt and payload/."""
+    (folder / "payload").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(ARTIFACT_CONFIG)
+    (folder / "payload" / "model.py").write_text(f"VERSION = {version}\n")
+    return folder
+
+
 class Triton:
     """What the deployer sees of Triton. ``load_model`` reads the model's
     config.pbtxt, needs a folder per listed version, and then serves those
@@ -63,19 +71,14 @@ class Triton:
 
 
 class Cache:
-    """Artifact folders as the registry packs a Triton model: config.pbtxt
-    and payload/; records what the deployer keeps."""
+    """Artifact folders (triton_artifact); records what the deployer keeps."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.retained: list[set[int]] = []
 
     async def folder(self, model: str, version: int) -> Path:
-        folder = self.root / model / str(version)
-        (folder / "payload").mkdir(parents=True, exist_ok=True)
-        (folder / "config.pbtxt").write_text(ARTIFACT_CONFIG)
-        (folder / "payload" / "model.py").write_text(f"VERSION = {version}\n")
-        return folder
+        return triton_artifact(self.root / model / str(version), version)
 
     async def retain(self, model: str, keep: Iterable[int]) -> list[int]:
         self.retained.append(set(keep))
@@ -295,13 +298,6 @@ def test_the_config_gets_our_name_and_version_policy(tmp_path: Path) -> None:
         "version_policy: { specific: { versions: [ 2, 5 ] } }\n"
     )
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.pbtxt"]  # no .tmp left
-
-
-def triton_artifact(folder: Path, version: int) -> Path:
-    (folder / "payload").mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(ARTIFACT_CONFIG)
-    (folder / "payload" / "model.py").write_text(f"VERSION = {version}\n")
-    return folder
 
 
 async def test_it_follows_a_real_registry_with_the_real_cache(
