@@ -13,21 +13,14 @@ from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.testing import expect_error
-from mlmesh_registry import store
-from registry_fixtures import IDLE_TIMEOUT_S, Registry
+from mlmesh_registry.store import base as store_base
+from registry_fixtures import IDLE_TIMEOUT_S, Registry, upload_header
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _header(model: str, data: bytes, **overrides: object) -> rpc.UploadModelVersionRequest:
-    fields: dict[str, object] = {
-        "model": model,
-        "create_model": True,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size_bytes": len(data),
-    }
-    fields.update(overrides)
-    return rpc.UploadModelVersionRequest(header=rpc.UploadHeader(**fields))  # type: ignore[arg-type]
+    return rpc.UploadModelVersionRequest(header=upload_header(model, data, **overrides))
 
 
 async def _stream(
@@ -50,7 +43,7 @@ async def _model_missing(registry: Registry, name: str) -> None:
     details = await expect_error(
         registry.stub.GetModel(rpc.GetModelRequest(name=name.strip())), grpc.StatusCode.NOT_FOUND
     )
-    assert details.error_info.reason == "NOT_FOUND"
+    assert details.error_info.metadata["resource_type"] == "model"
 
 
 # 1. names, tags and checksums are whole-string matches
@@ -240,7 +233,7 @@ async def test_list_pages_stop_before_the_byte_limit(
 ) -> None:
     for i in range(5):
         await _upload(registry, unique, f"v{i}".encode(), description="d" * 15_000)
-    monkeypatch.setattr(store, "MAX_PAGE_BYTES", 40_000)  # two such versions a page
+    monkeypatch.setattr(store_base, "MAX_PAGE_BYTES", 40_000)  # two such versions a page
     pages: list[list[int]] = []
     token = ""
     while True:
