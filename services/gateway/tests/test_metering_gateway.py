@@ -251,3 +251,38 @@ async def test_an_arm_the_llm_has_not_loaded_yet_is_served_as_asked(gateway):
         chunks = [c async for c in stub.Generate(request(3))]
         assert chunks[0].response.model.version == 9
         assert fake.asked_versions[-1] == 9
+
+
+async def test_get_usage_reads_the_callers_own_key_unless_it_names_others(gateway):
+    """Straight on the servicer, as the chassis hands it a verified caller."""
+    from mlmesh_chassis.auth import Principal, principal_var
+    from mlmesh_chassis.errors import PermissionDenied
+
+    address, keys, ledger, _, _ = gateway
+    user_id, user = await _key(keys)
+    admin, admin_secret = await keys.create(
+        pb.Key(display_name="admin", scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_ADMIN]))
+    )
+    for secret in (user, admin_secret):
+        async with mesh_channel(address, secret) as channel:
+            stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+            await _drain(stub.Generate(request(2)))
+    usage = UsageServicer(ledger)
+    since = usage_service_pb2.GetUsageRequest()
+    since.start_time.GetCurrentTime()
+    since.start_time.seconds -= 600  # no end_time: until now
+    named = usage_service_pb2.GetUsageRequest(key_ids=[user_id])
+    named.start_time.CopyFrom(since.start_time)
+    principal_var.set(Principal(admin, ""))
+    own = await usage.GetUsage(since, None)
+    assert {b.key_id for b in own.buckets} == {admin.id}
+    other = await usage.GetUsage(named, None)
+    assert {b.key_id for b in other.buckets} == {user_id}
+    assert other.buckets[0].usage.completion_tokens == 2
+    principal_var.set(Principal(pb.Key(id=user_id, scopes=GENERATE), ""))
+    assert {b.key_id for b in (await usage.GetUsage(since, None)).buckets} == {user_id}
+    with pytest.raises(PermissionDenied):  # another key's usage needs ADMIN
+        await usage.GetUsage(
+            usage_service_pb2.GetUsageRequest(key_ids=[admin.id], start_time=since.start_time),
+            None,
+        )

@@ -16,7 +16,7 @@ from mlmesh_metering.remote import MAX_EVENTS, from_message
 # GetUsage: buckets per page unless asked (the contract's default; at most
 # mlmesh_chassis.pagination.MAX_PAGE_SIZE), and keys per request.
 DEFAULT_PAGE_SIZE = 100
-MAX_KEY_IDS = 1000
+MAX_KEY_IDS = 100
 MAX_KEY_ID_LENGTH = 64
 
 
