@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-# What `buf breaking` compares the contracts with (a branch of this clone).
+# What `buf breaking` compares the contracts with (a branch of this clone);
+# only protos/ is compared (third_party/proto is vendored).
 BREAKING_AGAINST ?= .git\#branch=main
 
 # The hand-written code mypy checks: every library's and service's src
@@ -33,7 +34,7 @@ lint:
 
 breaking:
 	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \
-	  $(BIN)/buf breaking --against '$(BREAKING_AGAINST)' && echo "buf breaking: no breaking change against main"; \
+	  $(BIN)/buf breaking protos --against '$(BREAKING_AGAINST),subdir=protos' && echo "buf breaking: no breaking change against main"; \
 	else echo "buf breaking: no contracts on main yet; nothing to compare"; fi
 
 pytest:
@@ -46,4 +47,4 @@ bench:
 	$(BIN)/python bench/registry_artifacts.py
 
 clean:
-	rm -rf .mlmesh libs/contracts/src/mlmesh
+	rm -rf .mlmesh libs/contracts/src/mlmesh libs/contracts/src/buf

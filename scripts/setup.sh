@@ -21,8 +21,8 @@ fi
 "$PYTHON" -m uv sync --frozen --all-packages --python "$PYTHON" -q
 # Stubs are generated, never committed: regenerate when a proto is newer.
 stamp=libs/contracts/src/mlmesh/.generated
-if [ ! -f "$stamp" ] || [ -n "$(find protos buf.yaml buf.gen.yaml tools -newer "$stamp" -print -quit)" ]; then
-  rm -rf libs/contracts/src/mlmesh
+if [ ! -f "$stamp" ] || [ -n "$(find protos third_party/proto buf.yaml buf.gen.yaml tools -newer "$stamp" -print -quit)" ]; then
+  rm -rf libs/contracts/src/mlmesh libs/contracts/src/buf
   PATH="$PWD/.venv/bin:$PATH" .venv/bin/buf generate
   touch "$stamp"
   echo "contracts generated (buf generate)"

@@ -102,7 +102,7 @@ async def test_unknown_models_prompts_and_images(llm):
             collect(llm.Generate(rpc.GenerateRequest(model=reference, text="hi"))),
             grpc.StatusCode.NOT_FOUND,
         )
-        assert details.error_info.reason == "NOT_FOUND"
+        assert details.error_info.reason == "MODEL_NOT_LOADED"
     long_text = "north " * 1500
     details = await expect_error(collect(llm.Generate(request(long_text))), INVALID)
     assert details.error_info.metadata["context_length"] == "1024"

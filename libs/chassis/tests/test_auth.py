@@ -17,7 +17,7 @@ from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 from mlmesh_chassis.auth import KeyView, current_principal
 from mlmesh_chassis.config import ServiceSettings
-from mlmesh_chassis.errors import Unauthenticated
+from mlmesh_chassis.errors import Reason, Unauthenticated
 from mlmesh_chassis.server import start_service
 from mlmesh_chassis.testing import bearer_metadata, directory_key, expect_error
 
@@ -87,14 +87,15 @@ def _revoke(view: KeyView, entry: kd.DirectoryKey) -> None:
 
 async def test_calls_without_a_valid_key_are_unauthenticated(server):
     view, _, stub, _ = server
-    request = rpc.GetModelRequest(name="m")
+    request = rpc.GetModelRequest(name="mm")
     details = await expect_error(stub.GetModel(request), grpc.StatusCode.UNAUTHENTICATED)
-    assert details.error_info.reason == "UNAUTHENTICATED"
+    assert details.error_info.reason == "API_KEY_MISSING"
     assert "authorization: Bearer" in details.message
     for bad in ("nope", "mlm_0123456789abcdef_" + "A" * 32, "mlm_XYZ_" + "A" * 30, "x" * 5000):
-        await expect_error(
+        refused = await expect_error(
             stub.GetModel(request, metadata=bearer_metadata(bad)), grpc.StatusCode.UNAUTHENTICATED
         )
+        assert refused.error_info.reason == "API_KEY_INVALID"
     _, secret = _grant(view, pb.PLATFORM_SERVICE_REGISTRY)
     # A valid key with a trailing newline is not that key.
     await expect_error(
@@ -106,7 +107,7 @@ async def test_calls_without_a_valid_key_are_unauthenticated(server):
 async def test_scopes_are_checked_per_method_and_read_only_calls(server):
     view, double, stub, _ = server
     entry, secret = _grant(view, pb.PLATFORM_SERVICE_REGISTRY_READ)
-    await stub.GetModel(rpc.GetModelRequest(name="m"), metadata=bearer_metadata(secret))
+    await stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(secret))
     assert double.actors[-1] == f"key:{entry.key.id}"
     details = await expect_error(
         stub.CreateModel(rpc.CreateModelRequest(), metadata=bearer_metadata(secret)),
@@ -115,7 +116,7 @@ async def test_scopes_are_checked_per_method_and_read_only_calls(server):
     assert details.error_info.metadata["key_id"] == entry.key.id
     _, generate_only = _grant(view, pb.PLATFORM_SERVICE_GENERATE)
     await expect_error(
-        stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(generate_only)),
+        stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(generate_only)),
         grpc.StatusCode.PERMISSION_DENIED,
     )
 
@@ -138,12 +139,12 @@ async def test_a_view_not_loaded_yet_answers_unavailable_with_retry_info():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
             stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
             details = await expect_error(
-                stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(secret)),
+                stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(secret)),
                 grpc.StatusCode.UNAVAILABLE,
             )
             assert details.retry_info is not None
             view.seed([entry])  # a bootstrap key works before the first snapshot
-            await stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(secret))
+            await stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(secret))
     finally:
         await host.shutdown()
 
@@ -195,7 +196,7 @@ async def test_a_rotated_secret_works_until_its_grace_ends_then_its_stream_ends(
     view.apply([rotated], rotated.revision)
     call = stub.WatchEvents(rpc.WatchEventsRequest(), metadata=bearer_metadata(old))
     await call.read()
-    await stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(new))
+    await stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(new))
     await asyncio.sleep(0.5)
     await call.read()  # still in its grace
     with pytest.raises(grpc.aio.AioRpcError) as ended:
@@ -203,7 +204,7 @@ async def test_a_rotated_secret_works_until_its_grace_ends_then_its_stream_ends(
             await call.read()
     assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await expect_error(
-        stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(old)),
+        stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(old)),
         grpc.StatusCode.UNAUTHENTICATED,
     )
 
@@ -249,7 +250,7 @@ async def test_bad_keys_leave_nothing_behind(server):
     for i in range(300):
         secret = f"mlm_{i:016x}_" + "B" * 32
         await expect_error(
-            stub.GetModel(rpc.GetModelRequest(), metadata=bearer_metadata(secret)),
+            stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(secret)),
             grpc.StatusCode.UNAUTHENTICATED,
         )
     assert len(view) == callers_before
@@ -272,6 +273,7 @@ def test_an_older_snapshot_never_undoes_a_newer_change():
     view.replace([entry], 5)
     _revoke(view, entry)  # revision 6
     view.replace([entry], 5)  # a lagging gateway replica's snapshot
-    with pytest.raises(Unauthenticated, match="revoked"):
+    with pytest.raises(Unauthenticated, match="revoked") as refused:
         view.verify(secret)
+    assert refused.value.reason == Reason.ERROR_REASON_API_KEY_REVOKED
     assert view.revision == 6

@@ -130,7 +130,7 @@ async def test_domain_error_maps_to_status_with_error_info(served):
         stub.GetModel(rpc.GetModelRequest(name="missing")), grpc.StatusCode.NOT_FOUND
     )
     assert details.message == "model 'missing' not found"
-    assert details.error_info.reason == "NOT_FOUND"
+    assert details.error_info.reason == "MODEL_NOT_FOUND"  # the cause, not the code
     assert details.error_info.domain == "mlmesh.test"
     assert dict(details.error_info.metadata) == {"resource_type": "model", "name": "missing"}
 
@@ -182,13 +182,20 @@ async def test_retry_policy_honours_retry_info(served):
     double.flaky_failures = 2
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await call_idempotent(lambda: stub.ResolveModelReference(rpc.ResolveModelReferenceRequest()))
+    await call_idempotent(
+        lambda: stub.ResolveModelReference(
+            rpc.ResolveModelReferenceRequest(reference={"model": "mm"})
+        )
+    )
     assert double.flaky_failures == 0
     assert loop.time() - start >= 0.1  # two RetryInfo delays of 50 ms
     double.flaky_failures = 10
     await expect_error(
         call_idempotent(
-            lambda: stub.ResolveModelReference(rpc.ResolveModelReferenceRequest()), attempts=3
+            lambda: stub.ResolveModelReference(
+                rpc.ResolveModelReferenceRequest(reference={"model": "mm"})
+            ),
+            attempts=3,
         ),
         grpc.StatusCode.UNAVAILABLE,
     )

@@ -102,7 +102,10 @@ async def test_a_failed_call_prints_the_error_and_exits_1(registry_target: str) 
     assert code == 1
     assert lines == []
     assert err.splitlines()[0] == "error: NOT_FOUND: model 'nosuchmodel' not found"
-    assert "reason: NOT_FOUND domain: mlmesh.registry name=nosuchmodel resource_type=model" in err
+    assert (
+        "reason: MODEL_NOT_FOUND domain: mlmesh.registry name=nosuchmodel resource_type=model"
+        in err
+    )
 
 
 async def test_no_create_on_a_missing_model_fails(registry_target: str, tmp_path: Path) -> None:
@@ -118,7 +121,7 @@ async def test_bad_field_errors_list_the_violations(registry_target: str, tmp_pa
     assert code == 1
     assert err.startswith("error: INVALID_ARGUMENT:")
     assert "reason: INVALID_ARGUMENT" in err
-    assert "field: header.tags['Bad']: tag keys must match" in err
+    assert "field: header.tags['Bad']: does not match regex pattern" in err
 
 
 def test_a_bad_reference_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -210,7 +210,7 @@ async def test_errors_carry_status_and_error_info(registry_target: str, tmp_path
     async with RegistryClient(registry_target) as client:
         details = await expect_error(client.resolve("nosuchmodel@x"), grpc.StatusCode.NOT_FOUND)
         assert details.error_info is not None
-        assert details.error_info.reason == "NOT_FOUND"
+        assert details.error_info.reason == "MODEL_NOT_FOUND"
         assert details.error_info.domain == "mlmesh.registry"
         assert dict(details.error_info.metadata) == {
             "resource_type": "model",
@@ -220,7 +220,7 @@ async def test_errors_carry_status_and_error_info(registry_target: str, tmp_path
             client.upload_folder("not-created", make_folder(tmp_path / "m"), create_model=False),
             grpc.StatusCode.NOT_FOUND,
         )
-        assert details.error_info is not None and details.error_info.reason == "NOT_FOUND"
+        assert details.error_info is not None and details.error_info.reason == "MODEL_NOT_FOUND"
         await expect_error(
             client.download("nosuchmodel", tmp_path / "x"), grpc.StatusCode.NOT_FOUND
         )

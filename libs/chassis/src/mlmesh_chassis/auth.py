@@ -46,7 +46,7 @@ from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.gateway.v1 import key_directory_service_pb2_grpc as kd_grpc
 
 from mlmesh_chassis.channels import FAST_RECONNECT_OPTIONS
-from mlmesh_chassis.errors import PermissionDenied, Unauthenticated, Unavailable
+from mlmesh_chassis.errors import PermissionDenied, Reason, Unauthenticated, Unavailable
 from mlmesh_chassis.registration import Route, registrations, route_table
 
 log = logging.getLogger("mlmesh.auth")
@@ -181,19 +181,20 @@ class KeyRecord:
             revision=entry.revision,
         )
 
-    def refusal(self, digest: str, now: float) -> str | None:
-        """Why ``digest`` does not authenticate as this key now (None: it does)."""
+    def refusal(self, digest: str, now: float) -> tuple[str, int] | None:
+        """Why ``digest`` does not authenticate as this key now, and the
+        ErrorReason that says so (None: it does)."""
         matches = hmac.compare_digest(digest, self.secret_sha256) or any(
             hmac.compare_digest(digest, sha) and now < until for sha, until in self.grace
         )
         if not matches:
-            return "unknown API key"
+            return "unknown API key", Reason.ERROR_REASON_API_KEY_INVALID
         if self.key.state == pb.KEY_STATE_REVOKED:
-            return f"API key {self.key.id} was revoked"
+            return f"API key {self.key.id} was revoked", Reason.ERROR_REASON_API_KEY_REVOKED
         if self.key.state != pb.KEY_STATE_ACTIVE or (
             self.expires_at is not None and now >= self.expires_at
         ):
-            return f"API key {self.key.id} expired"
+            return f"API key {self.key.id} expired", Reason.ERROR_REASON_API_KEY_EXPIRED
         return None
 
 
@@ -267,10 +268,13 @@ class KeyView:
         """The key ``secret`` authenticates as; Unauthenticated otherwise
         (Unavailable while the view has not been loaded yet)."""
         if not secret:
-            raise Unauthenticated("no API key: send `authorization: Bearer <key>`")
+            raise Unauthenticated(
+                "no API key: send `authorization: Bearer <key>`",
+                Reason.ERROR_REASON_API_KEY_MISSING,
+            )
         match = SECRET_PATTERN.fullmatch(secret) if len(secret) <= MAX_SECRET_LENGTH else None
         if match is None:
-            raise Unauthenticated("malformed API key")
+            raise Unauthenticated("malformed API key", Reason.ERROR_REASON_API_KEY_INVALID)
         digest = secret_sha256(secret)
         return self.verify_digest(match.group(1), digest)
 
@@ -284,7 +288,8 @@ class KeyView:
             raise UnknownKey()
         refusal = record.refusal(digest, time.time())
         if refusal is not None:
-            raise Unauthenticated(refusal, key_id=key_id)
+            message, reason = refusal
+            raise Unauthenticated(message, reason, key_id=key_id)
         return Principal(record.key, digest)
 
 
@@ -292,7 +297,7 @@ class UnknownKey(Unauthenticated):
     """A well-formed key whose id the view does not hold."""
 
     def __init__(self) -> None:
-        super().__init__("unknown API key")
+        super().__init__("unknown API key", Reason.ERROR_REASON_API_KEY_INVALID)
 
 
 def read_bootstrap_keys(path: Path) -> list[kd.DirectoryKey]:

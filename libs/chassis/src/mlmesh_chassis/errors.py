@@ -127,11 +127,35 @@ class InvalidArgument(MlmeshError):
         ]
 
 
+# The cause-specific reason (AIP-193) of each resource type's NOT_FOUND and
+# ALREADY_EXISTS; a type not listed gets the generic reason.
+_NOT_FOUND_REASONS = {
+    "model": Reason.ERROR_REASON_MODEL_NOT_FOUND,
+    "model version": Reason.ERROR_REASON_MODEL_VERSION_NOT_FOUND,
+    "alias": Reason.ERROR_REASON_ALIAS_NOT_FOUND,
+    "experiment": Reason.ERROR_REASON_EXPERIMENT_NOT_FOUND,
+    "key": Reason.ERROR_REASON_API_KEY_NOT_FOUND,
+}
+_ALREADY_EXISTS_REASONS = {
+    "model": Reason.ERROR_REASON_MODEL_ALREADY_EXISTS,
+    "experiment": Reason.ERROR_REASON_EXPERIMENT_ALREADY_EXISTS,
+}
+
+
 class NotFound(MlmeshError):
-    def __init__(self, resource_type: str, name: str, message: str | None = None) -> None:
+    """The named resource does not exist; the reason names its type
+    (MODEL_NOT_FOUND, ALIAS_NOT_FOUND, ...), or ``reason`` when given."""
+
+    def __init__(
+        self,
+        resource_type: str,
+        name: str,
+        message: str | None = None,
+        reason: int | None = None,
+    ) -> None:
         super().__init__(
             message or f"{resource_type} {name!r} not found",
-            Reason.ERROR_REASON_NOT_FOUND,
+            reason or _NOT_FOUND_REASONS.get(resource_type, Reason.ERROR_REASON_NOT_FOUND),
             {"resource_type": resource_type, "name": name},
             grpc.StatusCode.NOT_FOUND,
         )
@@ -141,19 +165,25 @@ class AlreadyExists(MlmeshError):
     def __init__(self, resource_type: str, name: str) -> None:
         super().__init__(
             f"{resource_type} {name!r} already exists",
-            Reason.ERROR_REASON_ALREADY_EXISTS,
+            _ALREADY_EXISTS_REASONS.get(resource_type, Reason.ERROR_REASON_ALREADY_EXISTS),
             {"resource_type": resource_type, "name": name},
             grpc.StatusCode.ALREADY_EXISTS,
         )
 
 
 class Unauthenticated(MlmeshError):
-    """No credentials, or ones that are not (or no longer) valid."""
+    """No credentials, or ones that are not (or no longer) valid; ``reason``
+    says which (API_KEY_MISSING, API_KEY_INVALID, API_KEY_REVOKED, ...)."""
 
-    def __init__(self, message: str, **metadata: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        reason: int = Reason.ERROR_REASON_UNAUTHENTICATED,
+        **metadata: object,
+    ) -> None:
         super().__init__(
             message,
-            Reason.ERROR_REASON_UNAUTHENTICATED,
+            reason,
             {k: str(v) for k, v in metadata.items()},
             grpc.StatusCode.UNAUTHENTICATED,
         )
@@ -172,10 +202,15 @@ class PermissionDenied(MlmeshError):
 
 
 class FailedPrecondition(MlmeshError):
-    def __init__(self, message: str, **metadata: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        reason: int = Reason.ERROR_REASON_FAILED_PRECONDITION,
+        **metadata: object,
+    ) -> None:
         super().__init__(
             message,
-            Reason.ERROR_REASON_FAILED_PRECONDITION,
+            reason,
             {k: str(v) for k, v in metadata.items()},
             grpc.StatusCode.FAILED_PRECONDITION,
         )

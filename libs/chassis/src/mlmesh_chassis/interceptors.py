@@ -5,7 +5,9 @@ The server side does, in one wrapper per call: the caller's key check
 (from ``x-request-id`` or new), W3C trace context extraction and a server
 span, the call's deadline into a contextvar, metrics, an access log line for
 failures, and the single mapping of domain errors to google.rpc.Status.
-Requests that do not decode (invalid protobuf bytes) get INVALID_ARGUMENT.
+Requests that do not decode (invalid protobuf bytes) get INVALID_ARGUMENT, and
+so do those that break their contract's buf.validate rules
+(``mlmesh_chassis.validation``), each message of a client stream included.
 
 Each call runs in a task of its own, with its own copy of the context, so
 the contextvars set here are never reset: a stream's generator may be
@@ -46,6 +48,7 @@ from mlmesh_chassis.context import (
     request_id_var,
 )
 from mlmesh_chassis.errors import InvalidArgument, MlmeshError, Reason, Unauthenticated, to_status
+from mlmesh_chassis.validation import check_async
 
 log = logging.getLogger("mlmesh.rpc")
 _tracer = trace.get_tracer("mlmesh.chassis")
@@ -209,7 +212,9 @@ def _checked(request: Any) -> Any:
 
 async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        yield _checked(request)
+        checked = _checked(request)
+        await check_async(checked)  # each message of a client stream
+        yield checked
 
 
 async def _aborting(
@@ -240,8 +245,14 @@ def _wrap(
     client_streams = bool(handler.stream_unary or handler.stream_stream)
     decode = _decoding(handler.request_deserializer)
 
-    def request_of(request: Any) -> Any:
-        return _checked_stream(request) if client_streams else _checked(request)
+    async def request_of(request: Any) -> Any:
+        """The request decoded and validated against its contract's rules
+        (a client stream: each message as it arrives)."""
+        if client_streams:
+            return _checked_stream(request)
+        checked = _checked(request)
+        await check_async(checked)
+        return checked
 
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
@@ -252,7 +263,7 @@ def _wrap(
             try:
                 await scope.authenticate(callers, context, stream=client_streams)
                 async with scope.admitted(callers):
-                    return await inner(request_of(request), context)
+                    return await inner(await request_of(request), context)
             except BaseException as exc:  # mapped to a status
                 error = exc
                 await _aborting(scope, exc, context, domain)
@@ -280,7 +291,7 @@ def _wrap(
         try:
             await scope.authenticate(callers, context, stream=True)
             async with scope.admitted(callers):
-                async for response in inner_stream(request_of(request), context):
+                async for response in inner_stream(await request_of(request), context):
                     yield response
                     if scope.ended_because() is not None:
                         raise asyncio.CancelledError

@@ -41,6 +41,7 @@ from mlmesh_chassis.interceptors import ServerInterceptor
 from mlmesh_chassis.logs import configure_logging
 from mlmesh_chassis.metrics import start_metrics_server
 from mlmesh_chassis.tracing import configure_tracing
+from mlmesh_chassis.validation import compile_rules, request_types
 
 log = logging.getLogger("mlmesh.server")
 # The health service name that is SERVING while this service's key view is
@@ -134,6 +135,7 @@ async def start_service(
         ],
     )
     names = list(register(server))
+    compile_rules(request_types(names))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Every mlmesh contract, so any service answers grpcurl through Envoy.

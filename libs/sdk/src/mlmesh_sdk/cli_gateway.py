@@ -33,8 +33,6 @@ from mlmesh.gateway.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from mlmesh.llm.v1 import llm_pb2
-from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 
 from mlmesh_sdk.channel import mesh_channel
 from mlmesh_sdk.pages import every_item
@@ -181,16 +179,14 @@ def add_generate(commands: Subcommands) -> None:
     async def run(args: argparse.Namespace) -> AsyncIterator[Message]:
         request = rpc.GenerateRequest(
             region=args.region,
-            request=llm_rpc.GenerateRequest(
-                model=parse_reference(args.reference),
-                text=args.prompt,
-                sampling=llm_pb2.SamplingParams(
-                    **{
-                        name: getattr(args, name)
-                        for name in ("max_tokens", "temperature", "seed")
-                        if getattr(args, name) is not None
-                    }
-                ),
+            model=parse_reference(args.reference),
+            text=args.prompt,
+            sampling=pb.SamplingParams(
+                **{
+                    name: getattr(args, name)
+                    for name in ("max_tokens", "temperature", "seed")
+                    if getattr(args, name) is not None
+                }
             ),
         )
         async with _channel(args) as channel:
@@ -330,12 +326,11 @@ def summary(message: Message) -> str | None:
         )
         return "\n".join([head, *map(_tensor_line, message.outputs)])
     if isinstance(message, rpc.GenerateResponse):
-        chunk = message.response
-        text = chunk.text
-        if chunk.finish_reason:
-            reason = llm_pb2.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_")
+        text = message.text
+        if message.finish_reason:
+            reason = pb.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_")
             text += (
-                f"\n[{chunk.usage.prompt_tokens} prompt + {chunk.usage.completion_tokens} "
+                f"\n[{message.usage.prompt_tokens} prompt + {message.usage.completion_tokens} "
                 f"completion tokens, {reason.lower()}, region {message.region}]\n"
             )
         return text

@@ -20,7 +20,7 @@ from mlmesh.gateway.v1 import gateway_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.auth import authorize, current_principal
 from mlmesh_chassis.errors import MlmeshError
-from mlmesh_chassis.generation import max_tokens_of
+from mlmesh_chassis.generation import check_prompt_size, max_tokens_of
 from mlmesh_chassis.pagination import offset_page
 from mlmesh_inference.triton import TritonClient
 from mlmesh_metering import MeteredCall, Metering
@@ -29,8 +29,9 @@ from mlmesh_gateway.admission import Admission
 from mlmesh_gateway.balancer import LatencyAwareBalancer
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.embeddings import embedding_inputs, prompt_tokens_of, vectors_of
+from mlmesh_gateway.generate_messages import to_gateway, to_llm, uses_deprecated_request
 from mlmesh_gateway.llm_router import LlmRouter
-from mlmesh_gateway.request_checks import check_embed, check_generate, check_model
+from mlmesh_gateway.request_checks import check_embed, check_model
 from mlmesh_gateway.shadows import ShadowLog, ShadowRunner
 from mlmesh_gateway.telemetry import TIME_TO_FIRST_TOKEN, annotate
 from mlmesh_gateway.tensors import inputs_of, outputs_of, sent_typed, triton_parameters
@@ -67,11 +68,12 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[rpc.GenerateResponse]:  # type: ignore[no-untyped-def,override]
         key = current_principal().key
-        inner = llm_rpc.GenerateRequest()
-        inner.CopyFrom(request.request)
+        deprecated = uses_deprecated_request(request)
+        inner = to_llm(request)  # the gateway's own message, or the deprecated llm one
         model = inner.model.model
         authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
-        check_generate(request)  # every caller-supplied value, before anything is reserved
+        # The rest is the contract's rules (the chassis checks them first).
+        check_prompt_size(inner, "request." if deprecated else "")
         asked = ModelReference()
         asked.CopyFrom(inner.model)
         split = await self.llm_split.route(asked, key.id, _headers(context))
@@ -119,8 +121,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                     call.version = chunk.model.version
                 if chunk.HasField("usage"):
                     call.prompt_tokens = chunk.usage.prompt_tokens
-                chunk.ClearField("load")  # internal to the balancer
-                yield rpc.GenerateResponse(response=chunk, region=endpoint.region)
+                yield to_gateway(chunk, endpoint.region, deprecated=deprecated)
             still_pinned = inner.model.WhichOneof("selector") == "version"
             if split.shadow and still_pinned and split.shadow != call.version:
                 self._shadow_generate(split, inner, call, "".join(text))

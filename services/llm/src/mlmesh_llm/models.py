@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
-from mlmesh_chassis.errors import FailedPrecondition, NotFound
+from mlmesh_chassis.errors import FailedPrecondition, NotFound, Reason
 from mlmesh_sdk.reference import format_reference, parse_reference
 from mlmesh_sdk.snapshot import UnpackLimits, UnsafeArchiveError
 from mlmesh_serving import (
@@ -140,7 +140,12 @@ class ModelManager:
             for loaded in self.loaded:
                 if loaded.model == reference.model and loaded.version == reference.version:
                     return loaded
-            raise NotFound("model", text, f"model version {text!r} is not loaded on this server")
+            raise NotFound(
+                "model",
+                text,
+                f"model version {text!r} is not loaded on this server",
+                Reason.ERROR_REASON_MODEL_NOT_LOADED,
+            )
         for served in self.served:
             if served.reference.model != reference.model:
                 continue
@@ -149,7 +154,12 @@ class ModelManager:
             if served.current is None:
                 raise FailedPrecondition(f"model {text!r} is still loading", model=text)
             return served.current
-        raise NotFound("model", text, f"model {text!r} is not served by this server")
+        raise NotFound(
+            "model",
+            text,
+            f"model {text!r} is not served by this server",
+            Reason.ERROR_REASON_MODEL_NOT_LOADED,
+        )
 
     @contextlib.contextmanager
     def lease(self, loaded: LoadedVersion) -> Iterator[Engine]:

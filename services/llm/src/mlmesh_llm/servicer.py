@@ -43,9 +43,6 @@ _ROLES = {
     llm_pb2.CHAT_ROLE_USER: "user",
     llm_pb2.CHAT_ROLE_ASSISTANT: "assistant",
 }
-_MEDIA_TYPES = {"image/png", "image/jpeg", "image/webp"}
-MAX_IMAGES = 8
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -201,32 +198,13 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
         return model
 
     def _sampling(self, params: llm_pb2.SamplingParams) -> Sampling:
-        violations = []
-        max_tokens = max_tokens_of(params)
-        if max_tokens <= 0:
-            violations.append(FieldViolation("sampling.max_tokens", "must be at least 1"))
-        temperature = params.temperature if params.HasField("temperature") else 1.0
-        if not 0.0 <= temperature <= 2.0:
-            violations.append(FieldViolation("sampling.temperature", "must be between 0 and 2"))
-        top_p = params.top_p if params.HasField("top_p") else 1.0
-        if not 0.0 < top_p <= 1.0:
-            violations.append(
-                FieldViolation("sampling.top_p", "must be greater than 0 and at most 1")
-            )
-        top_k = params.top_k if params.HasField("top_k") else 0
-        if top_k < 0:
-            violations.append(FieldViolation("sampling.top_k", "must not be negative"))
-        if len(params.stop) > 8 or any(not 1 <= len(s) <= 64 for s in params.stop):
-            violations.append(
-                FieldViolation("sampling.stop", "at most 8 strings of 1 to 64 characters")
-            )
-        if violations:
-            raise InvalidArgument("invalid sampling parameters", violations)
+        """The engine's sampling settings: unset fields take the defaults (the
+        contract's rules, checked by the chassis, bound the set ones)."""
         return Sampling(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
+            max_tokens=max_tokens_of(params),
+            temperature=params.temperature if params.HasField("temperature") else 1.0,
+            top_p=params.top_p if params.HasField("top_p") else 1.0,
+            top_k=params.top_k if params.HasField("top_k") else 0,
             stop=tuple(params.stop),
             seed=params.seed if params.HasField("seed") else None,
         )
@@ -236,28 +214,18 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
         tokenizing runs in a worker thread: a long prompt never stalls the
         other streams on this event loop."""
         check_prompt_size(request)
+        # The contract's rules (checked by the chassis) make the prompt set,
+        # its text non-empty and its chat's roles known.
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            if not request.text:
-                raise InvalidArgument.field("text", "must not be empty")
             ids = await asyncio.to_thread(engine.tokenizer.encode, request.text)
-        elif kind == "chat":
-            if not request.chat.messages:
-                raise InvalidArgument.field("chat.messages", "at least one message is required")
+        else:
             if not engine.info.chat:
                 raise InvalidArgument.field("chat", "this model has no chat template")
-            turns = []
-            for i, message in enumerate(request.chat.messages):
-                if message.role not in _ROLES:
-                    raise InvalidArgument.field(
-                        f"chat.messages[{i}].role", "must be SYSTEM, USER or ASSISTANT"
-                    )
-                turns.append((_ROLES[message.role], message.content))
+            turns = [(_ROLES[m.role], m.content) for m in request.chat.messages]
             ids = await asyncio.to_thread(
                 lambda: engine.tokenizer.encode(engine.tokenizer.render_chat(turns))
             )
-        else:
-            raise InvalidArgument.field("prompt", "set text or chat")
         context_length = engine.info.context_length
         if len(ids) >= context_length:
             raise InvalidArgument(
@@ -277,11 +245,5 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
                 [FieldViolation("images", "this model is text-only")],
                 model=f"{loaded.model}/{loaded.version}",
             )
-        if len(request.images) > MAX_IMAGES:
-            raise InvalidArgument.field("images", f"at most {MAX_IMAGES} images")
-        for i, image in enumerate(request.images):
-            if image.media_type not in _MEDIA_TYPES or not 0 < len(image.data) <= MAX_IMAGE_BYTES:
-                raise InvalidArgument.field(
-                    f"images[{i}]", "PNG, JPEG or WebP data of at most 20 MiB"
-                )
+        # Their number, types and sizes: the contract's rules.
         return [ImageInput(image.data, image.media_type) for image in request.images]

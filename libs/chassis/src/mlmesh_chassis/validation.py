@@ -1,0 +1,139 @@
+"""Every request a service receives, checked against its contract's
+buf.validate rules (protovalidate) before the handler sees it.
+
+A violation is INVALID_ARGUMENT with a BadRequest naming each bad field by
+its path in the request (``key.display_name``, ``sampling.stop[2]``,
+``model.tags['Bad Key']``) and the rule's own short description; the
+chassis' errors cap the echoed values and their number.
+
+protovalidate 1.x evaluates the rules with cel-python (an interpreter):
+``Validator`` compiles each message type's rules once and keeps them, a type
+without rules is never walked, and a large message is checked in a worker
+thread so one upload chunk or image does not hold up the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import protovalidate
+from google.protobuf import descriptor, descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+from mlmesh_chassis.errors import ECHO_CHARS, FieldViolation, InvalidArgument, shorten
+
+# A request larger than this (serialized) is validated off the event loop.
+INLINE_BYTES = 64 * 1024
+# How many violations the message names (the BadRequest lists up to the
+# errors module's cap).
+_MESSAGE_VIOLATIONS = 3
+
+_validator = protovalidate.Validator()
+_has_rules: dict[str, bool] = {}
+_lock = threading.Lock()
+
+
+def _rules_in(message_type: descriptor.Descriptor, seen: set[str]) -> bool:
+    """Whether any field of ``message_type`` (or a message under it) has a
+    buf.validate rule or the type has message rules."""
+    if message_type.full_name in seen:
+        return False
+    seen.add(message_type.full_name)
+    if message_type.GetOptions().ListFields() or any(
+        o.GetOptions().ListFields() for o in message_type.oneofs
+    ):
+        return True
+    for field in message_type.fields:
+        if any(ext.full_name == "buf.validate.field" for ext, _ in field.GetOptions().ListFields()):
+            return True
+        if field.message_type is not None and _rules_in(field.message_type, seen):
+            return True
+    return False
+
+
+def has_rules(message_type: Any) -> bool:
+    """Whether validating ``message_type`` can ever find a violation (cached)."""
+    known = _has_rules.get(message_type.full_name)
+    if known is None:
+        known = _rules_in(message_type, set())
+        _has_rules[message_type.full_name] = known
+    return known
+
+
+def compile_rules(message_types: Iterable[descriptor.Descriptor]) -> None:
+    """Compiles (and caches) the rules of each request type now, at start-up:
+    a rule that does not compile stops the service instead of one call."""
+    for message_type in message_types:
+        if has_rules(message_type):
+            with _lock:
+                _validator.collect_violations(message_factory.GetMessageClass(message_type)())
+
+
+def field_path(violation: Any) -> str:
+    """A protovalidate Violation's field as a dotted path with [index] / ['key'] subscripts."""
+    parts: list[str] = []
+    for element in violation.proto.field.elements:
+        part = element.field_name
+        subscript = element.WhichOneof("subscript")
+        if subscript == "index":
+            part += f"[{element.index}]"
+        elif subscript is not None:
+            part += f"[{shorten(repr(getattr(element, subscript)), ECHO_CHARS)}]"
+        parts.append(part)
+    return ".".join(parts)
+
+
+def violations_of(request: Message) -> list[FieldViolation]:
+    """Every rule ``request`` breaks, as field violations (empty: valid)."""
+    if not has_rules(request.DESCRIPTOR):
+        return []
+    try:
+        found = _validator.collect_violations(request)
+    except (ValueError, OverflowError) as error:
+        # cel-python raises (rather than reports) on a value out of its
+        # type's range, e.g. a Timestamp past year 9999.
+        return [FieldViolation("request", f"a value is out of range: {shorten(error)}")]
+    return [FieldViolation(field_path(v), v.proto.message or v.proto.rule_id) for v in found]
+
+
+def check(request: Message) -> None:
+    """Raises INVALID_ARGUMENT (BadRequest) when ``request`` breaks a rule."""
+    violations = violations_of(request)
+    if violations:
+        shown = "; ".join(
+            f"{v.field or request.DESCRIPTOR.name}: {v.description}"
+            for v in violations[:_MESSAGE_VIOLATIONS]
+        )
+        more = len(violations) - _MESSAGE_VIOLATIONS
+        raise InvalidArgument(
+            shown + (f" (and {more} more)" if more > 0 else ""),
+            violations,
+            request=request.DESCRIPTOR.name,
+        )
+
+
+async def check_async(request: Message) -> None:
+    """``check``, in a worker thread for a large request."""
+    if not has_rules(request.DESCRIPTOR):
+        return
+    if request.ByteSize() > INLINE_BYTES:
+        await asyncio.to_thread(check, request)
+    else:
+        check(request)
+
+
+def request_types(service_names: Iterable[str]) -> list[descriptor.Descriptor]:
+    """The request message types of the named services' methods (names the
+    default descriptor pool does not hold are skipped)."""
+    pool = descriptor_pool.Default()
+    found: list[descriptor.Descriptor] = []
+    for name in service_names:
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            continue
+        found.extend(method.input_type for method in service.methods)
+    return found
