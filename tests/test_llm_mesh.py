@@ -83,7 +83,7 @@ async def test_chat_prompt_uses_the_chat_template(llm):
         ({"top_p": 0.0}, "sampling.top_p"),
         ({"top_p": 1.5}, "sampling.top_p"),
         ({"top_k": -1}, "sampling.top_k"),
-        ({"stop": [""]}, "sampling.stop"),
+        ({"stop": [""]}, "sampling.stop[0]"),
     ],
 )
 async def test_bad_sampling_is_invalid_argument(llm, sampling, field):
