@@ -172,6 +172,14 @@ async def test_scopes_decide_which_routes_a_key_may_use(admin, full_mesh):
         assert details.error_info.metadata["service"] == "LLM"
         keys = key_service_pb2_grpc.KeyServiceStub(channel)
         await expect_error(keys.ListKeys(keys_rpc.ListKeysRequest()), DENIED)
+        # Any key reads its own usage; another key's needs ADMIN.
+        usage = usage_service_pb2_grpc.UsageServiceStub(channel)
+        hour_ago = timestamp_pb2.Timestamp(seconds=int(time.time()) - 3600)
+        await usage.GetUsage(usage_service_pb2.GetUsageRequest(start_time=hour_ago))
+        other, _ = await create_key(admin)
+        asked = usage_service_pb2.GetUsageRequest(start_time=hour_ago, key_ids=[other.id])
+        details = await expect_error(usage.GetUsage(asked), DENIED)
+        assert details.error_info.metadata["service"] == "ADMIN"
     # a key created with no services gets the model-serving ones
     key, secret = await create_key(admin)
     assert set(key.scopes.services) == {

@@ -162,9 +162,13 @@ async def test_model_scopes_and_backend_errors_pass_through(admin, full_mesh):
     async with mesh_channel(full_mesh.address, secret) as channel:
         gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
         details = await expect_error(
-            _drain(gateway.Generate(generate(max_tokens=0))), grpc.StatusCode.INVALID_ARGUMENT
+            # Valid by the contract (max_tokens >= 1, the gateway's own check), but
+            # more than tiny-llama's 1024-token context: only the llm can say so.
+            _drain(gateway.Generate(generate(max_tokens=5000))),
+            grpc.StatusCode.INVALID_ARGUMENT,
         )
         assert details.error_info.domain == "mlmesh.llm"  # the llm's own details, relayed
+        assert details.error_info.metadata["context_length"] == "1024"
         assert details.bad_request.field_violations[0].field == "sampling.max_tokens"
 
 

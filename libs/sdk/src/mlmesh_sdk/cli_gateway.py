@@ -316,7 +316,7 @@ def summary(message: Message) -> str | None:
     if isinstance(message, rpc.EmbedResponse):
         return (
             f"{message.model.model}/{message.model.version}  {len(message.embeddings)} vectors "
-            f"of {message.dimension}  items={message.usage.input_items}"
+            f"of {message.dimension}  tokens={message.usage.prompt_tokens}"
         )
     if isinstance(message, rpc.InferResponse):
         outputs = len(message.outputs)

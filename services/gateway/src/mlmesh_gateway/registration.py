@@ -55,6 +55,8 @@ REGISTRATION = ServiceRegistration(
         route("/mlmesh.gateway.v1.KeyService/", {S.PLATFORM_SERVICE_ADMIN}),
         route("/mlmesh.gateway.v1.KeyDirectoryService/", {S.PLATFORM_SERVICE_KEY_DIRECTORY}),
         route("/mlmesh.gateway.v1.UsageService/RecordUsage", {S.PLATFORM_SERVICE_USAGE_RECORD}),
+        # Any key reads its own usage; the servicer asks ADMIN for other keys'.
+        route("/mlmesh.gateway.v1.UsageService/GetUsage", set()),
         route("/mlmesh.gateway.v1.UsageService/", {S.PLATFORM_SERVICE_ADMIN}),
     ),
     # Last: it routes to the services it is given. Until it is up, services
