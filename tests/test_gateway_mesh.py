@@ -218,6 +218,26 @@ async def test_infer_and_embed_reach_triton(admin, full_mesh):
             )
         )
         assert embedded.dimension == 384 and len(embedded.embeddings) == 2
+        # The contract's rules, checked before anything is reserved: no texts,
+        # a text past 64 KiB, a model name with a trailing newline.
+        for bad, field in (
+            (rpc.EmbedRequest(model=model_reference_pb2.ModelReference(model="minilm")), "texts"),
+            (
+                rpc.EmbedRequest(
+                    model=model_reference_pb2.ModelReference(model="minilm"),
+                    texts=["ok", "x" * (64 * 1024 + 1)],
+                ),
+                "texts[1]",
+            ),
+            (
+                rpc.EmbedRequest(
+                    model=model_reference_pb2.ModelReference(model="minilm\n"), texts=["a"]
+                ),
+                "model.model",
+            ),
+        ):
+            details = await expect_error(gateway.Embed(bad), grpc.StatusCode.INVALID_ARGUMENT)
+            assert [v.field for v in details.bad_request.field_violations] == [field]
         listed = await gateway.ListModels(rpc.ListModelsRequest(kind=pb.MODEL_KIND_LLM))
         assert [m.model for m in listed.models] == ["tiny-llama"]
 

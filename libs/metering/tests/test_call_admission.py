@@ -12,14 +12,17 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh_chassis.auth import Principal
 from mlmesh_chassis.context import deadline_var, remaining_time
 from mlmesh_chassis.errors import ResourceExhausted
+from mlmesh_chassis.validation import violations_of
 from mlmesh_metering.batcher import UsageBatcher
 from mlmesh_metering.events import UsageEvent
 from mlmesh_metering.metering import Metering, call_admission
+from mlmesh_metering.remote import to_message
 from mlmesh_metering.throttle import Throttle
 
 
 class Collected(UsageBatcher):
-    """A sink that keeps what it is given (the ledger's checks applied)."""
+    """A sink that keeps what it is given, each event checked against the
+    contract's rules for a MeteredEvent (what RecordUsage would accept)."""
 
     def __init__(self) -> None:
         super().__init__(flush_s=0.01)
@@ -27,7 +30,7 @@ class Collected(UsageBatcher):
 
     async def _write(self, events: list[UsageEvent]) -> None:
         for event in events:
-            assert not event.violations(), event.violations()
+            assert not violations_of(to_message(event)), violations_of(to_message(event))
         self.events.extend(events)
 
 

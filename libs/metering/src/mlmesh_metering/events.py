@@ -1,4 +1,6 @@
-"""A usage event, and the checks on every value a caller may supply.
+"""A usage event, and the check on the request id a caller may supply (the
+other fields a caller sends to RecordUsage are the contract's rules, checked
+by the chassis).
 
 Identity: ``event_id`` (the ledger's key; insert-or-ignore on it makes a
 retried write idempotent) and ``call_id`` are made by the server at
@@ -13,47 +15,18 @@ from dataclasses import dataclass, field
 
 from mlmesh_chassis.errors import FieldViolation, InvalidArgument
 
-# The ledger's column sizes (ledger.usage_events) are these limits.
+# The ledger's column size for request_id (ledger.usage_events) is this limit.
 REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII
 REQUEST_ID_RULE = "printable ASCII (0x20-0x7E), 1 to 128 characters"
-SERVER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-SERVER_ID_RULE = "1 to 64 characters of A-Z a-z 0-9 _ . : -"
-KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
-KEY_ID_RULE = "1 to 32 characters of A-Z a-z 0-9 _ -"
-MODEL = re.compile(r"[a-z][a-z0-9-]{1,62}")  # the registry's model names
-MODEL_RULE = "a model name: a lowercase letter, then 1 to 62 of a-z 0-9 -"
-REGION = re.compile(r"[A-Za-z0-9._-]{1,63}")
-REGION_RULE = "1 to 63 characters of A-Z a-z 0-9 . _ -"
-UNIT = re.compile(r"[a-z]{1,16}")
-UNIT_RULE = "1 to 16 lowercase letters (tokens, rows, vectors, items)"
-STATUS = re.compile(r"[A-Z_]{1,32}")
-STATUS_RULE = '"OK" or a gRPC status code name'
-
-
-def check(
-    violations: list[FieldViolation],
-    path: str,
-    value: str,
-    pattern: re.Pattern[str],
-    rule: str,
-    *,
-    optional: bool = False,
-) -> None:
-    """Appends a violation unless ``value`` matches all of ``pattern``
-    (re.fullmatch: ``$`` would let a trailing newline through)."""
-    if optional and not value:
-        return
-    if pattern.fullmatch(value) is None:
-        violations.append(FieldViolation(path, rule))
 
 
 def check_request_id(value: str, path: str = "request_id") -> None:
     """INVALID_ARGUMENT (BadRequest) unless ``value`` is empty or a valid
-    request id."""
-    violations: list[FieldViolation] = []
-    check(violations, path, value, REQUEST_ID, REQUEST_ID_RULE, optional=True)
-    if violations:
-        raise InvalidArgument(f"{path}: {REQUEST_ID_RULE}", violations, field=path)
+    request id (re.fullmatch: ``$`` would let a trailing newline through)."""
+    if value and REQUEST_ID.fullmatch(value) is None:
+        raise InvalidArgument(
+            f"{path}: {REQUEST_ID_RULE}", [FieldViolation(path, REQUEST_ID_RULE)], field=path
+        )
 
 
 @dataclass(frozen=True)
@@ -86,25 +59,3 @@ class UsageEvent:
     def tokens(self) -> int:
         """What counts against a token quota."""
         return self.quantity if self.unit == "tokens" else 0
-
-    def violations(self, prefix: str = "") -> list[FieldViolation]:
-        """Every value the ledger would refuse, as field violations."""
-        found: list[FieldViolation] = []
-        check(found, f"{prefix}event_id", self.event_id, SERVER_ID, SERVER_ID_RULE)
-        check(found, f"{prefix}call_id", self.call_id, SERVER_ID, SERVER_ID_RULE)
-        check(found, f"{prefix}key_id", self.key_id, KEY_ID, KEY_ID_RULE)
-        check(
-            found,
-            f"{prefix}request_id",
-            self.request_id,
-            REQUEST_ID,
-            REQUEST_ID_RULE,
-            optional=True,
-        )
-        check(found, f"{prefix}model", self.model, MODEL, MODEL_RULE, optional=True)
-        check(found, f"{prefix}unit", self.unit, UNIT, UNIT_RULE)
-        check(found, f"{prefix}region", self.region, REGION, REGION_RULE, optional=True)
-        check(found, f"{prefix}status", self.status, STATUS, STATUS_RULE)
-        if self.quantity < 0:
-            found.append(FieldViolation(f"{prefix}quantity", "must not be negative"))
-        return found

@@ -1,10 +1,11 @@
 """GatewayService: one API for every model.
 
 Each handler turns the request into domain calls and the answer back:
-the caller's key is checked (``authorize``) and its values (``request_checks``,
-``tensors``), the call admitted and metered (``admission``), the version
-chosen (``traffic_split``), the backend called (``llm_router`` for the llm,
-``triton_router`` for Infer and Embed) and shadows mirrored (``shadows``).
+the caller's key is checked (``authorize``) and its tensors (``tensors``; the
+chassis has checked every field against the contract's rules), the call
+admitted and metered (``admission``), the version chosen (``traffic_split``),
+the backend called (``llm_router`` for the llm, ``triton_router`` for Infer
+and Embed) and shadows mirrored (``shadows``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.embeddings import embedding_inputs, prompt_tokens_of, vectors_of
 from mlmesh_gateway.generate_messages import to_gateway, to_llm, uses_deprecated_request
 from mlmesh_gateway.llm_router import LlmRouter
-from mlmesh_gateway.request_checks import check_embed, check_model
 from mlmesh_gateway.shadows import ShadowLog, ShadowRunner
 from mlmesh_gateway.telemetry import TIME_TO_FIRST_TOKEN, annotate
 from mlmesh_gateway.tensors import inputs_of, outputs_of, sent_typed, triton_parameters
@@ -149,7 +149,6 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         authorize(key, pb.PLATFORM_SERVICE_INFER, model)
         self.triton.client()
         inputs = await inputs_of(request)
-        check_model(model, "model.model")
         parameters = triton_parameters(request.parameters)
         async with self.admission(
             key, pb.PLATFORM_SERVICE_INFER, model, request_id=request.id
@@ -175,7 +174,6 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         key = current_principal().key
         model = request.model.model
         authorize(key, pb.PLATFORM_SERVICE_EMBED, model)
-        check_embed(request)
         self.triton.client()
         texts = list(request.texts)
         async with self.admission(key, pb.PLATFORM_SERVICE_EMBED, model) as call:
