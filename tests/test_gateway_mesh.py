@@ -283,7 +283,9 @@ async def test_ab_split_is_sticky_and_shadow_disagreements_are_recorded(admin, f
         )
         try:
             await wait_for(lambda: _has(full_mesh, treatment))
-            await asyncio.sleep(2.5)  # the gateway reads experiments with a 2 s cache
+            # The gateway follows experiments through the registry's watch, and
+            # remembers whether an arm is loaded for up to 1 s (ready_ttl_s).
+            await asyncio.sleep(1.5)
             seen: dict[str, set[int]] = {}
             for _ in range(16):
                 secret = await new_key(admin)
@@ -405,7 +407,9 @@ async def test_llm_ab_split_and_shadow(admin, full_mesh, tmp_path):
 
         try:
             await wait_for(lambda: loaded(treatment))
-            await asyncio.sleep(2.5)  # the gateway reads experiments with a 2 s cache
+            # The gateway follows experiments through the registry's watch, and
+            # remembers whether an arm is loaded for up to 1 s (ready_ttl_s).
+            await asyncio.sleep(1.5)
             seen: dict[str, set[int]] = {}
             for _ in range(12):
                 secret = await new_key(admin)

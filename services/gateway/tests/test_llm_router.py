@@ -124,7 +124,11 @@ async def test_requests_in_flight_are_counted_and_ranked_by():
     route, (e0, e1) = router(first, second)
     first.gate = asyncio.Event()  # the first stream holds e0
     held = asyncio.ensure_future(texts(route, generate()))
-    await asyncio.sleep(0.01)
+    # Until the held stream is on e0 (a fixed sleep lost this race on a busy
+    # machine: the second request then ranked e0 first and waited on its gate).
+    async with asyncio.timeout(5):
+        while e0.in_flight == 0:
+            await asyncio.sleep(0.001)
     assert e0.in_flight == 1
     assert await texts(route, generate()) == [("e1", "ok")]  # e0 is busy: e1 ranks first
     first.gate.set()
