@@ -248,6 +248,236 @@ async def test_list_pages_stop_before_the_byte_limit(
     assert pages == [[5, 4], [3, 2], [1]]
 
 
+# 4. every field rule is the contract's: the chassis refuses a request that
+# breaks one before the registry sees it, naming the field
+
+
+async def _first(call: AsyncIterator[object]) -> object:
+    """The first message of a server stream (a refused one raises)."""
+    async for message in call:
+        return message
+    return None
+
+
+async def test_a_request_breaking_its_contract_is_refused_naming_the_field(
+    registry: Registry, unique: str
+) -> None:
+    await _upload(registry, unique, b"one")
+    stub = registry.stub
+    sha = hashlib.sha256(b"abc").hexdigest()
+    tags_mask = field_mask_pb2.FieldMask(paths=["tags"])
+
+    def upload(*messages: rpc.UploadModelVersionRequest) -> object:
+        return stub.UploadModelVersion(_stream(*messages))
+
+    chunk = rpc.UploadModelVersionRequest(chunk=b"abc")
+    cases = [
+        (stub.CreateModel(rpc.CreateModelRequest(model=pb.Model(name="Upper"))), "model.name"),
+        (stub.CreateModel(rpc.CreateModelRequest(model=pb.Model(name="x"))), "model.name"),
+        (
+            stub.CreateModel(
+                rpc.CreateModelRequest(model=pb.Model(name=f"{unique}-t", tags={"Team": "x"}))
+            ),
+            "model.tags['Team']",
+        ),
+        (
+            stub.CreateModel(
+                rpc.CreateModelRequest(model=pb.Model(name=f"{unique}-t", tags={"t": "v" * 256}))
+            ),
+            "model.tags['t']",
+        ),
+        (
+            stub.UpdateModel(
+                rpc.UpdateModelRequest(
+                    model=pb.Model(name=unique, tags={"Bad key": ""}), update_mask=tags_mask
+                )
+            ),
+            "model.tags['Bad key']",
+        ),
+        (stub.ListModels(rpc.ListModelsRequest(page_size=-1)), "page_size"),
+        (stub.GetModelVersion(rpc.GetModelVersionRequest(model=unique, version=0)), "version"),
+        (
+            stub.ResolveModelReference(
+                rpc.ResolveModelReferenceRequest(reference=ModelReference(model=unique, version=0))
+            ),
+            "reference.version",
+        ),
+        (
+            stub.ResolveModelReference(
+                rpc.ResolveModelReferenceRequest(
+                    reference=ModelReference(model=unique, alias="Champion")
+                )
+            ),
+            "reference.alias",
+        ),
+        (
+            stub.ResolveModelReference(
+                rpc.ResolveModelReferenceRequest(reference=ModelReference(model=unique + "\n"))
+            ),
+            "reference.model",
+        ),
+        (
+            stub.ListModelVersions(rpc.ListModelVersionsRequest(model=unique, tags={"Bad": "x"})),
+            "tags['Bad']",
+        ),
+        (stub.SetAlias(rpc.SetAliasRequest(model=unique, alias="Live", version=1)), "alias"),
+        (stub.SetAlias(rpc.SetAliasRequest(model=unique, alias="live", version=0)), "version"),
+        (stub.GetAlias(rpc.GetAliasRequest(model=unique, alias="Live")), "alias"),
+        (
+            stub.DeleteAlias(rpc.DeleteAliasRequest(model=unique, alias="live", reason="r" * 1025)),
+            "reason",
+        ),
+        (
+            stub.ListAliasHistory(rpc.ListAliasHistoryRequest(model=unique, alias="Live")),
+            "alias",
+        ),
+        (stub.ListExperiments(rpc.ListExperimentsRequest(model="Bad")), "model"),
+        (upload(_header(unique, b"abc", sha256=sha.upper()), chunk), "header.sha256"),
+        (upload(_header(unique, b"abc", size_bytes=0), chunk), "header.size_bytes"),
+        (upload(_header(unique, b"abc", format="f" * 64), chunk), "header.format"),
+        (upload(_header(unique, b"abc", tags={"Team": "x"}), chunk), "header.tags['Team']"),
+        (upload(_header(unique, b"abc"), rpc.UploadModelVersionRequest(chunk=b"")), "chunk"),
+        (_first(stub.WatchEvents(rpc.WatchEventsRequest(after_sequence=-1))), "after_sequence"),
+        (_first(stub.WatchEvents(rpc.WatchEventsRequest(models=["Bad"]))), "models[0]"),
+    ]
+    for call, field in cases:
+        details = await expect_error(call, INVALID)
+        assert [v.field for v in details.bad_request.field_violations] == [field], details.message
+    versions = await stub.ListModelVersions(rpc.ListModelVersionsRequest(model=unique))
+    assert [v.version for v in versions.model_versions] == [1]
+    assert not (await stub.ListAliases(rpc.ListAliasesRequest(model=unique))).aliases
+    await _model_missing(registry, f"{unique}-t")
+    assert not list((registry.artifacts / ".uploads").glob("*"))
+
+
+# 5. an update names the fields it changes: its resource is partial, and the
+# rules hold for what the update makes
+
+
+async def _experiment(registry: Registry, model: str) -> pb.Experiment:
+    """An experiment over the model's versions 1 and 2 (uploaded here)."""
+    for data in (b"one", b"two"):
+        await _upload(registry, model, data)
+    created = await registry.stub.CreateExperiment(
+        rpc.CreateExperimentRequest(
+            experiment=pb.Experiment(
+                name=f"{model}-exp",
+                model=model,
+                arms=[
+                    pb.ExperimentArm(name="control", version=1, weight=90),
+                    pb.ExperimentArm(name="candidate", version=2, weight=10),
+                ],
+                stickiness_key="user_id",
+                shadow=pb.ShadowTraffic(version=2, percent=5),
+            )
+        )
+    )
+    return created.experiment
+
+
+def _update(experiment: pb.Experiment, *paths: str) -> rpc.UpdateExperimentRequest:
+    return rpc.UpdateExperimentRequest(
+        experiment=experiment, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+    )
+
+
+async def test_an_update_of_only_some_fields_keeps_the_others(
+    registry: Registry, unique: str
+) -> None:
+    stub = registry.stub
+    created = await _experiment(registry, unique)
+    reply = await stub.UpdateExperiment(
+        _update(pb.Experiment(name=created.name, description="notes"), "description")
+    )
+    updated = reply.experiment
+    assert updated.description == "notes"
+    assert (updated.model, updated.arms, updated.shadow, updated.stickiness_key) == (
+        created.model,
+        created.arms,
+        created.shadow,
+        created.stickiness_key,
+    )
+    assert updated.update_time.ToNanoseconds() > created.update_time.ToNanoseconds()
+    got = await stub.GetExperiment(rpc.GetExperimentRequest(name=created.name))
+    assert got.experiment == updated
+    # an empty stickiness key is the default, as on create
+    reply = await stub.UpdateExperiment(_update(pb.Experiment(name=created.name), "stickiness_key"))
+    assert reply.experiment.stickiness_key == "api_key"
+    # models and versions: partial too
+    model = await stub.UpdateModel(
+        rpc.UpdateModelRequest(
+            model=pb.Model(name=unique, description="a model"),
+            update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+        )
+    )
+    assert (model.model.description, model.model.latest_version) == ("a model", 2)
+    version = await stub.UpdateModelVersion(
+        rpc.UpdateModelVersionRequest(
+            model_version=pb.ModelVersion(model=unique, version=2, tags={"stage": "canary"}),
+            update_mask=field_mask_pb2.FieldMask(paths=["tags"]),
+        )
+    )
+    assert dict(version.model_version.tags) == {"stage": "canary"}
+    assert version.model_version.size_bytes == 3
+
+
+async def test_an_update_making_a_bad_experiment_is_refused_and_changes_nothing(
+    registry: Registry, unique: str
+) -> None:
+    stub = registry.stub
+    created = await _experiment(registry, unique)
+    name = created.name
+    bad_arms = [
+        pb.ExperimentArm(name="Bad", version=1, weight=60),
+        pb.ExperimentArm(name="b", version=2, weight=30),
+    ]
+    cases = [
+        (
+            _update(pb.Experiment(name=name, arms=bad_arms), "arms"),
+            ["experiment.arms", "experiment.arms[0].name"],  # weights sum to 90; a bad name
+        ),
+        (_update(pb.Experiment(name=name), "arms"), ["experiment.arms"]),  # no arms
+        (
+            _update(pb.Experiment(name=name, stickiness_key="actor"), "stickiness_key"),
+            ["experiment.stickiness_key"],
+        ),
+        (
+            _update(
+                pb.Experiment(name=name, shadow=pb.ShadowTraffic(version=2, percent=101)),
+                "shadow",
+            ),
+            ["experiment.shadow.percent"],
+        ),
+        (
+            _update(pb.Experiment(name=name, description="d" * (16 * 1024 + 1)), "description"),
+            ["experiment.description"],
+        ),
+    ]
+    for request, fields in cases:
+        details = await expect_error(stub.UpdateExperiment(request), INVALID)
+        assert sorted(v.field for v in details.bad_request.field_violations) == fields
+    details = await expect_error(stub.UpdateExperiment(cases[0][0]), INVALID)
+    assert "weights must sum to 100 (got 90)" in {
+        v.description for v in details.bad_request.field_violations
+    }
+    # the name is checked on the request (the contract's rule on UpdateExperimentRequest)
+    for bad_name in ("Bad\n", ""):
+        details = await expect_error(
+            stub.UpdateExperiment(_update(pb.Experiment(name=bad_name), "description")), INVALID
+        )
+        assert "experiment.name" in details.message
+    await expect_error(stub.UpdateExperiment(rpc.UpdateExperimentRequest()), INVALID)
+    # a version that does not exist
+    missing = [pb.ExperimentArm(name="a", version=9, weight=100)]
+    details = await expect_error(
+        stub.UpdateExperiment(_update(pb.Experiment(name=name, arms=missing), "arms")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert details.error_info.metadata["resource_type"] == "model version"
+    got = await stub.GetExperiment(rpc.GetExperimentRequest(name=name))
+    assert got.experiment == created
+
+
 # 6. stalled and failed uploads, no-op alias moves, stickiness keys
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
-import pytest
 from mlmesh.registry.v1 import model_pb2 as pb
-from mlmesh_chassis.errors import InvalidArgument
 from mlmesh_registry.store import RegistryStore
 from registry_fixtures import add_version
 
@@ -86,10 +84,3 @@ async def test_a_watcher_wakes_at_a_write_without_polling(
         assert await asyncio.wait_for(waiting, 5) == event
     finally:
         await watch.aclose()
-
-
-async def test_a_negative_start_or_a_bad_model_is_refused(store: RegistryStore) -> None:
-    for models, after, field in (([], -1, "after_sequence"), (["Bad"], 0, "models")):
-        with pytest.raises(InvalidArgument) as caught:
-            await anext(store.events.watch(models, after, poll_seconds=1))
-        assert [v.field for v in caught.value.violations] == [field]

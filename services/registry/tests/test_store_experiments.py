@@ -65,6 +65,7 @@ async def test_an_experiment_name_is_taken_once(store: RegistryStore, unique: st
 
 
 async def test_every_broken_rule_is_reported_at_once(store: RegistryStore, unique: str) -> None:
+    """The contract's rules (protovalidate) and the weights' sum, in one error."""
     await _model_with_versions(store, unique)
     bad = _experiment(
         unique,
@@ -82,14 +83,14 @@ async def test_every_broken_rule_is_reported_at_once(store: RegistryStore, uniqu
             "experiment.arms",  # names not unique
             "experiment.arms[2].name",
             "experiment.arms[2].weight",
-            "experiment.arms",  # weights sum to 210
+            "experiment.arms",  # weights sum to 210 (no rule of the contract can say it)
             "experiment.stickiness_key",
             "experiment.shadow.percent",
         ]
     )
     with pytest.raises(InvalidArgument) as caught:
         await store.experiments.create(_experiment(unique, unique))
-    assert [v.description for v in caught.value.violations] == ["at least one arm is required"]
+    assert [v.field for v in caught.value.violations] == ["experiment.arms"]  # min_items
     with pytest.raises(NotFound):
         await store.experiments.get(unique)
 
@@ -122,13 +123,21 @@ async def test_an_update_replaces_the_masked_fields_and_is_recorded(
     assert [(a.name, a.weight) for a in updated.arms] == [("a", 50), ("b", 50)]
     assert not updated.HasField("shadow")
     assert updated.description == ""
+    # a partial experiment (its name and the masked fields) is merged, then checked
+    noted = await store.experiments.update(
+        pb.Experiment(name=unique, description="n"), ["description"]
+    )
+    assert (noted.description, noted.arms, noted.model) == ("n", updated.arms, unique)
+    updated = noted
     with pytest.raises(InvalidArgument) as caught:
         await store.experiments.update(change, ["model"])
     assert [v.field for v in caught.value.violations] == ["update_mask"]
-    with pytest.raises(InvalidArgument):  # the result must keep the rules
+    with pytest.raises(InvalidArgument) as caught:  # the result must keep the rules
         await store.experiments.update(_experiment(unique, unique, ("a", 1, 60)), ["arms"])
+    assert [v.field for v in caught.value.violations] == ["experiment.arms"]
+    assert await store.experiments.get(unique) == updated
     actions = [e.action for e in await _experiment_events(store, unique)]
-    assert actions == [Action.ACTION_CREATED, Action.ACTION_UPDATED]
+    assert actions == [Action.ACTION_CREATED, Action.ACTION_UPDATED, Action.ACTION_UPDATED]
 
 
 async def test_a_stopped_experiment_no_longer_changes(store: RegistryStore, unique: str) -> None:

@@ -44,26 +44,6 @@ async def test_a_model_name_is_taken_once(store: RegistryStore, unique: str) -> 
     assert (await store.models.get(unique)).description == ""
 
 
-@pytest.mark.parametrize(
-    ("model", "field"),
-    [
-        (pb.Model(name="Upper"), "model.name"),
-        (pb.Model(name="x"), "model.name"),  # two characters at least
-        (pb.Model(name="ok-name\n"), "model.name"),
-        (pb.Model(name="ok-name", description="d" * (16 * 1024 + 1)), "model.description"),
-        (pb.Model(name="ok-name", tags={"Team": "x"}), "model.tags['Team']"),
-        (pb.Model(name="ok-name", tags={"team": "v" * 256}), "model.tags['team']"),
-    ],
-)
-async def test_an_invalid_model_is_refused_naming_the_field(
-    store: RegistryStore, model: pb.Model, field: str
-) -> None:
-    with pytest.raises(InvalidArgument) as caught:
-        await store.models.create(model)
-    assert [v.field for v in caught.value.violations] == [field]
-    assert not await store.models.exists("ok-name")
-
-
 async def test_a_missing_model_is_not_found(store: RegistryStore, unique: str) -> None:
     with pytest.raises(NotFound) as caught:
         await store.models.get(unique)
@@ -98,8 +78,6 @@ async def test_a_page_token_belongs_to_its_own_filters(store: RegistryStore, uni
         with pytest.raises(InvalidArgument) as caught:
             await store.models.list_page(1, bad_token, prefix, {})
         assert [v.field for v in caught.value.violations] == ["page_token"]
-    with pytest.raises(InvalidArgument):
-        await store.models.list_page(-1, "", unique, {})
 
 
 async def test_an_update_changes_only_the_masked_fields(store: RegistryStore, unique: str) -> None:
@@ -163,9 +141,6 @@ async def test_a_missing_version_says_what_is_missing(store: RegistryStore, uniq
     with pytest.raises(NotFound) as caught:
         await store.versions.get(f"{unique}-none", 1)
     assert caught.value.metadata["resource_type"] == "model"
-    with pytest.raises(InvalidArgument) as invalid:
-        await store.versions.get(unique, 0)
-    assert [v.field for v in invalid.value.violations] == ["version"]
     with pytest.raises(NotFound):
         await store.versions.artifact_path(unique, 2)
 
@@ -197,14 +172,6 @@ async def test_a_reference_to_nothing_gets_the_right_status(
     with pytest.raises(NotFound) as caught:
         await store.versions.resolve(ModelReference(model=f"{unique}-none", alias="champion"))
     assert caught.value.metadata["resource_type"] == "model"
-    for reference, field in (
-        (ModelReference(model=unique, version=0), "reference.version"),
-        (ModelReference(model=unique, alias="Champion"), "reference.alias"),
-        (ModelReference(model=unique + "\n"), "reference.model"),
-    ):
-        with pytest.raises(InvalidArgument) as invalid:
-            await store.versions.resolve(reference)
-        assert [v.field for v in invalid.value.violations] == [field]
 
 
 async def test_versions_list_newest_first_and_by_tag(store: RegistryStore, unique: str) -> None:
@@ -220,8 +187,6 @@ async def test_versions_list_newest_first_and_by_tag(store: RegistryStore, uniqu
     assert numbers == [5, 4, 3, 2, 1]
     even, _ = await store.versions.list_page(unique, 0, "", {"even": "true"})
     assert [v.version for v in even] == [5, 3, 1]
-    with pytest.raises(InvalidArgument):
-        await store.versions.list_page(unique, 0, "", {"Bad key": "x"})
     with pytest.raises(NotFound):
         await store.versions.list_page(f"{unique}-none", 0, "", {})
 

@@ -1,12 +1,12 @@
 """An upload: a header, then chunks, then one new version or nothing.
 
-An UploadSession takes the header (checked whole, and the model's existence
-asked once, before any byte is taken), is fed the chunks, which go to a
-private partial file (see ``artifacts``) while they are hashed, and on
-commit verifies the size and the sha256, moves the file into place and
-records the version in one transaction. Leaving the session any other way
-(an error, a stream cut off or idle too long, cancellation) deletes what was
-written: no row, no file, no empty folder.
+An UploadSession takes the header (checked for what the contract's rules
+cannot say, and the model's existence asked once, before any byte is taken),
+is fed the chunks, which go to a private partial file (see ``artifacts``)
+while they are hashed, and on commit verifies the size and the sha256, moves
+the file into place and records the version in one transaction. Leaving the
+session any other way (an error, a stream cut off or idle too long,
+cancellation) deletes what was written: no row, no file, no empty folder.
 """
 
 from __future__ import annotations
@@ -25,18 +25,10 @@ from mlmesh_chassis.errors import Aborted, DataLoss, InvalidArgument, NotFound, 
 from mlmesh_registry.artifacts import ArtifactStore, ArtifactWriter
 from mlmesh_registry.config import RegistrySettings
 from mlmesh_registry.store import RegistryStore, VersionStore
-from mlmesh_registry.validation import (
-    MAX_DESCRIPTION_CHARS,
-    MAX_LINEAGE_BYTES,
-    SHA256,
-    check_name,
-    check_tags,
-    check_text,
-)
+from mlmesh_registry.validation import MAX_LINEAGE_BYTES
 
 log = logging.getLogger("mlmesh.registry")
 T = TypeVar("T")
-MAX_FORMAT_CHARS = 63
 # Commits whose caller went away: they finish (or clean up) by themselves.
 _finishing: set[asyncio.Task[pb.ModelVersion]] = set()
 
@@ -125,8 +117,6 @@ class UploadSession:
 
     async def write(self, chunk: bytes) -> None:
         header, writer = self._started()
-        if not chunk:
-            raise InvalidArgument.field("chunk", "chunks must not be empty")
         if len(chunk) > self._limits.max_chunk_bytes:
             raise InvalidArgument.field(
                 "chunk", f"at most {self._limits.max_chunk_bytes} bytes per chunk"
@@ -173,21 +163,17 @@ class UploadSession:
         return self._header, self._writer
 
     def _check(self, header: rpc.UploadHeader) -> None:
-        check_name("header.model", header.model)
-        check_tags("header.tags", header.tags)
-        check_text("header.description", header.description, MAX_DESCRIPTION_CHARS)
+        """What the contract's rules (checked by the chassis: the model's
+        name, the sha256's form, a positive size, the text and tags) cannot
+        say: this registry's size limit and the lineage's serialized size."""
+        if header.size_bytes > self._limits.max_artifact_bytes:
+            raise InvalidArgument.field(
+                "header.size_bytes", f"at most {self._limits.max_artifact_bytes} bytes"
+            )
         if header.lineage.ByteSize() > MAX_LINEAGE_BYTES:
             raise InvalidArgument.field(
                 "header.lineage", f"at most {MAX_LINEAGE_BYTES} bytes serialized"
             )
-        if not SHA256.fullmatch(header.sha256):
-            raise InvalidArgument.field("header.sha256", "must be 64 lowercase hex characters")
-        if not 0 < header.size_bytes <= self._limits.max_artifact_bytes:
-            raise InvalidArgument.field(
-                "header.size_bytes", f"must be between 1 and {self._limits.max_artifact_bytes}"
-            )
-        if len(header.format) > MAX_FORMAT_CHARS:
-            raise InvalidArgument.field("header.format", f"at most {MAX_FORMAT_CHARS} characters")
 
 
 async def _seal_and_record(

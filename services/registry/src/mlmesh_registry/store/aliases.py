@@ -1,6 +1,8 @@
 """Aliases: a model's named pointers at versions (``champion`` -> 3). Every
 change is an AliasEvent in the event log, written in the same transaction,
-and a rollback moves an alias back to where its last change took it from."""
+and a rollback moves an alias back to where its last change took it from.
+The names, versions and reasons are checked by the chassis (the contract's
+rules); an alias points only at a version that exists."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from mlmesh.registry.v1 import model_pb2 as pb
-from mlmesh_chassis.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from mlmesh_chassis.errors import Aborted, FailedPrecondition, NotFound
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mlmesh_registry import db
@@ -22,14 +24,7 @@ from mlmesh_registry.store.base import (
     page,
     timestamp,
 )
-from mlmesh_registry.validation import (
-    ALIAS_NAME,
-    MAX_REASON_CHARS,
-    check_name,
-    check_text,
-    decode_page_token,
-    page_size,
-)
+from mlmesh_registry.validation import decode_page_token, page_size
 
 Action = pb.AliasEvent.Action
 # How far back a rollback looks for the alias' last real change.
@@ -49,9 +44,6 @@ class AliasStore(StoreBase):
         """Points the alias at ``version`` (compare-and-set when
         ``expected_version`` is given; 0: the alias must not exist). The event
         is None where the alias already pointed there: nothing moved."""
-        _check_alias(model, alias, reason)
-        if version < 1:
-            raise InvalidArgument.field("version", "must be >= 1")
         async with self.write() as c:
             await load_version(c, model, version)
             current = await _current_version(c, model, alias)
@@ -71,13 +63,10 @@ class AliasStore(StoreBase):
             return await _move(c, model, alias, current, version, action, reason, actor)
 
     async def get(self, model: str, alias: str) -> pb.Alias:
-        check_name("model", model)
-        check_name("alias", alias, ALIAS_NAME)
         async with self.read() as c:
             return await _load_alias(c, model, alias)
 
     async def list_page(self, model: str, size: int, token: str) -> tuple[list[pb.Alias], str]:
-        check_name("model", model)
         size = page_size(size)
         query = {"model": model}
         after = decode_page_token(token, query)
@@ -92,7 +81,6 @@ class AliasStore(StoreBase):
         return await page(list(aliases), size, loaded(aliases), query)
 
     async def delete(self, model: str, alias: str, reason: str, actor: str) -> pb.AliasEvent:
-        _check_alias(model, alias, reason)
         async with self.write() as c:
             current = await _existing_version(c, model, alias)
             await c.execute(
@@ -114,7 +102,6 @@ class AliasStore(StoreBase):
         self, model: str, alias: str, reason: str, actor: str
     ) -> tuple[pb.Alias, pb.AliasEvent]:
         """Moves the alias back to where its last change took it from."""
-        _check_alias(model, alias, reason)
         async with self.write() as c:
             current = await _existing_version(c, model, alias)
             e = db.events
@@ -151,9 +138,6 @@ class AliasStore(StoreBase):
     ) -> tuple[list[pb.AliasEvent], str]:
         """The alias' changes, oldest first (every alias of the model where
         ``alias`` is empty)."""
-        check_name("model", model)
-        if alias:
-            check_name("alias", alias, ALIAS_NAME)
         size = page_size(size)
         query = {"model": model, "alias": alias}
         after = decode_page_token(token, query)
@@ -173,12 +157,6 @@ class AliasStore(StoreBase):
             rows = list((await c.execute(stmt)).all())
         events = {row.sequence: pb.AliasEvent.FromString(row.body) for row in rows}
         return await page(list(events), size, loaded(events), query)
-
-
-def _check_alias(model: str, alias: str, reason: str) -> None:
-    check_name("model", model)
-    check_name("alias", alias, ALIAS_NAME)
-    check_text("reason", reason, MAX_REASON_CHARS)
 
 
 async def _current_version(c: AsyncConnection, model: str, alias: str) -> int | None:

@@ -1,10 +1,18 @@
 """Experiments: traffic split across a model's versions by weighted arms
 (with an optional shadow version), sticky per caller. Every change is an
 ExperimentEvent in the event log, written in the same transaction; a
-stopped experiment no longer changes."""
+stopped experiment no longer changes.
+
+The Experiment rules of the contract (names, arms, weights' range, the
+stickiness key, the shadow) are checked with protovalidate on the experiment
+as it would be stored, together with the rules the contract cannot say: the
+weights sum to 100 and every version routed to exists. On create the chassis
+has checked the request already; on update the request holds only the
+changed fields, so the merged result is what is checked."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -16,6 +24,7 @@ from mlmesh_chassis.errors import (
     InvalidArgument,
     NotFound,
 )
+from mlmesh_chassis.validation import violations_of
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mlmesh_registry import db
@@ -30,32 +39,27 @@ from mlmesh_registry.store.base import (
     page,
     timestamp,
 )
-from mlmesh_registry.validation import (
-    ALIAS_NAME,
-    MAX_DESCRIPTION_CHARS,
-    check_name,
-    check_stickiness_key,
-    decode_page_token,
-    page_size,
-)
+from mlmesh_registry.validation import decode_page_token, page_size
 
 Action = pb.ExperimentEvent.Action
 DEFAULT_STICKINESS_KEY = "api_key"
+# Violations an INVALID_ARGUMENT's message names (its BadRequest lists all).
+_MESSAGE_VIOLATIONS = 3
+_UPDATABLE = {"arms", "shadow", "stickiness_key", "description"}
 
 
 class ExperimentStore(StoreBase):
     async def create(self, experiment: pb.Experiment) -> pb.Experiment:
-        check_name("experiment.name", experiment.name)
-        check_name("experiment.model", experiment.model)
+        stored = pb.Experiment()
+        stored.CopyFrom(experiment)
+        stored.stickiness_key = stored.stickiness_key or DEFAULT_STICKINESS_KEY
+        await _check_rules(stored)
         async with self.write() as c:
-            await load_model(c, experiment.model)
+            await load_model(c, stored.model)
             x = db.experiments
-            if await c.scalar(sa.select(x.c.name).where(x.c.name == experiment.name)):
-                raise AlreadyExists("experiment", experiment.name)
-            stored = pb.Experiment()
-            stored.CopyFrom(experiment)
-            stored.stickiness_key = stored.stickiness_key or DEFAULT_STICKINESS_KEY
-            await _check(c, stored)
+            if await c.scalar(sa.select(x.c.name).where(x.c.name == stored.name)):
+                raise AlreadyExists("experiment", stored.name)
+            await _check_versions(c, stored)
             created = timestamp(now())
             stored.state = pb.EXPERIMENT_STATE_RUNNING
             stored.create_time.CopyFrom(created)
@@ -72,7 +76,6 @@ class ExperimentStore(StoreBase):
         return stored
 
     async def get(self, name: str) -> pb.Experiment:
-        check_name("name", name)
         async with self.read() as c:
             return await _load(c, name)
 
@@ -80,8 +83,6 @@ class ExperimentStore(StoreBase):
         self, model: str, state: int, size: int, token: str
     ) -> tuple[list[pb.Experiment], str]:
         """Experiments by name, of one model and in one state where given."""
-        if model:
-            check_name("model", model)
         size = page_size(size)
         query = {"model": model, "state": state}
         after = decode_page_token(token, query)
@@ -99,30 +100,27 @@ class ExperimentStore(StoreBase):
         return await page(list(experiments), size, loaded(experiments), query)
 
     async def update(self, experiment: pb.Experiment, paths: Sequence[str]) -> pb.Experiment:
-        check_name("experiment.name", experiment.name)
-        check_mask(paths, {"arms", "shadow", "stickiness_key", "description"})
+        """Sets the fields ``paths`` names from ``experiment`` (a partial one:
+        its name and those fields), where the experiment that makes keeps
+        every rule.
+
+        The rules are checked before the write transaction (they take a
+        while: the CEL interpreter), on the experiment as read; should it
+        change before the write, the result is checked again inside."""
+        check_mask(paths, _UPDATABLE)
+        async with self.read() as c:
+            before = _running(await _load(c, experiment.name))
+        await _check_rules(_merged(before, experiment, paths))
         async with self.write() as c:
-            stored = await _load(c, experiment.name)
-            if stored.state == pb.EXPERIMENT_STATE_STOPPED:
-                raise FailedPrecondition(
-                    f"experiment {stored.name!r} is stopped", experiment=stored.name
-                )
-            for path in paths:
-                if path == "arms":
-                    del stored.arms[:]
-                    stored.arms.extend(experiment.arms)
-                elif path == "shadow":
-                    stored.ClearField("shadow")
-                    if experiment.HasField("shadow"):
-                        stored.shadow.CopyFrom(experiment.shadow)
-                else:
-                    setattr(stored, path, getattr(experiment, path))
-            await _check(c, stored)
-            return await _save(c, stored, Action.ACTION_UPDATED)
+            stored = _running(await _load(c, experiment.name))
+            merged = _merged(stored, experiment, paths)
+            if stored != before:
+                await _check_rules(merged)
+            await _check_versions(c, merged)
+            return await _save(c, merged, Action.ACTION_UPDATED)
 
     async def stop(self, name: str) -> pb.Experiment:
         """Stops the experiment (a no-op where it is stopped already)."""
-        check_name("name", name)
         async with self.write() as c:
             stored = await _load(c, name)
             if stored.state == pb.EXPERIMENT_STATE_STOPPED:
@@ -138,45 +136,71 @@ async def _load(c: AsyncConnection, name: str) -> pb.Experiment:
     return pb.Experiment.FromString(body)
 
 
-async def _check(c: AsyncConnection, experiment: pb.Experiment) -> None:
-    """Every rule at once (one INVALID_ARGUMENT listing each violation), then
-    that every version it routes to exists."""
-    violations: list[FieldViolation] = []
-    if not experiment.arms:
-        violations.append(FieldViolation("experiment.arms", "at least one arm is required"))
-    names = [arm.name for arm in experiment.arms]
-    if len(set(names)) != len(names):
-        violations.append(FieldViolation("experiment.arms", "arm names must be unique"))
-    for i, arm in enumerate(experiment.arms):
-        if not ALIAS_NAME.fullmatch(arm.name):
-            violations.append(
-                FieldViolation(f"experiment.arms[{i}].name", f"must match {ALIAS_NAME.pattern}")
-            )
-        if not 0 <= arm.weight <= 100:
-            violations.append(
-                FieldViolation(f"experiment.arms[{i}].weight", "must be between 0 and 100")
-            )
+def _running(stored: pb.Experiment) -> pb.Experiment:
+    """``stored``, or FAILED_PRECONDITION where it is stopped (a stopped
+    experiment no longer changes)."""
+    if stored.state == pb.EXPERIMENT_STATE_STOPPED:
+        raise FailedPrecondition(f"experiment {stored.name!r} is stopped", experiment=stored.name)
+    return stored
+
+
+def _merged(stored: pb.Experiment, change: pb.Experiment, paths: Sequence[str]) -> pb.Experiment:
+    """A copy of ``stored`` with the fields ``paths`` names taken from
+    ``change`` (arms and shadow whole; an empty stickiness key is the
+    default, as on create)."""
+    merged = pb.Experiment()
+    merged.CopyFrom(stored)
+    for path in paths:
+        if path == "arms":
+            del merged.arms[:]
+            merged.arms.extend(change.arms)
+        elif path == "shadow":
+            merged.ClearField("shadow")
+            if change.HasField("shadow"):
+                merged.shadow.CopyFrom(change.shadow)
+        else:
+            setattr(merged, path, getattr(change, path))
+    merged.stickiness_key = merged.stickiness_key or DEFAULT_STICKINESS_KEY
+    return merged
+
+
+def _violations(experiment: pb.Experiment) -> list[FieldViolation]:
+    """The contract's Experiment rules (protovalidate) and the one it cannot
+    express (the weights sum to 100), with paths under ``experiment`` as in
+    the requests."""
+    violations = [
+        FieldViolation(f"experiment.{v.field}" if v.field else "experiment", v.description)
+        for v in violations_of(experiment)
+    ]
     total = sum(arm.weight for arm in experiment.arms)
     if experiment.arms and total != 100:
         violations.append(
             FieldViolation("experiment.arms", f"weights must sum to 100 (got {total})")
         )
-    try:
-        check_stickiness_key("experiment.stickiness_key", experiment.stickiness_key)
-    except InvalidArgument as error:
-        violations.extend(error.violations)
-    if len(experiment.description) > MAX_DESCRIPTION_CHARS:
-        violations.append(
-            FieldViolation("experiment.description", f"at most {MAX_DESCRIPTION_CHARS} characters")
-        )
-    if experiment.HasField("shadow") and not 0 <= experiment.shadow.percent <= 100:
-        violations.append(FieldViolation("experiment.shadow.percent", "must be between 0 and 100"))
+    return violations
+
+
+async def _check_rules(experiment: pb.Experiment) -> None:
+    """Every rule at once, as one INVALID_ARGUMENT listing each violation.
+    In a worker thread: the rules are interpreted (cel-python), tens of
+    milliseconds for a few arms, and the caller chooses the arms' number."""
+    violations = await asyncio.to_thread(_violations, experiment)
     if violations:
-        raise InvalidArgument("invalid experiment", violations, experiment=experiment.name)
+        shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:_MESSAGE_VIOLATIONS])
+        more = len(violations) - _MESSAGE_VIOLATIONS
+        raise InvalidArgument(
+            shown + (f" (and {more} more)" if more > 0 else ""),
+            violations,
+            experiment=experiment.name,
+        )
+
+
+async def _check_versions(c: AsyncConnection, experiment: pb.Experiment) -> None:
+    """Every version the experiment routes to exists (NOT_FOUND)."""
     versions = {arm.version for arm in experiment.arms}
     if experiment.HasField("shadow"):
         versions.add(experiment.shadow.version)
-    for version in versions:
+    for version in sorted(versions):
         await load_version(c, experiment.model, version)
 
 

@@ -1,4 +1,7 @@
-"""Models: a name, a description, tags and the number of its newest version."""
+"""Models: a name, a description, tags and the number of its newest version.
+
+The fields' rules (the name's pattern, the description's length, the tags)
+are the contract's, checked by the chassis before a call gets here."""
 
 from __future__ import annotations
 
@@ -22,29 +25,18 @@ from mlmesh_registry.store.base import (
     replace_tags,
     tagged,
 )
-from mlmesh_registry.validation import (
-    MAX_DESCRIPTION_CHARS,
-    check_name,
-    check_tags,
-    check_text,
-    decode_page_token,
-    page_size,
-)
+from mlmesh_registry.validation import decode_page_token, page_size
 
 
 class ModelStore(StoreBase):
     async def create(self, model: pb.Model) -> pb.Model:
-        check_name("model.name", model.name)
-        check_text("model.description", model.description, MAX_DESCRIPTION_CHARS)
-        tags = check_tags("model.tags", model.tags)
         async with self.write() as c:
             if await model_exists(c, model.name):
                 raise AlreadyExists("model", model.name)
-            await insert_model(c, model.name, model.description, tags)
+            await insert_model(c, model.name, model.description, model.tags)
             return await load_model(c, model.name)
 
     async def get(self, name: str) -> pb.Model:
-        check_name("name", name)
         async with self.read() as c:
             return await load_model(c, name)
 
@@ -55,7 +47,7 @@ class ModelStore(StoreBase):
     async def list_page(
         self, size: int, token: str, name_prefix: str, tags: Mapping[str, str]
     ) -> tuple[list[pb.Model], str]:
-        tags = check_tags("tags", tags)
+        tags = dict(tags)
         size = page_size(size)
         query = {"prefix": name_prefix, "tags": tags}
         after = decode_page_token(token, query)
@@ -71,9 +63,10 @@ class ModelStore(StoreBase):
             return await page(names, size, lambda name: load_model(c, name), query)
 
     async def update(self, model: pb.Model, paths: Sequence[str]) -> pb.Model:
-        check_name("model.name", model.name)
+        """Sets the fields ``paths`` names. The request's partial model is
+        checked whole by the chassis (its unset fields break no rule), so the
+        updated model keeps the rules."""
         check_mask(paths, {"description", "tags"})
-        check_text("model.description", model.description, MAX_DESCRIPTION_CHARS)
         async with self.write() as c:
             await load_model(c, model.name)
             values: dict[str, Any] = {"update_time": now()}
@@ -83,8 +76,7 @@ class ModelStore(StoreBase):
                 db.models.update().where(db.models.c.name == model.name).values(**values)
             )
             if "tags" in paths:
-                tags = check_tags("model.tags", model.tags)
-                await replace_tags(c, db.model_tags, {"model": model.name}, tags)
+                await replace_tags(c, db.model_tags, {"model": model.name}, model.tags)
             return await load_model(c, model.name)
 
 

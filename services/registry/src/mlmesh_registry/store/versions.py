@@ -1,5 +1,6 @@
 """Versions: a model's numbered, immutable artifacts (1, 2, 3, ...), their
-tags and description (the only parts that change), and references to them."""
+tags and description (the only parts that change), and references to them.
+The fields' rules are the contract's, checked by the chassis."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sqlalchemy as sa
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
-from mlmesh_chassis.errors import FailedPrecondition, InvalidArgument, NotFound
+from mlmesh_chassis.errors import FailedPrecondition, NotFound
 
 from mlmesh_registry import db
 from mlmesh_registry.store.base import (
@@ -25,22 +26,15 @@ from mlmesh_registry.store.base import (
     tagged,
 )
 from mlmesh_registry.store.models import insert_model
-from mlmesh_registry.validation import (
-    ALIAS_NAME,
-    MAX_DESCRIPTION_CHARS,
-    check_name,
-    check_tags,
-    check_text,
-    decode_page_token,
-    page_size,
-)
+from mlmesh_registry.validation import decode_page_token, page_size
 
 
 class VersionStore(StoreBase):
     async def add(self, header: rpc.UploadHeader, artifact_path: str) -> pb.ModelVersion:
         """Records a verified artifact as the model's next version, creating
         the model first where the header asks for it (one transaction). The
-        header's fields were checked when its upload began."""
+        header was checked before its upload began (the contract's rules by
+        the chassis, the limits by the upload session)."""
         async with self.write() as c:
             number = await c.scalar(
                 db.models.update()
@@ -71,9 +65,6 @@ class VersionStore(StoreBase):
             return await load_version(c, header.model, number)
 
     async def get(self, model: str, version: int) -> pb.ModelVersion:
-        check_name("model", model)
-        if version < 1:
-            raise InvalidArgument.field("version", "must be >= 1")
         async with self.read() as c:
             return await load_version(c, model, version)
 
@@ -90,15 +81,12 @@ class VersionStore(StoreBase):
 
     async def resolve(self, reference: ModelReference) -> pb.ModelVersion:
         """The version a reference names: by number, by alias, or the newest."""
-        model = check_name("reference.model", reference.model)
+        model, alias = reference.model, reference.alias
         selector = reference.WhichOneof("selector")
         async with self.read() as c:
             if selector == "version":
-                if reference.version < 1:
-                    raise InvalidArgument.field("reference.version", "must be >= 1")
                 return await load_version(c, model, reference.version)
             if selector == "alias":
-                alias = check_name("reference.alias", reference.alias, ALIAS_NAME)
                 found = await find_version(c, model, alias=alias)
                 if found is None:
                     await load_model(c, model)
@@ -116,8 +104,7 @@ class VersionStore(StoreBase):
     async def list_page(
         self, model: str, size: int, token: str, tags: Mapping[str, str]
     ) -> tuple[list[pb.ModelVersion], str]:
-        check_name("model", model)
-        tags = check_tags("tags", tags)
+        tags = dict(tags)
         size = page_size(size)
         query = {"model": model, "tags": tags}
         after = decode_page_token(token, query)
@@ -137,9 +124,10 @@ class VersionStore(StoreBase):
             return await page(numbers, size, lambda n: load_version(c, model, n), query)
 
     async def update(self, version: pb.ModelVersion, paths: Sequence[str]) -> pb.ModelVersion:
-        check_name("model_version.model", version.model)
+        """Sets the fields ``paths`` names. The request's partial version is
+        checked whole by the chassis (its unset fields break no rule), so the
+        updated version keeps the rules."""
         check_mask(paths, {"description", "tags"})
-        check_text("model_version.description", version.description, MAX_DESCRIPTION_CHARS)
         async with self.write() as c:
             await load_version(c, version.model, version.version)
             if "description" in paths:
@@ -150,7 +138,6 @@ class VersionStore(StoreBase):
                     .values(description=version.description)
                 )
             if "tags" in paths:
-                tags = check_tags("model_version.tags", version.tags)
                 owner = {"model": version.model, "version": version.version}
-                await replace_tags(c, db.version_tags, owner, tags)
+                await replace_tags(c, db.version_tags, owner, version.tags)
             return await load_version(c, version.model, version.version)
