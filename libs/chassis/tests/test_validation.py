@@ -47,8 +47,8 @@ def test_violations_name_each_field_by_its_path():
     assert set(found) == {
         "key.display_name",
         "key.scopes.model_patterns[1]",
-        "key.scopes.services[0]",  # UNSPECIFIED; protovalidate-python 1.2 does not
-        # apply defined_only to repeated enum items (99): the gateway's KeyStore checks that
+        "key.scopes.services[0]",  # UNSPECIFIED
+        "key.scopes.services[1]",  # 99: no PlatformService (defined_only on the items)
         "key.limits.token_quota",
     }
     assert "100" in found["key.display_name"]

@@ -58,8 +58,10 @@ class Stub:
         self.asked: list[ModelReference] = []
         self.count_fails: list[grpc.StatusCode] = []
         self.gate: asyncio.Event | None = None
+        self.called = asyncio.Event()  # set once a Generate reached this endpoint
 
     def Generate(self, request, metadata=None, timeout=None) -> Call:
+        self.called.set()
         self.asked.append(ModelReference.FromString(request.model.SerializeToString()))
         chunks, fail = self.script.pop(0) if self.script else (["ok"], None)
         return Call(chunks, fail, self.gate)
@@ -122,15 +124,17 @@ async def test_every_endpoint_failing_is_unavailable_after_the_attempts():
 async def test_requests_in_flight_are_counted_and_ranked_by():
     first, second = Stub(), Stub()
     route, (e0, e1) = router(first, second)
+    # e0 is faster, but not twice as fast: one stream in flight ranks it behind
+    # e1 (with 0.01 s against 0.02 s the two scores tie, (1 + 1) * 0.01 = 0.02,
+    # and which one wins turns on the instants each was created at).
+    e1.ttft_ewma = 0.015
     first.gate = asyncio.Event()  # the first stream holds e0
     held = asyncio.ensure_future(texts(route, generate()))
-    # Until the held stream is on e0 (a fixed sleep lost this race on a busy
-    # machine: the second request then ranked e0 first and waited on its gate).
     async with asyncio.timeout(5):
-        while e0.in_flight == 0:
-            await asyncio.sleep(0.001)
+        await first.called.wait()  # the held stream is on e0
     assert e0.in_flight == 1
-    assert await texts(route, generate()) == [("e1", "ok")]  # e0 is busy: e1 ranks first
+    async with asyncio.timeout(5):  # e0 is busy: e1 ranks first (not a wait on e0's gate)
+        assert await texts(route, generate()) == [("e1", "ok")]
     first.gate.set()
     assert await held == [("e0", "ok")]
     assert e0.in_flight == e1.in_flight == 0

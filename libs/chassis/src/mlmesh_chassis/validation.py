@@ -6,10 +6,13 @@ its path in the request (``key.display_name``, ``sampling.stop[2]``,
 ``model.tags['Bad Key']``) and the rule's own short description; the
 chassis' errors cap the echoed values and their number.
 
-protovalidate 1.x evaluates the rules with cel-python (an interpreter):
-``Validator`` compiles each message type's rules once and keeps them, a type
-without rules is never walked, and a large message is checked in a worker
-thread so one upload chunk or image does not hold up the event loop.
+protovalidate 2.x evaluates the rules in a native engine (Rust; tens of
+microseconds for a request with a few dozen rules, where 1.x's cel-python
+interpreter took about 1.5 ms per rule): ``Validator`` compiles each message
+type's rules once and keeps them, a type without rules is never walked, and a
+large message is checked in a worker thread so one upload chunk or image does
+not hold up the event loop. The engine bounds its own work (an iteration
+budget): a request past it is refused, not evaluated to the end.
 """
 
 from __future__ import annotations
@@ -75,13 +78,14 @@ def compile_rules(message_types: Iterable[descriptor.Descriptor]) -> None:
 def field_path(violation: Any) -> str:
     """A protovalidate Violation's field as a dotted path with [index] / ['key'] subscripts."""
     parts: list[str] = []
-    for element in violation.proto.field.elements:
+    path = violation.proto.field  # None for a message's own (CEL) rule
+    for element in path.elements if path is not None else ():
         part = element.field_name
-        subscript = element.WhichOneof("subscript")
-        if subscript == "index":
-            part += f"[{element.index}]"
-        elif subscript is not None:
-            part += f"[{shorten(repr(getattr(element, subscript)), ECHO_CHARS)}]"
+        subscript = element.subscript  # None, or a Oneof(field, value)
+        if subscript is not None and subscript.field == "index":
+            part += f"[{subscript.value}]"
+        elif subscript is not None:  # a map key (bool, int, string)
+            part += f"[{shorten(repr(subscript.value), ECHO_CHARS)}]"
         parts.append(part)
     return ".".join(parts)
 
@@ -92,10 +96,10 @@ def violations_of(request: Message) -> list[FieldViolation]:
         return []
     try:
         found = _validator.collect_violations(request)
-    except (ValueError, OverflowError) as error:
-        # cel-python raises (rather than reports) on a value out of its
-        # type's range, e.g. a Timestamp past year 9999.
-        return [FieldViolation("request", f"a value is out of range: {shorten(error)}")]
+    except protovalidate.EvaluationError as error:
+        # The engine's iteration budget: e.g. a uniqueness rule over far more
+        # items than the field's max_items allows.
+        return [FieldViolation("request", f"too large to validate: {shorten(error)}")]
     return [FieldViolation(field_path(v), v.proto.message or v.proto.rule_id) for v in found]
 
 

@@ -28,7 +28,6 @@ from mlmesh_chassis.auth import secret_sha256
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import (
     FailedPrecondition,
-    FieldViolation,
     InvalidArgument,
     NotFound,
     Reason,
@@ -78,7 +77,6 @@ class KeyStore:
     # ---- administration ----------------------------------------------------
 
     async def create(self, key: pb.Key) -> tuple[pb.Key, str]:
-        _check_key(key)
         key_id = secrets.token_hex(KEY_ID_LENGTH // 2)
         secret = new_secret(key_id)
         stored = pb.Key()
@@ -255,17 +253,3 @@ def _entry(row: Any) -> kd.DirectoryKey:
         grace = entry.grace_secrets.add(secret_sha256=sha)
         grace.expire_time.FromDatetime(until)
     return entry
-
-
-def _check_key(key: pb.Key) -> None:
-    """What the contract's rules (checked by the chassis on every request)
-    leave out: protovalidate-python 1.x does not apply ``defined_only`` to
-    the items of a repeated enum, so a service number no PlatformService
-    names is refused here."""
-    violations = [
-        FieldViolation(f"key.scopes.services[{i}]", "not a service")
-        for i, service in enumerate(key.scopes.services)
-        if service not in pb.PlatformService.values()
-    ]
-    if violations:
-        raise InvalidArgument("invalid key", violations)
