@@ -30,3 +30,6 @@ fi
 # Triton: the server binary from the nvidia-pytriton wheel (extracted, never
 # installed here) and its models' own environment (numpy<2). Idempotent.
 .venv/bin/python -m mlmesh_triton.provision --dest .envs/triton --models-env .envs/triton-models >/dev/null
+# The llm's own environment (.envs/llm): vLLM's CPU build and the torch and
+# transformers it pins, beside the mesh libraries. Idempotent.
+.venv/bin/python -m mlmesh_llm.provision --env .envs/llm >/dev/null
