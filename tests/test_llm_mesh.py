@@ -1,4 +1,5 @@
-"""The LLM service through real Envoy, on the CPU engine with the tiny model."""
+"""The LLM service through real Envoy, on the default engine (vLLM's CPU
+build, from the llm's own environment) with the tiny model."""
 
 from __future__ import annotations
 
@@ -152,7 +153,11 @@ async def test_64_concurrent_streams_all_complete_with_exact_usage(llm):
 
 async def test_full_queue_is_resource_exhausted_with_retry_info(llm):
     # 8 slots + 80 waiting in the test mesh: 120 at once overflow the queue.
-    calls = [llm.Generate(request(f"burst {i}", max_tokens=8)) for i in range(120)]
+    # Long greedy streams, so the first ones still run when the last arrive
+    # (vLLM serves 8-token ones faster than 120 calls reach it).
+    calls = [
+        llm.Generate(request(f"burst {i}", max_tokens=200, temperature=0.0)) for i in range(120)
+    ]
     results = await asyncio.gather(*(collect(c) for c in calls), return_exceptions=True)
     rejected = [r for r in results if isinstance(r, grpc.RpcError)]
     assert rejected, "no request was rejected"
@@ -195,7 +200,7 @@ async def test_models_are_listed_and_described(llm):
     listed = await llm.ListModels(rpc.ListModelsRequest())
     assert [m.reference.model for m in listed.models] == ["tiny-llama"]
     model = (await llm.GetModel(rpc.GetModelRequest(model=MODEL))).model
-    assert model.context_length == 1024 and model.engine == "cpu"
+    assert model.context_length == 1024 and model.engine == "vllm"
     assert llm_pb2.CAPABILITY_CHAT in model.capabilities
     assert llm_pb2.CAPABILITY_IMAGE_INPUT not in model.capabilities
 
@@ -229,7 +234,9 @@ def test_grpcurl_sees_the_llm_service_through_envoy(full_mesh):
     assert '"tokenCount"' in out
 
 
-async def serving_version(llm, version: int, timeout_s: float = 60) -> None:
+# A new version's engine starts beside the serving one: a vLLM engine takes
+# 25-90 s to start on a busy 2-core machine.
+async def serving_version(llm, version: int, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         model = (await llm.GetModel(rpc.GetModelRequest(model=MODEL))).model
@@ -239,6 +246,7 @@ async def serving_version(llm, version: int, timeout_s: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.timeout(600)  # two engine starts: the new version's, then the old one's again
 async def test_alias_move_hot_swaps_and_in_flight_streams_finish(llm, full_mesh, tmp_path):
     from mlmesh_llm.tiny_model import build
     from mlmesh_sdk.registry import RegistryClient

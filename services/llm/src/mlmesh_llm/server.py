@@ -37,12 +37,18 @@ def engine_factory(settings: LlmSettings):  # type: ignore[no-untyped-def]
 
         return make_cpu
     if settings.engine == "vllm":
-        from mlmesh_llm.engines.vllm import VllmEngine
+        from mlmesh_llm.engines.vllm import VllmEngine, VllmLimits
 
         options = settings.vllm()
+        limits = VllmLimits(
+            max_running=settings.max_running,
+            max_waiting=settings.max_waiting,
+            kv_cache_mib=settings.kv_cache_mib,
+            max_context=settings.max_context,
+        )
 
         def make_vllm(folder: Path) -> Engine:
-            return VllmEngine(folder, options, max_waiting=settings.max_waiting)
+            return VllmEngine(folder, options, limits)
 
         return make_vllm
     from mlmesh_llm.engines.null import NullEngine
@@ -58,7 +64,13 @@ async def build_server(settings: LlmSettings) -> ServiceHost:
         engine_factory(settings),
         settings.load_retry_seconds,
     )
-    servicer = LlmServicer(models, settings)
+    host: ServiceHost | None = None
+
+    async def engine_dead() -> None:
+        if host is not None:
+            await host.set_serving(False)
+
+    servicer = LlmServicer(models, settings, on_engine_dead=engine_dead)
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         llm_service_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)

@@ -6,17 +6,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from google.protobuf import duration_pb2
 from mlmesh.common.v1 import model_reference_pb2, usage_pb2
 from mlmesh.llm.v1 import llm_pb2, llm_service_pb2_grpc
 from mlmesh.llm.v1 import llm_service_pb2 as rpc
 from mlmesh_chassis.errors import (
+    Aborted,
     FieldViolation,
     InvalidArgument,
     QuotaViolation,
+    Reason,
     ResourceExhausted,
+    Unavailable,
 )
 from mlmesh_chassis.generation import check_prompt_size, max_tokens_of
 from mlmesh_chassis.pagination import offset_page
@@ -24,10 +27,14 @@ from mlmesh_chassis.pagination import offset_page
 from mlmesh_llm.config import LlmSettings
 from mlmesh_llm.engines.base import (
     Engine,
+    EngineDead,
     EngineRequest,
     FinishReason,
     ImageInput,
     QueueFull,
+    RequestAborted,
+    RequestFailed,
+    RequestRejected,
     Sampling,
 )
 from mlmesh_llm.models import LoadedVersion, ModelManager
@@ -70,16 +77,24 @@ def _load_message(engine: Engine) -> llm_pb2.Load:
 
 
 class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
-    def __init__(self, models: ModelManager, settings: LlmSettings) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        settings: LlmSettings,
+        on_engine_dead: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.models = models
         self.settings = settings
+        # Called when an engine dies for good (the server stops reporting
+        # SERVING, so the balancer and Envoy's health checks go elsewhere).
+        self.on_engine_dead = on_engine_dead
 
     async def Generate(self, request, context) -> AsyncIterator[rpc.GenerateResponse]:  # type: ignore[no-untyped-def,override]
         loaded = self.models.lookup(request.model)
         engine = loaded.engine
         sampling = self._sampling(request.sampling)
-        prompt_ids = await self._prompt_ids(engine, request)
         images = self._images(engine, loaded, request)
+        prompt_ids = await self._prompt_ids(engine, request, len(images))
         context_length = engine.info.context_length
         if len(prompt_ids) + sampling.max_tokens > context_length:
             raise InvalidArgument(
@@ -148,6 +163,33 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
                     retry_after_s=full.retry_after_s,
                     waiting=full.waiting,
                 ) from full
+            except RequestRejected as rejected:
+                field = rejected.field or "request"
+                raise InvalidArgument(
+                    f"the engine refused the request: {rejected}",
+                    [FieldViolation(field, str(rejected))],
+                    field=field,
+                    cause=rejected,
+                ) from rejected
+            except RequestFailed as failed:
+                raise Unavailable(
+                    f"the engine failed the request: {failed}; retry",
+                    retry_after_s=failed.retry_after_s,
+                    failed=failed,
+                ) from failed
+            except RequestAborted as aborted:
+                raise Aborted(
+                    f"the engine ended the stream: {aborted}",
+                    Reason.ERROR_REASON_BACKEND_UNAVAILABLE,
+                    aborted=aborted,
+                ) from aborted
+            except EngineDead as dead:
+                log.error("engine for %s/%d died: %s", loaded.model, loaded.version, dead)
+                if self.on_engine_dead is not None:
+                    await self.on_engine_dead()
+                raise Unavailable(
+                    f"{dead}; this server no longer serves", retry_after_s=5.0, dead=dead
+                ) from dead
             finally:
                 await stream.aclose()  # on cancel or error: abort in the engine now
 
@@ -209,20 +251,31 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
             seed=params.seed if params.HasField("seed") else None,
         )
 
-    async def _prompt_ids(self, engine: Engine, request) -> list[int]:  # type: ignore[no-untyped-def]
+    async def _prompt_ids(self, engine: Engine, request, images: int = 0) -> list[int]:  # type: ignore[no-untyped-def]
         """The prompt's token ids. The size is capped before tokenizing, and
         tokenizing runs in a worker thread: a long prompt never stalls the
-        other streams on this event loop."""
+        other streams on this event loop.
+
+        With ``images``, the model's image placeholder goes in once per image,
+        before the text (of the last user turn, in a chat), as vLLM's own
+        chat rendering places missing placeholders; the engine expands each
+        into the image's tokens."""
         check_prompt_size(request)
         # The contract's rules (checked by the chassis) make the prompt set,
         # its text non-empty and its chat's roles known.
         kind = request.WhichOneof("prompt")
+        placeholders = [engine.info.image_placeholder] * images if images else []
         if kind == "text":
-            ids = await asyncio.to_thread(engine.tokenizer.encode, request.text)
+            text = "\n".join([*placeholders, request.text])
+            ids = await asyncio.to_thread(engine.tokenizer.encode, text)
         else:
             if not engine.info.chat:
                 raise InvalidArgument.field("chat", "this model has no chat template")
             turns = [(_ROLES[m.role], m.content) for m in request.chat.messages]
+            if placeholders:
+                users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+                at = users[-1] if users else len(turns) - 1
+                turns[at] = (turns[at][0], "\n".join([*placeholders, turns[at][1]]))
             ids = await asyncio.to_thread(
                 lambda: engine.tokenizer.encode(engine.tokenizer.render_chat(turns))
             )

@@ -2,9 +2,14 @@
 
 The service speaks only this: a request of token ids and sampling settings in,
 a stream of ``Delta``s out, ``abort`` by leaving the stream, and ``load()``
-for the gateway's balancer. Engines: ``cpu`` (continuous batching on torch
-CPU), ``vllm`` (AsyncLLM on GPUs), ``null`` (zero-cost, for measuring the
-service itself).
+for the gateway's balancer. Engines: ``vllm`` (vLLM's AsyncLLM: its CPU
+build here, its CUDA build on GPU nodes; the default), ``cpu`` (our own
+continuous batching on torch CPU, kept as the fallback where vLLM's CPU build
+does not run), ``null`` (zero-cost, for measuring the service itself).
+
+A request that does not end normally raises one of the errors below instead
+of finishing: the contract's finish reasons are all successful ends, so an
+engine never reports an aborted or failed request as finished.
 """
 
 from __future__ import annotations
@@ -77,15 +82,51 @@ class ModelInfo:
     image_input: bool
     speculative: bool = False
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # The text the prompt carries for each image (e.g. "<image>"): the engine
+    # expands each into that image's tokens. Empty for text-only models.
+    image_placeholder: str = ""
 
 
-class QueueFull(Exception):
-    """The engine's waiting queue is at its bound."""
+class EngineError(Exception):
+    """A request the engine did not finish; the servicer maps each kind to a
+    gRPC status."""
 
-    def __init__(self, waiting: int, retry_after_s: float) -> None:
-        super().__init__(f"{waiting} requests are waiting")
+
+class QueueFull(EngineError):
+    """The engine's queue is at its bound (RESOURCE_EXHAUSTED with RetryInfo)."""
+
+    def __init__(self, waiting: int, retry_after_s: float, message: str = "") -> None:
+        super().__init__(message or f"{waiting} requests are waiting")
         self.waiting = waiting
         self.retry_after_s = retry_after_s
+
+
+class RequestRejected(EngineError):
+    """The engine refused the request as given (INVALID_ARGUMENT): the caller
+    must change it. ``field`` names the request field at fault, if known."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RequestFailed(EngineError):
+    """The engine failed this request but keeps serving others (UNAVAILABLE
+    with RetryInfo): the same request may succeed when retried."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestAborted(EngineError):
+    """The engine ended the stream itself (ABORTED), not at our caller's
+    request: e.g. it was shut down or preempted the request for good."""
+
+
+class EngineDead(EngineError):
+    """The engine is gone for every request (UNAVAILABLE; the service stops
+    reporting SERVING so the balancer sends traffic elsewhere)."""
 
 
 class Tokenizer(Protocol):
