@@ -53,10 +53,6 @@ def _env(ctx: RunContext) -> dict[str, str]:
     return {
         "MLMESH_LLM_REGISTRY_TARGET": ctx.address("registry"),
         "MLMESH_LLM_CACHE_DIR": str(ctx.state / "llm-cache"),
-        # vLLM's CPU worker pins its threads to cores by default ("auto"):
-        # every replica on one machine would pin the same first core. The
-        # scheduler spreads unpinned ones over the cores instead.
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         # Nothing leaves the machine: no usage reports, no hub downloads.
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",

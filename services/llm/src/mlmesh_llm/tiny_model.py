@@ -216,9 +216,9 @@ def build_vlm(out: Path, *, seed: int = 0, image_size: int = 56, context: int = 
         text_config=text,
         scale_factor=scale,
         image_token_id=processor.image_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    config.pad_token_id = tokenizer.pad_token_id  # the class default is Llama 3's
     Idefics3ForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "mlmesh-build.json").write_text(

@@ -270,9 +270,8 @@ class VllmEngine:
             load = self.load()
             raise QueueFull(load.waiting, self._retry_after(load), full.message) from full
         except VLLMClientError as rejected:
-            raise RequestRejected(str(rejected), getattr(rejected, "parameter", "") or "") from (
-                rejected
-            )
+            parameter = getattr(rejected, "parameter", None) or ""
+            raise RequestRejected(str(rejected), _FIELDS.get(parameter, "")) from rejected
         except EngineDeadError as dead:
             raise EngineDead(f"the vLLM engine for {self.model_dir.name} died") from dead
         except EngineGenerateError as failed:
@@ -321,6 +320,14 @@ class VllmEngine:
                 error
             )
         return engine_input
+
+
+# vLLM's names of the parameters its validation errors name, as our
+# contract's field paths (SamplingParams' names are the contract's).
+_FIELDS = {
+    name: f"sampling.{name}"
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+}
 
 
 def _finish_reason(completion: Any) -> FinishReason:
