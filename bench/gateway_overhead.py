@@ -113,9 +113,10 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--llm-engine",
-        choices=("cpu", "null"),
+        choices=("vllm", "cpu", "null"),
         default="cpu",
-        help="MLMESH_LLM_ENGINE: cpu (tiny-llama on the CPU) or null (zero-cost tokens)",
+        help="MLMESH_LLM_ENGINE: vllm (vLLM's CPU build, from .envs/llm), cpu (our CPU "
+        "engine) or null (zero-cost tokens); tiny-llama in the first two",
     )
     parser.add_argument(
         "--torch-threads",
