@@ -277,20 +277,13 @@ async def test_the_actor_in_alias_history_is_the_verified_key_never_a_header(
     assert actors == {f"key:{key.id}"}, actors
 
 
-async def test_the_gateway_away_services_keep_serving_and_new_keys_arrive_on_return(
-    admin, full_mesh
-):
-    _, secret = await create_key(admin, pb.PLATFORM_SERVICE_REGISTRY)
-    ready = json.loads((full_mesh.state_dir / "ready.json").read_text())
-    os.kill(int(ready["services"]["gateway"]["pid"]), signal.SIGKILL)
-    async with mesh_channel(direct(full_mesh, "registry"), secret) as channel:
-        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
-        await registry.ListModels(registry_rpc.ListModelsRequest())  # from its view
-    # The runner restarts the gateway on the same port.
+async def _create_key_once_the_gateway_is_back(admin) -> keys_rpc.CreateKeyResponse:
+    """The runner restarts a killed gateway on the same port: a registry key
+    created as soon as it answers again."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            reply = await admin.CreateKey(
+            return await admin.CreateKey(
                 keys_rpc.CreateKeyRequest(
                     key=pb.Key(
                         display_name="after",
@@ -299,10 +292,37 @@ async def test_the_gateway_away_services_keep_serving_and_new_keys_arrive_on_ret
                 ),
                 timeout=2,
             )
-            break
         except grpc.RpcError:
             assert time.monotonic() < deadline, "the gateway did not come back"
             await asyncio.sleep(0.2)
+
+
+async def test_the_gateway_away_services_keep_serving_and_new_keys_arrive_on_return(
+    admin, full_mesh
+):
+    _, secret = await create_key(admin, pb.PLATFORM_SERVICE_REGISTRY)
+    # The key reaches the registry's view through the gateway's watch stream:
+    # wait until it has (milliseconds, longer on a loaded machine), then take
+    # the gateway away.
+    async with mesh_channel(direct(full_mesh, "registry"), secret) as channel:
+        registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await registry.ListModels(registry_rpc.ListModelsRequest())
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == UNAUTHENTICATED, error
+                    await asyncio.sleep(0.1)
+    ready = json.loads((full_mesh.state_dir / "ready.json").read_text())
+    os.kill(int(ready["services"]["gateway"]["pid"]), signal.SIGKILL)
+    try:
+        async with mesh_channel(direct(full_mesh, "registry"), secret) as channel:
+            registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            await registry.ListModels(registry_rpc.ListModelsRequest())  # from its view
+    finally:
+        # Whatever happened above, the gateway is back before the next test.
+        reply = await _create_key_once_the_gateway_is_back(admin)
     created = time.monotonic()
     async with mesh_channel(direct(full_mesh, "registry"), reply.secret) as channel:
         registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
