@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from typing import ClassVar
 
 import grpc
@@ -15,6 +16,7 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
+from mlmesh_chassis import auth
 from mlmesh_chassis.auth import KeyView, current_principal
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.errors import Reason, Unauthenticated
@@ -119,6 +121,59 @@ async def test_scopes_are_checked_per_method_and_read_only_calls(server):
         stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(generate_only)),
         grpc.StatusCode.PERMISSION_DENIED,
     )
+
+
+async def test_a_key_that_arrives_while_its_first_call_waits_is_accepted(server):
+    # CreateKey returns before every service's view holds the key: the call
+    # waits for the view's next changes instead of being refused.
+    view, double, stub, _ = server
+    entry, secret = directory_key([pb.PLATFORM_SERVICE_REGISTRY], revision=view.revision + 1)
+    call = stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(secret))
+    await asyncio.sleep(0.2)
+    _grant(view, pb.PLATFORM_SERVICE_REGISTRY)  # another key first: still waiting
+    await asyncio.sleep(0.1)
+    view.apply([entry], view.revision + 1)
+    await call
+    assert double.actors[-1] == f"key:{entry.key.id}"
+
+
+async def test_an_unknown_key_is_refused_after_a_bounded_wait(server, monkeypatch):
+    view, _, stub, _ = server
+    monkeypatch.setattr(auth, "UNKNOWN_KEY_WAIT_S", 0.3)
+    _, unknown = directory_key([pb.PLATFORM_SERVICE_REGISTRY])
+    started = time.monotonic()
+    details = await expect_error(
+        stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(unknown)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert details.error_info.reason == "API_KEY_INVALID"
+    assert 0.3 <= time.monotonic() - started < 5
+    # A wrong secret for a key the view holds is refused at once.
+    entry, _ = _grant(view, pb.PLATFORM_SERVICE_REGISTRY)
+    _, other = directory_key([pb.PLATFORM_SERVICE_REGISTRY])
+    wrong = f"mlm_{entry.key.id}_{other.rsplit('_', 1)[1]}"
+    started = time.monotonic()
+    await expect_error(
+        stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(wrong)),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    assert time.monotonic() - started < 0.25
+
+
+async def test_a_flood_of_made_up_key_ids_parks_a_bounded_number_of_calls(monkeypatch):
+    monkeypatch.setattr(auth, "MAX_UNKNOWN_KEY_WAITERS", 3)
+    view = KeyView()
+    view.replace([], 0)
+    waiting = [asyncio.ensure_future(view.wait_for_key(f"{i:016x}")) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiting)
+    started = time.monotonic()
+    await view.wait_for_key("f" * 16)  # the fourth is not parked
+    assert time.monotonic() - started < 0.05
+    for w in waiting:
+        w.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert view._waiting == 0
 
 
 async def test_a_view_not_loaded_yet_answers_unavailable_with_retry_info():
@@ -244,16 +299,26 @@ async def test_a_client_gone_mid_stream_leaves_no_errors_in_the_log(server, capl
 
 async def test_bad_keys_leave_nothing_behind(server):
     """Checks keep no per-secret cache: a flood of distinct bad keys grows no
-    state (the gateway's old auth cache kept one entry per bad key)."""
+    state (the gateway's old auth cache kept one entry per bad key), and parks
+    at most MAX_UNKNOWN_KEY_WAITERS calls for about UNKNOWN_KEY_WAIT_S."""
     view, _, stub, _ = server
     callers_before = len(view)
-    for i in range(300):
-        secret = f"mlm_{i:016x}_" + "B" * 32
-        await expect_error(
-            stub.GetModel(rpc.GetModelRequest(name="mm"), metadata=bearer_metadata(secret)),
-            grpc.StatusCode.UNAUTHENTICATED,
+    started = time.monotonic()
+    await asyncio.gather(
+        *(
+            expect_error(
+                stub.GetModel(
+                    rpc.GetModelRequest(name="mm"),
+                    metadata=bearer_metadata(f"mlm_{i:016x}_" + "B" * 32),
+                ),
+                grpc.StatusCode.UNAUTHENTICATED,
+            )
+            for i in range(300)
         )
+    )
+    assert time.monotonic() - started < auth.UNKNOWN_KEY_WAIT_S + 10
     assert len(view) == callers_before
+    assert view._waiting == 0
 
 
 def test_a_time_no_datetime_holds_counts_as_expired_and_never_breaks_the_view():

@@ -12,6 +12,12 @@ as the actor.
 Secrets are ``mlm_<16 hex id>_<32 url-safe characters>``: 192 random bits,
 so a plain SHA-256 is safe to store and to replicate (no pepper to share).
 
+The view is current within milliseconds of a change, not at once: a key
+created a moment ago may not have reached it. A call whose key id the view
+does not hold waits for the view's next changes (``UNKNOWN_KEY_WAIT_S``) before
+it is refused, so a key works as soon as ``CreateKey`` returns; the gateway,
+which holds the store, reads it instead (``KeyView.catch_up``).
+
 Open streams are re-checked whenever the view changes and twice a second
 (rotation grace and expiry are times): a stream whose key stops
 authenticating is ended with UNAUTHENTICATED (``LiveCalls``).
@@ -53,6 +59,14 @@ log = logging.getLogger("mlmesh.auth")
 
 SECRET_PATTERN = re.compile(r"mlm_([0-9a-f]{16})_[A-Za-z0-9_-]{20,64}")
 MAX_SECRET_LENGTH = 90
+
+# How long a call with a key id the view does not hold waits for the key to
+# arrive (the gateway pushes a new key within milliseconds; longer on a
+# loaded machine), and how many such calls wait at once: past that, an
+# unknown key is refused at once, so a flood of made-up ids parks no more
+# than this many calls.
+UNKNOWN_KEY_WAIT_S = 1.0
+MAX_UNKNOWN_KEY_WAITERS = 64
 
 S = pb.PlatformService
 
@@ -217,6 +231,9 @@ class KeyView:
         self.synced = False
         self.revision = 0
         self._listeners: list[Callable[[], None]] = []
+        # Set (and replaced) on every change, for calls waiting on a key.
+        self._change = asyncio.Event()
+        self._waiting = 0
         # Where the view can catch up at once on an unknown key (the gateway:
         # its own store, for keys another replica created a moment ago);
         # None elsewhere.
@@ -231,6 +248,23 @@ class KeyView:
     def _changed(self) -> None:
         for listener in self._listeners:
             listener()
+        changed, self._change = self._change, asyncio.Event()
+        changed.set()
+
+    async def wait_for_key(self, key_id: str) -> None:
+        """Returns once the view holds ``key_id``, or after UNKNOWN_KEY_WAIT_S
+        (at once when MAX_UNKNOWN_KEY_WAITERS calls wait already)."""
+        if key_id in self._keys or self._waiting >= MAX_UNKNOWN_KEY_WAITERS:
+            return
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(UNKNOWN_KEY_WAIT_S):
+                while key_id not in self._keys:
+                    await self._change.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting -= 1
 
     def seed(self, entries: Iterable[kd.DirectoryKey]) -> None:
         """Bootstrap keys, trusted only until the first snapshot."""
@@ -285,7 +319,7 @@ class KeyView:
                 raise Unavailable(
                     "this service has not loaded the key directory yet", retry_after_s=1.0
                 )
-            raise UnknownKey()
+            raise UnknownKey(key_id)
         refusal = record.refusal(digest, time.time())
         if refusal is not None:
             message, reason = refusal
@@ -296,8 +330,9 @@ class KeyView:
 class UnknownKey(Unauthenticated):
     """A well-formed key whose id the view does not hold."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_id: str) -> None:
         super().__init__("unknown API key", Reason.ERROR_REASON_API_KEY_INVALID)
+        self.key_id = key_id
 
 
 def read_bootstrap_keys(path: Path) -> list[kd.DirectoryKey]:
@@ -408,10 +443,11 @@ class CallerCheck:
                 break
         try:
             principal = self.view.verify(secret)
-        except UnknownKey:
-            if self.view.catch_up is None:
-                raise
-            await self.view.catch_up()
+        except UnknownKey as unknown:
+            if self.view.catch_up is not None:
+                await self.view.catch_up()
+            else:
+                await self.view.wait_for_key(unknown.key_id)
             principal = self.view.verify(secret)
         if scopes is None:
             raise PermissionDenied("no access policy covers this method", method=method[:120])

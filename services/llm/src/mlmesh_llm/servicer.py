@@ -110,7 +110,9 @@ class LlmServicer(llm_service_pb2_grpc.LlmServiceServicer):
                 max_tokens=sampling.max_tokens,
                 context_length=context_length,
             )
-        request_id = request.request_id or uuid.uuid4().hex
+        # The engine's id is the server's own: the caller's id (the gateway
+        # sends its call id) only prefixes it, so two calls never share one.
+        request_id = f"{request.request_id}:{uuid.uuid4().hex}".removeprefix(":")
         remaining = context.time_remaining()
         engine_request = EngineRequest(
             request_id=request_id,
