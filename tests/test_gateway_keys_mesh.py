@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from meshkit import usage_buckets
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.deployer.v1alpha1 import deployer_service_pb2, deployer_service_pb2_grpc
+from mlmesh.features.v1 import features_service_pb2, features_service_pb2_grpc
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as gateway_rpc
 from mlmesh.gateway.v1 import (
@@ -69,6 +70,7 @@ def calls(address: str, secret: str):
             usage = usage_service_pb2_grpc.UsageServiceStub(channel)
             gateway = gateway_service_pb2_grpc.GatewayServiceStub(channel)
             deployer = deployer_service_pb2_grpc.DeployerServiceStub(channel)
+            features = features_service_pb2_grpc.FeatureServiceStub(channel)
             for call in (
                 registry.ListModels(registry_rpc.ListModelsRequest()),
                 registry.CreateModel(registry_rpc.CreateModelRequest()),
@@ -77,6 +79,7 @@ def calls(address: str, secret: str):
                 usage.GetUsage(usage_service_pb2.GetUsageRequest()),
                 gateway.ListModels(gateway_rpc.ListModelsRequest()),
                 deployer.ListDeployments(deployer_service_pb2.ListDeploymentsRequest()),
+                features.ListFeatureViews(features_service_pb2.ListFeatureViewsRequest()),
             ):
                 if code is None:
                     await call
@@ -127,6 +130,12 @@ SERVED_ON_PORT = {
         (
             "/mlmesh.deployer.v1alpha1.DeployerService/ListDeployments",
             deployer_service_pb2.ListDeploymentsRequest(),
+        ),
+    ],
+    "features": [
+        (
+            "/mlmesh.features.v1.FeatureService/ListFeatureViews",
+            features_service_pb2.ListFeatureViewsRequest(),
         ),
     ],
 }
@@ -423,13 +432,14 @@ async def test_the_registry_meters_its_callers_per_key(admin, full_mesh):
     assert await _usage_requests(full_mesh, key.id, pb.PLATFORM_SERVICE_REGISTRY, 5) == 5
 
 
-async def test_the_llm_and_the_deployer_meter_their_callers_too(admin, full_mesh):
+async def test_the_llm_the_deployer_and_features_meter_their_callers_too(admin, full_mesh):
     """Straight to their ports (no gateway in the path): per-key requests per
     minute, and one usage event per admitted call in the one ledger."""
     key, secret = await create_key(
         admin,
         pb.PLATFORM_SERVICE_LLM,
         pb.PLATFORM_SERVICE_DEPLOYER,
+        pb.PLATFORM_SERVICE_FEATURES,
         limits=pb.KeyLimits(requests_per_minute=2),
     )
     probes = {
@@ -443,6 +453,12 @@ async def test_the_llm_and_the_deployer_meter_their_callers_too(admin, full_mesh
             pb.PLATFORM_SERVICE_DEPLOYER,
             lambda channel: deployer_service_pb2_grpc.DeployerServiceStub(channel).ListDeployments(
                 deployer_service_pb2.ListDeploymentsRequest()
+            ),
+        ),
+        "features": (
+            pb.PLATFORM_SERVICE_FEATURES,
+            lambda channel: features_service_pb2_grpc.FeatureServiceStub(channel).ListFeatureViews(
+                features_service_pb2.ListFeatureViewsRequest()
             ),
         ),
     }

@@ -10,9 +10,9 @@ from typing import ClassVar
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from mlmesh.features.v1alpha1 import features_service_pb2
 from mlmesh.gateway.v1.gateway_pb2 import PlatformService as S
 from mlmesh.registry.v1 import registry_service_pb2_grpc
+from mlmesh.vectors.v1alpha1 import vectors_service_pb2
 from mlmesh_chassis.auth import KeyView, scopes_for
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.registration import (
@@ -25,7 +25,7 @@ from mlmesh_chassis.registration import (
 )
 from mlmesh_chassis.server import start_service
 
-FEATURES = features_service_pb2.DESCRIPTOR.services_by_name["FeatureService"]
+VECTORS = vectors_service_pb2.DESCRIPTOR.services_by_name["VectorService"]
 
 
 def registration(name: str, **fields) -> ServiceRegistration:  # type: ignore[no-untyped-def]
@@ -42,7 +42,7 @@ def registration(name: str, **fields) -> ServiceRegistration:  # type: ignore[no
 
 def test_installed_services_start_in_their_declared_order():
     names = [r.name for r in registrations()]
-    assert names == ["registry", "llm", "triton", "deployer", "gateway"]
+    assert names == ["features", "registry", "llm", "triton", "deployer", "gateway"]
     assert key_directory_service() == "gateway"
 
 
@@ -119,17 +119,17 @@ def test_names_and_env_prefixes_are_checked(fields):
 
 
 def test_a_new_service_gets_its_scopes_from_its_registration():
-    """A service with no registration yet (features) is refused; once its
+    """A service with no registration yet (vectors) is refused; once its
     registration names its scope, that scope, and only it, may call it."""
-    method = f"/{FEATURES.full_name}/{FEATURES.methods[0].name}"
+    method = f"/{VECTORS.full_name}/{VECTORS.methods[0].name}"
     assert scopes_for(method, route_table(registrations())) is None
-    features = registration(
-        "features",
-        services=lambda: [FEATURES],
-        routes=(route("/mlmesh.features.", {S.PLATFORM_SERVICE_FEATURES}),),
+    vectors = registration(
+        "vectors",
+        services=lambda: [VECTORS],
+        routes=(route("/mlmesh.vectors.", {S.PLATFORM_SERVICE_VECTORS}),),
     )
-    table = route_table([*registrations(), features])
-    assert scopes_for(method, table) == {S.PLATFORM_SERVICE_FEATURES}
+    table = route_table([*registrations(), vectors])
+    assert scopes_for(method, table) == {S.PLATFORM_SERVICE_VECTORS}
     # Read-only methods get the read scopes, others the write scopes.
     read = "/mlmesh.registry.v1.RegistryService/ListModels"
     write = "/mlmesh.registry.v1.RegistryService/CreateModel"

@@ -32,7 +32,7 @@ from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.errors import details_of
 
-from mlmesh_sdk import cli_gateway
+from mlmesh_sdk import cli_features, cli_gateway
 from mlmesh_sdk.progress import Progress, ProgressBar, human_bytes
 from mlmesh_sdk.reference import parse_reference
 from mlmesh_sdk.registry import DownloadError, RegistryClient
@@ -232,6 +232,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     cli_gateway.add_generate,
     cli_gateway.add_embed,
     cli_gateway.add_infer,
+    cli_features.add_features,
 )
 
 
@@ -345,7 +346,7 @@ def _event_line(event: pb.AliasEvent) -> str:
 
 def summary(message: Message) -> str:
     """One line for a result (what the commands print without --json)."""
-    line = cli_gateway.summary(message)
+    line = cli_gateway.summary(message) or cli_features.summary(message)
     if line is not None:
         return line
     if isinstance(message, pb.ModelVersion):

@@ -1,0 +1,1 @@
+"""The demo feature repository (feature_repo.yaml) and its generated data."""

@@ -1,0 +1,393 @@
+"""The feature store behind the service: Feast, holding what the definitions
+compile to, plus the applied definitions' history.
+
+Feast is the writer of record and the definitions' home: every entity,
+source, feature view and feature service is a Feast object in Feast's
+registry (a file locally; a SQL registry on PostgreSQL by setting), and
+online values live in Feast's online store (SQLite locally). What Feast
+does not do, this module does:
+
+- **Apply as one change.** ``apply`` compares the new definitions with the
+  last applied ones (kept here, with a revision number, next to Feast's
+  registry), reports each object as created, updated, unchanged or deleted,
+  and for ``validate_only`` stops there. Otherwise it hands Feast every
+  object and every deletion in one ``FeatureStore.apply(partial=False)``,
+  which commits Feast's registry once, at its end; the definitions' new
+  revision is written (atomically, by rename) only after Feast succeeded.
+  A failed apply leaves the last revision in force.
+- **Computed views.** Each feature view is fed by a push source over a
+  parquet file of its computed rows (``mlmesh_features.batch``): Feast
+  stores and serves values, the batch computation (and later the Flink job)
+  makes them. ``materialize`` computes a view from its source's parquet and
+  writes it to the online store; ``push`` writes precomputed rows.
+- **Online reads** go to the online store through Feast's own reader
+  (``OnlineStore.online_read``: one query for all entities of a view),
+  skipping ``FeatureStore.get_online_features``' per-call registry and
+  response building. Values keep Feast's serialized layout.
+
+Every Feast call runs on one thread of its own (``FeastThread``): Feast is
+synchronous, and its SQLite connection and registry cache are not built for
+concurrent callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+from mlmesh_features import expressions as ex
+from mlmesh_features.batch import EVENT_TIMESTAMP, compute_view
+from mlmesh_features.definitions import Definitions, parse
+
+T = TypeVar("T")
+
+PROJECT = "mlmesh"
+
+# What the diff calls each kind of object (mlmesh.features.v1.ObjectType).
+KINDS = ("entity", "data_source", "feature_view", "feature_service")
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    name: str
+    action: str  # created | updated | deleted | unchanged
+
+
+@dataclass(frozen=True)
+class Applied:
+    revision: int
+    changes: list[Change]
+
+
+@dataclass(frozen=True)
+class OnlineValue:
+    value: Any  # a Python value (None when missing)
+    status: str  # present | not_found | null | outside_max_age
+    event_time: datetime | None
+
+
+class FeastThread:
+    """One thread for every Feast call."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feast")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, True)
+
+
+def _feast_type(kind: str) -> Any:
+    from feast import types
+
+    return {
+        ex.INT64: types.Int64,
+        ex.DOUBLE: types.Float64,
+        ex.STRING: types.String,
+        ex.BOOL: types.Bool,
+    }[kind]
+
+
+class FeatureStore:
+    """The service's Feast repository in ``root`` (feature_store.yaml is
+    written from the settings, never read from a caller)."""
+
+    def __init__(
+        self, root: Path, online_store: dict[str, Any] | None = None, registry: str | None = None
+    ) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.computed = root / "computed"
+        self.computed.mkdir(exist_ok=True)
+        self._online_store = online_store or {"type": "sqlite", "path": str(root / "online.db")}
+        self._registry = registry or str(root / "registry.db")
+        self._lock = threading.Lock()
+        self._feast: Any = None
+        self.definitions, self.revision = self._load_current()
+
+    # ---- Feast ------------------------------------------------------------------
+
+    def feast(self) -> Any:
+        if self._feast is None:
+            from feast import FeatureStore as Feast
+            from feast import RepoConfig
+
+            registry: dict[str, Any] = {"path": self._registry, "cache_ttl_seconds": 0}
+            if self._registry.startswith(("postgresql", "sqlite:")):
+                registry["registry_type"] = "sql"
+            config = RepoConfig(
+                project=PROJECT,
+                provider="local",
+                registry=registry,
+                online_store=self._online_store,
+                offline_store={"type": "file"},
+                entity_key_serialization_version=3,
+                repo_path=str(self.root),
+            )
+            self._feast = Feast(config=config)
+        return self._feast
+
+    def _objects(self, defs: Definitions) -> dict[tuple[str, str], Any]:
+        from feast import (
+            Entity,
+            FeatureService,
+            FeatureView,
+            Field,
+            FileSource,
+            PushSource,
+            ValueType,
+        )
+
+        out: dict[tuple[str, str], Any] = {}
+        entities = {}
+        for entity in defs.entities.values():
+            entities[entity.name] = Entity(
+                name=entity.name,
+                join_keys=[entity.join_key],
+                value_type=ValueType.INT64 if entity.value_type == ex.INT64 else ValueType.STRING,
+                description=entity.description,
+            )
+            out[("entity", entity.name)] = entities[entity.name]
+        for source in defs.sources.values():
+            out[("data_source", source.name)] = FileSource(
+                name=source.name,
+                path=source.path or str(self.root / "events" / f"{source.name}.parquet"),
+                timestamp_field=source.timestamp_field,
+                tags={"kind": source.kind},
+            )
+        views = {}
+        for view in defs.feature_views.values():
+            computed = FileSource(
+                name=f"{view.name}__computed",
+                path=str(self.computed / f"{view.name}.parquet"),
+                timestamp_field=EVENT_TIMESTAMP,
+            )
+            push = PushSource(name=f"{view.name}__push", batch_source=computed)
+            keys = [
+                Field(
+                    name=defs.entities[e].join_key, dtype=_feast_type(defs.entities[e].value_type)
+                )
+                for e in view.entities
+            ]
+            features = [
+                Field(name=n, dtype=_feast_type(t)) for n, t in view.feature_types().items()
+            ]
+            views[view.name] = FeatureView(
+                name=view.name,
+                entities=[entities[e] for e in view.entities],
+                ttl=view.ttl or timedelta(0),
+                schema=keys + features,
+                source=push,
+                online=view.online,
+                tags={**view.tags, "mlmesh.source": view.source},
+                description=view.description,
+            )
+            out[("feature_view", view.name)] = views[view.name]
+        for service in defs.feature_services.values():
+            by_view: dict[str, list[str]] = {}
+            for view_name, feature in service.features:
+                by_view.setdefault(view_name, []).append(feature)
+            out[("feature_service", service.name)] = FeatureService(
+                name=service.name,
+                features=[views[v][names] for v, names in by_view.items()],
+                description=service.description,
+            )
+        return out
+
+    # ---- the definitions' history ---------------------------------------------------
+
+    def _history(self) -> Path:
+        path = self.root / "definitions"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _load_current(self) -> tuple[Definitions, int]:
+        current = self._history() / "CURRENT"
+        if not current.exists():
+            return Definitions(), 0
+        revision = int(current.read_text())
+        record = json.loads((self._history() / f"{revision}.json").read_text())
+        return parse(record["source"]), revision
+
+    def _save(self, source: str, revision: int) -> None:
+        history = self._history()
+        record = {
+            "revision": revision,
+            "applied_at": datetime.now(UTC).isoformat(),
+            "source": source,
+        }
+        for name, data in ((f"{revision}.json", json.dumps(record)), ("CURRENT", str(revision))):
+            partial = history / f".{name}.tmp"
+            partial.write_text(data)
+            os.replace(partial, history / name)
+
+    # ---- apply ------------------------------------------------------------------------
+
+    def diff(self, defs: Definitions, prune: bool) -> list[Change]:
+        old = self.definitions.documents
+        changes = []
+        for kind in KINDS:
+            for (k, name), document in defs.documents.items():
+                if k != kind:
+                    continue
+                if (kind, name) not in old:
+                    action = "created"
+                elif old[(kind, name)] != document:
+                    action = "updated"
+                else:
+                    action = "unchanged"
+                changes.append(Change(kind, name, action))
+            if prune:
+                changes.extend(
+                    Change(kind, name, "deleted")
+                    for (k, name) in old
+                    if k == kind and (kind, name) not in defs.documents
+                )
+        return changes
+
+    def apply(self, source: str, defs: Definitions, *, prune: bool, validate_only: bool) -> Applied:
+        """Applies ``defs`` (parsed from ``source``) as one change; see the
+        module docstring. Runs on the Feast thread."""
+        with self._lock:
+            changes = self.diff(defs, prune)
+            if validate_only or all(c.action == "unchanged" for c in changes):
+                return Applied(self.revision, changes)
+            deleted = []
+            if prune:
+                previous = self._objects(self.definitions)
+                deleted = [previous[(c.kind, c.name)] for c in changes if c.action == "deleted"]
+            else:
+                # Without prune, what the source no longer declares stays in
+                # force; the whole is checked again (an old service may name a
+                # feature the new source dropped).
+                source = _source_of(_merged(self.definitions, defs), source, prune)
+                defs = parse(source)
+            objects = self._objects(defs)
+            self.feast().apply(list(objects.values()), objects_to_delete=deleted, partial=False)
+            revision = self.revision + 1
+            self._save(source, revision)
+            self.definitions, self.revision = defs, revision
+            return Applied(revision, changes)
+
+    # ---- writing and reading values -----------------------------------------------------
+
+    def materialize(
+        self, view_name: str, start: datetime | None = None, end: datetime | None = None
+    ) -> int:
+        """Computes ``view_name`` from its source's parquet and writes the rows
+        with event times in [start, end] (end: now) to the online store; the
+        count of rows computed in that range. A window end after ``end`` is not
+        a value yet: its window is still open."""
+        view = self.definitions.feature_views[view_name]
+        source = self.definitions.sources[view.source]
+        events = pd.read_parquet(source.path)
+        rows = compute_view(self.definitions, view, events)
+        until = pd.Timestamp(end or datetime.now(UTC))
+        rows = rows[rows[EVENT_TIMESTAMP] <= until]
+        if start is not None:
+            rows = rows[rows[EVENT_TIMESTAMP] >= pd.Timestamp(start)]
+        self.write(view_name, rows)
+        return len(rows)
+
+    def write(self, view_name: str, rows: pd.DataFrame) -> None:
+        """Writes computed rows (join keys, event_timestamp, features) to the
+        online store: the latest row of each entity in ``rows``."""
+        if rows.empty:
+            return
+        keys = self.definitions.join_keys(self.definitions.feature_views[view_name])
+        latest = rows.sort_values(EVENT_TIMESTAMP, kind="stable").drop_duplicates(keys, keep="last")
+        self.feast().write_to_online_store(view_name, latest, transform_on_write=False)
+
+    def read(
+        self, view_name: str, features: Sequence[str], entity_rows: Sequence[dict[str, Any]]
+    ) -> list[list[OnlineValue]]:
+        """The online values of ``features`` of ``view_name`` for each entity
+        row (a dict of join key to value), in order."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        view = self.definitions.feature_views[view_name]
+        keys = self.definitions.join_keys(view)
+        kinds = [self.definitions.entities[e].value_type for e in view.entities]
+        entity_keys = []
+        for entity in entity_rows:
+            key_values = [
+                Value(int64_val=entity[key]) if kind == ex.INT64 else Value(string_val=entity[key])
+                for key, kind in zip(keys, kinds, strict=True)
+            ]
+            entity_keys.append(EntityKey(join_keys=keys, entity_values=key_values))
+        feast = self.feast()
+        table = feast.registry.get_feature_view(view_name, PROJECT, allow_cache=True)
+        provider = feast._get_provider()
+        found = provider.online_store.online_read(feast.config, table, entity_keys, list(features))
+        now = datetime.now(UTC)
+        out: list[list[OnlineValue]] = []
+        for event_time, values in found:
+            if event_time is None or event_time.timestamp() == 0:
+                # No row for this entity (Redis answers with empty values
+                # at the epoch instead of nothing).
+                values = None
+            row: list[OnlineValue] = []
+            for feature in features:
+                if values is None or feature not in values:
+                    row.append(OnlineValue(None, "not_found", None))
+                    continue
+                value = feast_value_type_to_python_type(values[feature])
+                if view.ttl and event_time is not None and now - event_time > view.ttl:
+                    row.append(OnlineValue(None, "outside_max_age", event_time))
+                elif value is None:
+                    row.append(OnlineValue(None, "null", event_time))
+                else:
+                    row.append(OnlineValue(value, "present", event_time))
+            out.append(row)
+        return out
+
+
+def _merged(old: Definitions, new: Definitions) -> Definitions:
+    """``new`` plus what ``old`` declares that ``new`` does not."""
+    merged = Definitions(
+        entities={**old.entities, **new.entities},
+        sources={**old.sources, **new.sources},
+        feature_views={**old.feature_views, **new.feature_views},
+        feature_services={**old.feature_services, **new.feature_services},
+        documents={**old.documents, **new.documents},
+    )
+    return merged
+
+
+def _source_of(defs: Definitions, source: str, prune: bool) -> str:
+    """The YAML that reproduces the definitions in force (``source`` itself
+    when it declares all of them)."""
+    if prune or set(defs.documents) == set(parse(source).documents):
+        return source
+    import yaml
+
+    sections: dict[str, list[Any]] = {
+        "entities": [],
+        "sources": [],
+        "feature_views": [],
+        "feature_services": [],
+    }
+    section_of = {
+        "entity": "entities",
+        "data_source": "sources",
+        "feature_view": "feature_views",
+        "feature_service": "feature_services",
+    }
+    for (kind, _), document in defs.documents.items():
+        sections[section_of[kind]].append(document)
+    return yaml.safe_dump(sections, sort_keys=False)
