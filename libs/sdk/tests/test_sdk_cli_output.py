@@ -30,6 +30,8 @@ def test_every_command_takes_json_and_progress_before_or_after_it() -> None:
         "alias set",
         "download",
         "embed",
+        "features apply",
+        "features get",
         "generate",
         "infer",
         "keys create",
