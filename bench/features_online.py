@@ -295,7 +295,9 @@ def calls(
             headers={"content-type": "application/json"},
         )
         answer.raise_for_status()
-        f03 = answer.json()["results"][4]  # user_id first, then the features in order
+        body = answer.json()
+        # Feast orders the columns its own way: the entity, then the view's.
+        f03 = body["results"][body["metadata"]["feature_names"].index("f03")]
         if f03["statuses"][0] != "PRESENT" or len(f03["values"]) != shape:
             raise ValueError("wrong rows")
         if f03["values"][0] != values.at[batches[k][0], "f03"]:
@@ -423,7 +425,7 @@ async def main(args: argparse.Namespace) -> int:
                     f["p50_ms"] if f else "",
                     f["p99_ms"] if f else "",
                     f["rps"] if f else "",
-                    m["rps"] / f["rps"] if f else "",
+                    m["rps"] / f["rps"] if f and f["rps"] else "",
                 ]
             )
     print()

@@ -144,10 +144,19 @@ class FeatureServicer(features_service_pb2_grpc.FeatureServiceServicer):
         names = [f"{v}__{f}" if request.full_feature_names else f for v, f in wanted]
         response = rpc.GetOnlineFeaturesResponse(feature_names=names)
         column = {pair: by_view[pair[0]].index(pair[1]) for pair in wanted}
+        stamps: dict[datetime, timestamp_pb2.Timestamp] = {}
         for index in range(len(rows)):
             row = response.rows.add()
             for view, feature in wanted:
-                row.values.append(_value_message(found[view][index][column[(view, feature)]]))
+                found_value = found[view][index][column[(view, feature)]]
+                value = row.values.add(
+                    status=_STATUSES[found_value.status], value=_struct_value(found_value.value)
+                )
+                if found_value.event_time is not None:
+                    stamp = stamps.get(found_value.event_time)
+                    if stamp is None:
+                        stamp = stamps[found_value.event_time] = _timestamp(found_value.event_time)
+                    value.event_time.CopyFrom(stamp)
         return response
 
     async def Push(self, request, context):  # type: ignore[no-untyped-def]
@@ -294,13 +303,10 @@ def _is_integer(text: str) -> bool:
     )
 
 
-def _value_message(found: OnlineValue) -> pb.FeatureValue:
-    message = pb.FeatureValue(status=_STATUSES[found.status], value=_struct_value(found.value))
-    if found.event_time is not None:
-        stamp = timestamp_pb2.Timestamp()
-        stamp.FromDatetime(found.event_time.astimezone(UTC).replace(tzinfo=None))
-        message.event_time.CopyFrom(stamp)
-    return message
+def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when.astimezone(UTC).replace(tzinfo=None))
+    return stamp
 
 
 def _struct_value(value: Any) -> struct_pb2.Value:

@@ -116,6 +116,7 @@ class FeatureStore:
         self._registry = registry or str(root / "registry.db")
         self._lock = threading.Lock()
         self._feast: Any = None
+        self._tables: dict[str, Any] = {}  # Feast's views, for the revision in force
         self.definitions, self.revision = self._load_current()
 
     # ---- Feast ------------------------------------------------------------------
@@ -280,6 +281,7 @@ class FeatureStore:
             revision = self.revision + 1
             self._save(source, revision)
             self.definitions, self.revision = defs, revision
+            self._tables.clear()
             return Applied(revision, changes)
 
     # ---- writing and reading values -----------------------------------------------------
@@ -318,7 +320,6 @@ class FeatureStore:
         row (a dict of join key to value), in order."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
-        from feast.type_map import feast_value_type_to_python_type
 
         view = self.definitions.feature_views[view_name]
         keys = self.definitions.join_keys(view)
@@ -331,7 +332,13 @@ class FeatureStore:
             ]
             entity_keys.append(EntityKey(join_keys=keys, entity_values=key_values))
         feast = self.feast()
-        table = feast.registry.get_feature_view(view_name, PROJECT, allow_cache=True)
+        table = self._tables.get(view_name)
+        if table is None:
+            # Feast rebuilds the view from its registry proto on every
+            # lookup (milliseconds): kept per revision.
+            table = self._tables[view_name] = feast.registry.get_feature_view(
+                view_name, PROJECT, allow_cache=True
+            )
         provider = feast._get_provider()
         found = provider.online_store.online_read(feast.config, table, entity_keys, list(features))
         now = datetime.now(UTC)
@@ -346,7 +353,9 @@ class FeatureStore:
                 if values is None or feature not in values:
                     row.append(OnlineValue(None, "not_found", None))
                     continue
-                value = feast_value_type_to_python_type(values[feature])
+                proto = values[feature]
+                kind = proto.WhichOneof("val")  # the scalar kinds the DSL has
+                value = getattr(proto, kind) if kind is not None else None
                 if view.ttl and event_time is not None and now - event_time > view.ttl:
                     row.append(OnlineValue(None, "outside_max_age", event_time))
                 elif value is None:
