@@ -50,6 +50,24 @@ def channel(target: str, *extra: tuple[str, Any], api_key: str = "") -> grpc.aio
     )
 
 
+async def app_key(target: str, admin_key: str, *services: int) -> str:
+    """A key an application would hold, with ``services`` only (made with the
+    admin key through KeyService). A service's view of the keys may lag by
+    milliseconds: its first call waits for the key (mlmesh_chassis.auth)."""
+    from mlmesh.gateway.v1 import gateway_pb2, key_service_pb2, key_service_pb2_grpc
+
+    async with channel(target, api_key=admin_key) as keys:
+        reply = await key_service_pb2_grpc.KeyServiceStub(keys).CreateKey(
+            key_service_pb2.CreateKeyRequest(
+                key=gateway_pb2.Key(
+                    display_name="bench", scopes=gateway_pb2.KeyScopes(services=list(services))
+                )
+            ),
+            timeout=30.0,
+        )
+    return str(reply.secret)
+
+
 def add_common_args(parser: Any) -> None:
     parser.add_argument(
         "--tmpdir",

@@ -48,7 +48,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
-from mlmesh.gateway.v1 import gateway_pb2, key_service_pb2, key_service_pb2_grpc
+from mlmesh.gateway.v1 import gateway_pb2
 
 REDIS = "redis://127.0.0.1:6379/13"
 VIEW = "bench_stats"
@@ -108,20 +108,6 @@ def data(entities: int, features: int) -> pd.DataFrame:
     for i in range(features):
         frame[f"f{i:02d}"] = [round(rng.uniform(0, 1000), 6) for _ in range(entities)]
     return frame
-
-
-async def app_key(target: str, admin_key: str) -> str:
-    async with common.channel(target, api_key=admin_key) as channel:
-        reply = await key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
-            key_service_pb2.CreateKeyRequest(
-                key=gateway_pb2.Key(
-                    display_name="bench",
-                    scopes=gateway_pb2.KeyScopes(services=[gateway_pb2.PLATFORM_SERVICE_FEATURES]),
-                )
-            ),
-            timeout=CALL_TIMEOUT,
-        )
-    return reply.secret
 
 
 async def load(stub: Any, frame: pd.DataFrame, features: int) -> dict[str, float]:
@@ -328,7 +314,9 @@ async def measure_store(
     rng = random.Random(2)
     async with common.running_mesh(args, ("features", "gateway")) as (mesh, ready, workdir):
         target = ready["address"]
-        secret = await app_key(target, mesh.admin_key())
+        secret = await common.app_key(
+            target, mesh.admin_key(), gateway_pb2.PLATFORM_SERVICE_FEATURES
+        )
         async with common.channel(target, api_key=secret) as channel:
             stub = features_service_pb2_grpc.FeatureServiceStub(channel)
             await stub.ApplyFeatureDefinitions(

@@ -32,7 +32,7 @@ from typing import Any
 import _common as common
 import grpc
 from mlmesh.common.v1 import model_reference_pb2
-from mlmesh.gateway.v1 import gateway_pb2, key_service_pb2, key_service_pb2_grpc
+from mlmesh.gateway.v1 import gateway_pb2
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh.registry.v1 import registry_service_pb2_grpc
 
@@ -106,22 +106,6 @@ async def setup(stub: Any) -> None:
     )
 
 
-async def app_key(target: str, admin_key: str) -> str:
-    """A key an application would hold: the REGISTRY scope only."""
-    async with common.channel(target, api_key=admin_key) as channel:
-        reply = await key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
-            key_service_pb2.CreateKeyRequest(
-                key=gateway_pb2.Key(
-                    display_name="bench",
-                    scopes=gateway_pb2.KeyScopes(services=[gateway_pb2.PLATFORM_SERVICE_REGISTRY]),
-                )
-            ),
-            timeout=CALL_TIMEOUT,
-        )
-    await asyncio.sleep(0.5)  # the registry's view has it within milliseconds
-    return reply.secret
-
-
 REQUEST = rpc.ResolveModelReferenceRequest(
     reference=model_reference_pb2.ModelReference(model=MODEL, alias=ALIAS)
 )
@@ -193,7 +177,9 @@ async def main(args: argparse.Namespace) -> int:
             flush=True,
         )
         meter = common.CpuMeter(common.mesh_pids(mesh))
-        secret = await app_key(targets["envoy"], mesh.admin_key())
+        secret = await common.app_key(
+            targets["envoy"], mesh.admin_key(), gateway_pb2.PLATFORM_SERVICE_REGISTRY
+        )
         async with (
             common.channel(targets["envoy"], api_key=secret) as envoy_ch,
             common.channel(targets["direct"], api_key=secret) as direct_ch,
