@@ -14,9 +14,10 @@ so a plain SHA-256 is safe to store and to replicate (no pepper to share).
 
 The view is current within milliseconds of a change, not at once: a key
 created a moment ago may not have reached it. A call whose key id the view
-does not hold waits for the view's next changes (``UNKNOWN_KEY_WAIT_S``) before
-it is refused, so a key works as soon as ``CreateKey`` returns; the gateway,
-which holds the store, reads it instead (``KeyView.catch_up``).
+does not hold catches up first (``KeyView.catch_up``): it waits for the
+view's next changes (``UNKNOWN_KEY_WAIT_S``) before it is refused, so a key
+works as soon as ``CreateKey`` returns; the gateway, which holds the store,
+reads it instead.
 
 Open streams are re-checked whenever the view changes and twice a second
 (rotation grace and expiry are times): a stream whose key stops
@@ -234,10 +235,11 @@ class KeyView:
         # Set (and replaced) on every change, for calls waiting on a key.
         self._change = asyncio.Event()
         self._waiting = 0
-        # Where the view can catch up at once on an unknown key (the gateway:
-        # its own store, for keys another replica created a moment ago);
-        # None elsewhere.
-        self.catch_up: Callable[[], Awaitable[None]] | None = None
+        # How the view catches up on an unknown key id before the call is
+        # refused: by default it waits for the key to arrive (wait_for_key);
+        # the gateway reads its own store instead (keys another replica
+        # created a moment ago).
+        self.catch_up: Callable[[str], Awaitable[None]] = self.wait_for_key
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -444,10 +446,7 @@ class CallerCheck:
         try:
             principal = self.view.verify(secret)
         except UnknownKey as unknown:
-            if self.view.catch_up is not None:
-                await self.view.catch_up()
-            else:
-                await self.view.wait_for_key(unknown.key_id)
+            await self.view.catch_up(unknown.key_id)
             principal = self.view.verify(secret)
         if scopes is None:
             raise PermissionDenied("no access policy covers this method", method=method[:120])

@@ -103,6 +103,25 @@ class InvalidArgument(MlmeshError):
         self.violations = violations or []
 
     @classmethod
+    def listing(
+        cls,
+        violations: list[FieldViolation],
+        shown: int,
+        *,
+        prefix: str = "",
+        unnamed: str = "",
+        **metadata: object,
+    ) -> InvalidArgument:
+        """One INVALID_ARGUMENT carrying every violation: its message names the
+        first ``shown`` as ``field: description`` (``unnamed`` for a violation
+        without a field) and counts the rest."""
+        text = "; ".join(f"{v.field or unnamed}: {v.description}" for v in violations[:shown])
+        more = len(violations) - shown
+        return cls(
+            prefix + text + (f" (and {more} more)" if more > 0 else ""), violations, **metadata
+        )
+
+    @classmethod
     def field(cls, field_path: str, description: str) -> InvalidArgument:
         return cls(
             f"{field_path}: {description}",

@@ -107,14 +107,10 @@ def check(request: Message) -> None:
     """Raises INVALID_ARGUMENT (BadRequest) when ``request`` breaks a rule."""
     violations = violations_of(request)
     if violations:
-        shown = "; ".join(
-            f"{v.field or request.DESCRIPTOR.name}: {v.description}"
-            for v in violations[:_MESSAGE_VIOLATIONS]
-        )
-        more = len(violations) - _MESSAGE_VIOLATIONS
-        raise InvalidArgument(
-            shown + (f" (and {more} more)" if more > 0 else ""),
+        raise InvalidArgument.listing(
             violations,
+            _MESSAGE_VIOLATIONS,
+            unnamed=request.DESCRIPTOR.name,
             request=request.DESCRIPTOR.name,
         )
 

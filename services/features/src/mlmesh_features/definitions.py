@@ -276,11 +276,10 @@ def parse(source: str) -> Definitions:
     for path, item in _items(sections["feature_services"], "feature_services", problems):
         _service(item, path, definitions, problems)
     if problems.found:
-        first = problems.found[0]
-        more = f" (and {len(problems.found) - 1} more)" if len(problems.found) > 1 else ""
-        raise InvalidArgument(
-            f"the definitions are not valid: {first.field}: {first.description}{more}",
+        raise InvalidArgument.listing(
             problems.found,
+            1,
+            prefix="the definitions are not valid: ",
             problems=len(problems.found),
         )
     return definitions

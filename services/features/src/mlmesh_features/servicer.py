@@ -201,11 +201,7 @@ class FeatureServicer(features_service_pb2_grpc.FeatureServiceServicer):
 
 
 def _bad_request(violations: list[FieldViolation]) -> InvalidArgument:
-    first = violations[0]
-    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-    return InvalidArgument(
-        f"{first.field}: {first.description}{more}", violations, field=first.field
-    )
+    return InvalidArgument.listing(violations, 1, field=violations[0].field)
 
 
 def _selection(defs: Definitions, request: rpc.GetOnlineFeaturesRequest) -> list[tuple[str, str]]:

@@ -46,10 +46,11 @@ class KeyDirectory:
         self._caught_up = 0.0
         self._catching_up: asyncio.Task[None] | None = None
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, key_id: str = "") -> None:
         """Reads the store now, for a key another replica created a moment
-        ago. Callers arriving together share one read; unknown keys make at
-        most one read per CATCH_UP_S however many arrive."""
+        ago (every change since the view's revision, whichever ``key_id``).
+        Callers arriving together share one read; unknown keys make at most
+        one read per CATCH_UP_S however many arrive."""
         if self._catching_up is None or self._catching_up.done():
             if time.monotonic() - self._caught_up < CATCH_UP_S:
                 return

@@ -186,13 +186,7 @@ async def _check_rules(experiment: pb.Experiment) -> None:
     milliseconds for a few arms, and the caller chooses the arms' number."""
     violations = await asyncio.to_thread(_violations, experiment)
     if violations:
-        shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:_MESSAGE_VIOLATIONS])
-        more = len(violations) - _MESSAGE_VIOLATIONS
-        raise InvalidArgument(
-            shown + (f" (and {more} more)" if more > 0 else ""),
-            violations,
-            experiment=experiment.name,
-        )
+        raise InvalidArgument.listing(violations, _MESSAGE_VIOLATIONS, experiment=experiment.name)
 
 
 async def _check_versions(c: AsyncConnection, experiment: pb.Experiment) -> None:
