@@ -59,6 +59,14 @@ from mlmesh_features import expressions as ex
 
 MAX_SOURCE_BYTES = 1 << 20
 MAX_DEPTH = 12
+# Each section of a document and the kind of object its items declare (the
+# kinds the diff reports: mlmesh.features.v1.ObjectType), in apply order.
+SECTION_KINDS = {
+    "entities": "entity",
+    "sources": "data_source",
+    "feature_views": "feature_view",
+    "feature_services": "feature_service",
+}
 MAX_OBJECTS = {
     "entities": 100,
     "sources": 100,
@@ -220,21 +228,33 @@ def _marks(node: yaml.Node, path: str, out: dict[str, tuple[int, int]], depth: i
             _marks(item, f"{path}[{index}]", out, depth + 1)
 
 
+class _NoAnchorsLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing anchors and aliases: expanding them is
+    how a small document becomes a huge one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            mark = event.start_mark
+            raise InvalidArgument.field(
+                "source",
+                f"{mark.line + 1}:{mark.column + 1}: YAML anchors and aliases are not allowed",
+            )
+        return super().compose_node(parent, index)
+
+
 def _load(source: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """The document's data and each path's line:column, from one parse."""
     if len(source.encode()) > MAX_SOURCE_BYTES:
         raise InvalidArgument.field("source", f"larger than {MAX_SOURCE_BYTES} bytes")
+    loader = _NoAnchorsLoader(source)
     try:
-        # Anchors and aliases are refused: expanding them is how a small
-        # document becomes a huge one.
-        for event in yaml.parse(source, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                mark = event.start_mark
-                raise InvalidArgument.field(
-                    "source",
-                    f"{mark.line + 1}:{mark.column + 1}: YAML anchors and aliases are not allowed",
-                )
-        node = yaml.compose(source, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(source)
+        node = loader.get_single_node()
+        marks: dict[str, tuple[int, int]] = {}
+        if node is None:
+            return None, marks
+        _marks(node, "", marks)  # the depth bound, before anything is built
+        return loader.construct_document(node), marks
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else ""
@@ -242,10 +262,8 @@ def _load(source: str) -> tuple[Any, dict[str, tuple[int, int]]]:
         raise InvalidArgument.field(
             "source", f"{where}not valid YAML ({shorten(problem)})"
         ) from None
-    marks: dict[str, tuple[int, int]] = {}
-    if node is not None:
-        _marks(node, "", marks)
-    return data, marks
+    finally:
+        loader.dispose()
 
 
 # ---- parsing and validating ------------------------------------------------------------

@@ -171,11 +171,12 @@ class FeatureServicer(features_service_pb2_grpc.FeatureServiceServicer):
         records = []
         for index, row in enumerate(request.rows):
             record: dict[str, Any] = {}
-            for name in sorted(row.values.keys() - types.keys())[:1]:
+            unknown = sorted(row.values.keys() - types.keys())
+            if unknown:
                 violations.append(
                     FieldViolation(
                         f"rows[{index}].values",
-                        f"view {view.name!r} has no column {shorten(name, 40)!r}",
+                        f"view {view.name!r} has no column {shorten(unknown[0], 40)!r}",
                     )
                 )
             for name, kind in types.items():

@@ -47,14 +47,14 @@ import pandas as pd
 
 from mlmesh_features import expressions as ex
 from mlmesh_features.batch import EVENT_TIMESTAMP, compute_view
-from mlmesh_features.definitions import Definitions, parse
+from mlmesh_features.definitions import SECTION_KINDS, Definitions, parse
 
 T = TypeVar("T")
 
 PROJECT = "mlmesh"
 
 # What the diff calls each kind of object (mlmesh.features.v1.ObjectType).
-KINDS = ("entity", "data_source", "feature_view", "feature_service")
+KINDS = tuple(SECTION_KINDS.values())
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,7 @@ class FeatureStore:
                 # Without prune, what the source no longer declares stays in
                 # force; the whole is checked again (an old service may name a
                 # feature the new source dropped).
-                source = _source_of(_merged(self.definitions, defs), source, prune)
+                source = _source_in_force(self.definitions, defs, source)
                 defs = parse(source)
             objects = self._objects(defs)
             self.feast().apply(list(objects.values()), objects_to_delete=deleted, partial=False)
@@ -348,6 +348,7 @@ class FeatureStore:
                 # No row for this entity (Redis answers with empty values
                 # at the epoch instead of nothing).
                 values = None
+            stale = bool(view.ttl) and values is not None and now - event_time > view.ttl
             row: list[OnlineValue] = []
             for feature in features:
                 if values is None or feature not in values:
@@ -356,7 +357,7 @@ class FeatureStore:
                 proto = values[feature]
                 kind = proto.WhichOneof("val")  # the scalar kinds the DSL has
                 value = getattr(proto, kind) if kind is not None else None
-                if view.ttl and event_time is not None and now - event_time > view.ttl:
+                if stale:
                     row.append(OnlineValue(None, "outside_max_age", event_time))
                 elif value is None:
                     row.append(OnlineValue(None, "null", event_time))
@@ -366,37 +367,16 @@ class FeatureStore:
         return out
 
 
-def _merged(old: Definitions, new: Definitions) -> Definitions:
-    """``new`` plus what ``old`` declares that ``new`` does not."""
-    merged = Definitions(
-        entities={**old.entities, **new.entities},
-        sources={**old.sources, **new.sources},
-        feature_views={**old.feature_views, **new.feature_views},
-        feature_services={**old.feature_services, **new.feature_services},
-        documents={**old.documents, **new.documents},
-    )
-    return merged
-
-
-def _source_of(defs: Definitions, source: str, prune: bool) -> str:
-    """The YAML that reproduces the definitions in force (``source`` itself
-    when it declares all of them)."""
-    if prune or set(defs.documents) == set(parse(source).documents):
+def _source_in_force(old: Definitions, new: Definitions, source: str) -> str:
+    """The YAML of ``new`` (parsed from ``source``) plus what ``old``
+    declares that ``new`` does not: ``source`` itself when that is nothing."""
+    documents = {**old.documents, **new.documents}
+    if documents.keys() == new.documents.keys():
         return source
     import yaml
 
-    sections: dict[str, list[Any]] = {
-        "entities": [],
-        "sources": [],
-        "feature_views": [],
-        "feature_services": [],
-    }
-    section_of = {
-        "entity": "entities",
-        "data_source": "sources",
-        "feature_view": "feature_views",
-        "feature_service": "feature_services",
-    }
-    for (kind, _), document in defs.documents.items():
+    section_of = {kind: section for section, kind in SECTION_KINDS.items()}
+    sections: dict[str, list[Any]] = {section: [] for section in SECTION_KINDS}
+    for (kind, _), document in documents.items():
         sections[section_of[kind]].append(document)
     return yaml.safe_dump(sections, sort_keys=False)
