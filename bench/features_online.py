@@ -18,7 +18,15 @@ the services' environment). Every answer is checked (row count, statuses,
 one value per request compared with the data). Redis is the machine's
 (127.0.0.1:6379, database 13, flushed before and after).
 
-Figures: p50/p90/p99 ms and requests/s per target; the ratios mlmesh/feast.
+The mlmesh side reads Feast's online layout itself (mlmesh_features.online:
+one pipelined HMGET round trip per call on an asyncio Redis client, or one
+SELECT on a reader thread) and writes the response's bytes directly; the
+Feast side is Feast's own server over the very same keys, so each answer
+checks the other's layout too.
+
+Figures: p50/p90/p99 ms and requests/s per target; the ratios mlmesh/feast;
+the machine's load average before and after each store (the machine may be
+shared: compare ratios within a run).
 """
 
 from __future__ import annotations
@@ -309,7 +317,7 @@ async def measure_store(
         os.environ["MLMESH_FEATURES_ONLINE_STORE"] = REDIS
     else:
         os.environ.pop("MLMESH_FEATURES_ONLINE_STORE", None)
-    out: dict[str, Any] = {"store": store}
+    out: dict[str, Any] = {"store": store, "load_before": os.getloadavg()}
     names = [f"f{i:02d}" for i in range(args.features)]
     rng = random.Random(2)
     async with common.running_mesh(args, ("features", "gateway")) as (mesh, ready, workdir):
@@ -384,6 +392,12 @@ async def measure_store(
                             print(f"[{store}] {key}: {line}", flush=True)
     if store == "redis":
         await flush_redis()
+    out["load_after"] = os.getloadavg()
+    print(
+        f"[{store}] load average before {out['load_before'][0]:.2f}, "
+        f"after {out['load_after'][0]:.2f} (1 min; {os.cpu_count()} CPUs)",
+        flush=True,
+    )
     return out
 
 

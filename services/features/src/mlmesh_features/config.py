@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from mlmesh_metering.metering import MeteringSettings
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 
@@ -25,6 +26,14 @@ class FeaturesSettings(MeteringSettings):
     registry: str = ""
     # Longest wait for a Feast call (an online store that hangs).
     store_timeout_seconds: float = 10.0
+    # Long-running operations (Materialize, GetHistoricalFeatures): how many
+    # may wait to run (one more is RESOURCE_EXHAUSTED), and a Materialize
+    # chunk's size in source events (bounds a chunk's rows in memory).
+    max_pending_operations: int = Field(default=16, ge=1, le=1000)
+    materialize_chunk_events: int = Field(default=50_000, ge=1)
+    # Load the Flink job's output (<root>/stream_out) into the online store
+    # (streaming.loader); on under the runner, which runs the job.
+    streaming: bool = False
 
     def online_store_config(self) -> dict[str, Any] | None:
         if not self.online_store:

@@ -17,13 +17,18 @@ does not do, this module does:
   A failed apply leaves the last revision in force.
 - **Computed views.** Each feature view is fed by a push source over a
   parquet file of its computed rows (``mlmesh_features.batch``): Feast
-  stores and serves values, the batch computation (and later the Flink job)
-  makes them. ``materialize`` computes a view from its source's parquet and
-  writes it to the online store; ``push`` writes precomputed rows.
-- **Online reads** go to the online store through Feast's own reader
-  (``OnlineStore.online_read``: one query for all entities of a view),
-  skipping ``FeatureStore.get_online_features``' per-call registry and
-  response building. Values keep Feast's serialized layout.
+  stores and serves values; the batch computation and the Flink job
+  (``mlmesh_features.streaming``) make them. ``source_events`` gives a
+  source's events (a batch source's parquet; a stream source's backfill
+  parquet and event log), ``materialize`` computes a view from them in
+  chunks (``mlmesh_features.operations``) and writes it to the online
+  store; ``write`` writes computed or pushed rows.
+- **Online values** are read and written in Feast's online-store layout
+  by ``mlmesh_features.online``, not through Feast's Python: one pipelined
+  round trip (Redis, on an asyncio client) or one query (SQLite, on reader
+  threads) per view and call, off the Feast thread, and values kept
+  serialized up to the response. Feast's own reader and
+  ``get_online_features`` read what it writes, and the reverse.
 
 Every Feast call runs on one thread of its own (``FeastThread``): Feast is
 synchronous, and its SQLite connection and registry cache are not built for
@@ -46,8 +51,16 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from mlmesh_features import expressions as ex
-from mlmesh_features.batch import EVENT_TIMESTAMP, compute_view
-from mlmesh_features.definitions import SECTION_KINDS, Definitions, parse
+from mlmesh_features.batch import EVENT_TIMESTAMP
+from mlmesh_features.definitions import SECTION_KINDS, Definitions, Source, parse
+from mlmesh_features.online import (
+    OnlineValue,
+    RedisLayout,
+    SqliteLayout,
+    ViewLayout,
+    ViewRows,
+    WriteRows,
+)
 
 T = TypeVar("T")
 
@@ -68,13 +81,6 @@ class Change:
 class Applied:
     revision: int
     changes: list[Change]
-
-
-@dataclass(frozen=True)
-class OnlineValue:
-    value: Any  # a Python value (None when missing)
-    status: str  # present | not_found | null | outside_max_age
-    event_time: datetime | None
 
 
 class FeastThread:
@@ -106,7 +112,11 @@ class FeatureStore:
     written from the settings, never read from a caller)."""
 
     def __init__(
-        self, root: Path, online_store: dict[str, Any] | None = None, registry: str | None = None
+        self,
+        root: Path,
+        online_store: dict[str, Any] | None = None,
+        registry: str | None = None,
+        timeout_s: float = 10.0,
     ) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -116,8 +126,19 @@ class FeatureStore:
         self._registry = registry or str(root / "registry.db")
         self._lock = threading.Lock()
         self._feast: Any = None
-        self._tables: dict[str, Any] = {}  # Feast's views, for the revision in force
         self.definitions, self.revision = self._load_current()
+        # Our reader and writer of Feast's online layout (mlmesh_features.online).
+        self.online: RedisLayout | SqliteLayout
+        if self._online_store["type"] == "redis":
+            self.online = RedisLayout(
+                self._online_store["connection_string"],
+                self._online_store.get("key_ttl_seconds"),
+                timeout_s,
+            )
+        else:
+            path = Path(self._online_store["path"])  # relative: to the root, as Feast has it
+            self.online = SqliteLayout(str(path if path.is_absolute() else root / path), timeout_s)
+        self._layouts: tuple[Definitions, dict[str, ViewLayout]] = (self.definitions, {})
 
     # ---- Feast ------------------------------------------------------------------
 
@@ -281,90 +302,110 @@ class FeatureStore:
             revision = self.revision + 1
             self._save(source, revision)
             self.definitions, self.revision = defs, revision
-            self._tables.clear()
             return Applied(revision, changes)
 
     # ---- writing and reading values -----------------------------------------------------
 
     def materialize(
-        self, view_name: str, start: datetime | None = None, end: datetime | None = None
+        self,
+        view_name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        chunk_events: int = 50_000,
     ) -> int:
-        """Computes ``view_name`` from its source's parquet and writes the rows
-        with event times in [start, end] (end: now) to the online store; the
-        count of rows computed in that range. A window end after ``end`` is not
-        a value yet: its window is still open."""
-        view = self.definitions.feature_views[view_name]
-        source = self.definitions.sources[view.source]
-        events = pd.read_parquet(source.path)
-        rows = compute_view(self.definitions, view, events)
-        until = pd.Timestamp(end or datetime.now(UTC))
-        rows = rows[rows[EVENT_TIMESTAMP] <= until]
-        if start is not None:
-            rows = rows[rows[EVENT_TIMESTAMP] >= pd.Timestamp(start)]
-        self.write(view_name, rows)
-        return len(rows)
+        """Computes ``view_name`` from its source's events and writes the rows
+        with event times in [start, end] (start: the earliest event; end: now)
+        to the online store, in chunks of about ``chunk_events`` events
+        (``operations.materialize_view``; the service runs the same chunks as
+        a resumable operation); the count of rows computed in that range. A
+        window end after ``end`` is not a value yet: its window is still open."""
+        from mlmesh_features.operations import materialize_view
+
+        return materialize_view(self, view_name, start, end or datetime.now(UTC), chunk_events)
+
+    def source_events(self, source: Source) -> pd.DataFrame:
+        """Every event of ``source`` for the batch path: its columns and its
+        timestamp field. A batch source is its parquet file; a stream source
+        is its event log (``streaming.eventlog``), after its backfill parquet
+        when it declares a ``path``."""
+        if source.kind != "stream":
+            return pd.read_parquet(source.path)
+        from mlmesh_features.streaming.eventlog import SEQ, read_events
+
+        logged = read_events(self.root, source).drop(columns=[SEQ])
+        if not source.path:
+            return logged
+        backfill = pd.read_parquet(source.path, columns=list(logged.columns))
+        if logged.empty:
+            return backfill
+        backfill = backfill.astype(logged.dtypes.drop(source.timestamp_field).to_dict())
+        backfill[source.timestamp_field] = pd.to_datetime(
+            backfill[source.timestamp_field], utc=True
+        )
+        return pd.concat([backfill, logged], ignore_index=True)
+
+    def layout(self, view_name: str) -> ViewLayout:
+        """Where ``view_name``'s values live, for the definitions in force
+        (kept per definitions: an apply makes new ones)."""
+        defs = self.definitions
+        cached_for, layouts = self._layouts
+        if cached_for is not defs:
+            layouts = {}
+            self._layouts = (defs, layouts)
+        layout = layouts.get(view_name)
+        if layout is None:
+            view = defs.feature_views[view_name]
+            layout = layouts[view_name] = ViewLayout(
+                PROJECT,
+                view_name,
+                defs.join_keys(view),
+                [defs.entities[e].value_type for e in view.entities],
+                view.feature_types(),
+                view.ttl,
+            )
+        return layout
 
     def write(self, view_name: str, rows: pd.DataFrame) -> None:
         """Writes computed rows (join keys, event_timestamp, features) to the
-        online store: the latest row of each entity in ``rows``."""
+        online store in Feast's layout: the latest row of each entity in
+        ``rows`` (on Redis, only where it is newer than the stored row, as
+        Feast's writer does). Runs on the store's thread."""
         if rows.empty:
             return
-        keys = self.definitions.join_keys(self.definitions.feature_views[view_name])
+        layout = self.layout(view_name)
+        keys = list(layout.join_keys)
         latest = rows.sort_values(EVENT_TIMESTAMP, kind="stable").drop_duplicates(keys, keep="last")
-        self.feast().write_to_online_store(view_name, latest, transform_on_write=False)
+        encoded = WriteRows.from_frame(layout, latest, EVENT_TIMESTAMP, self.online.needs_text)
+        self.online.write(layout, encoded)
 
     def read(
         self, view_name: str, features: Sequence[str], entity_rows: Sequence[dict[str, Any]]
     ) -> list[list[OnlineValue]]:
         """The online values of ``features`` of ``view_name`` for each entity
-        row (a dict of join key to value), in order."""
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
+        row (a dict of join key to value), in order. Blocking: for the
+        store's thread and for tests; the service reads with ``read_rows``."""
+        layout = self.layout(view_name)
+        entities = [tuple(row[k] for k in layout.join_keys) for row in entity_rows]
+        return self.online.read(layout, list(features), entities).online_values()
 
-        view = self.definitions.feature_views[view_name]
-        keys = self.definitions.join_keys(view)
-        kinds = [self.definitions.entities[e].value_type for e in view.entities]
-        entity_keys = []
-        for entity in entity_rows:
-            key_values = [
-                Value(int64_val=entity[key]) if kind == ex.INT64 else Value(string_val=entity[key])
-                for key, kind in zip(keys, kinds, strict=True)
-            ]
-            entity_keys.append(EntityKey(join_keys=keys, entity_values=key_values))
-        feast = self.feast()
-        table = self._tables.get(view_name)
-        if table is None:
-            # Feast rebuilds the view from its registry proto on every
-            # lookup (milliseconds): kept per revision.
-            table = self._tables[view_name] = feast.registry.get_feature_view(
-                view_name, PROJECT, allow_cache=True
-            )
-        provider = feast._get_provider()
-        found = provider.online_store.online_read(feast.config, table, entity_keys, list(features))
-        now = datetime.now(UTC)
-        out: list[list[OnlineValue]] = []
-        for event_time, values in found:
-            if event_time is None or event_time.timestamp() == 0:
-                # No row for this entity (Redis answers with empty values
-                # at the epoch instead of nothing).
-                values = None
-            stale = bool(view.ttl) and values is not None and now - event_time > view.ttl
-            row: list[OnlineValue] = []
-            for feature in features:
-                if values is None or feature not in values:
-                    row.append(OnlineValue(None, "not_found", None))
-                    continue
-                proto = values[feature]
-                kind = proto.WhichOneof("val")  # the scalar kinds the DSL has
-                value = getattr(proto, kind) if kind is not None else None
-                if stale:
-                    row.append(OnlineValue(None, "outside_max_age", event_time))
-                elif value is None:
-                    row.append(OnlineValue(None, "null", event_time))
-                else:
-                    row.append(OnlineValue(value, "present", event_time))
-            out.append(row)
-        return out
+    async def read_rows(
+        self, view_name: str, features: Sequence[str], entities: Sequence[Sequence[Any]]
+    ) -> ViewRows:
+        """``features`` of ``view_name`` for each entity (its join key values
+        in the view's join key order), still serialized: one round trip to
+        the online store, off the Feast thread (Redis: the asyncio client;
+        SQLite: a reader thread)."""
+        return await self.online.aread(self.layout(view_name), list(features), entities)
+
+    async def close(self) -> None:
+        """Closes the online store's clients and the SQL registry's pools."""
+        await self.online.close()
+        if self._feast is not None:
+            registry = self._feast.registry
+            engines = {getattr(registry, n, None) for n in ("write_engine", "read_engine")}
+            for engine in engines:
+                if engine is not None:
+                    await asyncio.to_thread(engine.dispose)
 
 
 def _source_in_force(old: Definitions, new: Definitions, source: str) -> str:
