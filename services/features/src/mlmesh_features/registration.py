@@ -24,7 +24,11 @@ REGISTRATION = ServiceRegistration(
     # It meters its callers' requests into the gateway's ledger.
     key_scopes=("KEY_DIRECTORY", "USAGE_RECORD"),
     env_prefix="MLMESH_FEATURES_",
-    env=lambda ctx: {"MLMESH_FEATURES_ROOT": str(ctx.state / "features")},
+    env=lambda ctx: {
+        "MLMESH_FEATURES_ROOT": str(ctx.state / "features"),
+        # Loads the Flink job's output (the flink service runs the job).
+        "MLMESH_FEATURES_STREAMING": "on",
+    },
     # Generates the demo purchases, applies the demo feature repository and
     # materializes it (mlmesh_features/demo), before the service starts.
     prepare=lambda ctx: [
