@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,52 @@ def test_every_chassis_service_takes_traffic_only_from_the_mesh():
         assert rule["from"] == [
             {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "mlmesh"}}}
         ]
+
+
+def test_the_flink_deployment_runs_the_streaming_job_exactly_once():
+    """The FlinkDeployment runs the job.py the local cluster runs, with the
+    local cluster's exactly-once settings, and resumes from its last
+    checkpoint on upgrade."""
+    from mlmesh_features.streaming import job
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy/flink/features-stream.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "FlinkDeployment"]
+    (spec_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert deployment["apiVersion"] == "flink.apache.org/v1beta1"
+    spec = deployment["spec"]
+    flink = spec["flinkConfiguration"]
+    assert flink["execution.checkpointing.mode"] == "EXACTLY_ONCE"
+    assert flink["execution.checkpointing.externalized-checkpoint-retention"] == (
+        "RETAIN_ON_CANCELLATION"
+    )
+    assert flink["execution.checkpointing.dir"].startswith("s3://")
+    assert flink["restart-strategy.type"] == "fixed-delay"
+    assert flink["table.local-time-zone"] == "UTC"  # the windows' epoch grid
+    assert spec["job"]["upgradeMode"] == "last-state"
+    assert spec["job"]["entryClass"] == "org.apache.flink.client.python.PythonDriver"
+    args = spec["job"]["args"]
+    assert args[args.index("-py") + 1].endswith("/" + Path(job.__file__).name)
+    # the spec the job reads is the ConfigMap's, mounted where the args say
+    (mount,) = spec["podTemplate"]["spec"]["containers"][0]["volumeMounts"]
+    assert args[-1] == f"{mount['mountPath']}/job.json"
+    assert job.statements(json.loads(spec_map["data"]["job.json"])) == ([], [])
+    # the Flink version the jar names is the one the local environment pins
+    pins = (ROOT / "services/features/flink-requirements.txt").read_text()
+    version = spec["job"]["jarURI"].rsplit("-", 1)[1].removesuffix(".jar")
+    assert f"apache-flink=={version}" in pins
+
+
+def test_kafka_event_log_topics_are_replicated_and_acl_scoped():
+    docs = list(yaml.safe_load_all((ROOT / "deploy/kafka/events.yaml").read_text()))
+    kinds = {d["kind"] for d in docs}
+    assert {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser"} <= kinds
+    for topic in (d for d in docs if d["kind"] == "KafkaTopic"):
+        assert topic["metadata"]["name"].startswith("mlmesh.events.")
+        assert topic["spec"]["replicas"] >= 3
+        assert int(topic["spec"]["config"]["min.insync.replicas"]) >= 2
+    users = {d["metadata"]["name"]: d for d in docs if d["kind"] == "KafkaUser"}
+    writes = {
+        name: {op for acl in u["spec"]["authorization"]["acls"] for op in acl["operations"]}
+        for name, u in users.items()
+    }
+    assert "Write" in writes["features"] and "Write" not in writes["features-stream"]
