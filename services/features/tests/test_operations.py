@@ -8,7 +8,6 @@ computed directly; bad requests with their violations; a full queue."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -24,16 +23,16 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from features_fixtures import GOOD, events
+from features_fixtures import GOOD, events, service_settings
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
+from mlmesh_chassis.errors import details_of
 from mlmesh_chassis.testing import RedisServer, bootstrap_keys_file, expect_error, keyed_channel
 from mlmesh_features.batch import EVENT_TIMESTAMP, compute_view, point_in_time_join
-from mlmesh_features.config import FeaturesSettings
 from mlmesh_features.definitions import parse
 from mlmesh_features.operations import SourceEvents, chunk_rows, plan_chunks
 from mlmesh_features.server import build_server
@@ -50,18 +49,13 @@ FEATURES = {
 async def service(request, repo, tmp_path):
     """An in-process service with small chunks (10 events) and a short queue."""
     store, source, frame = repo
-    keys, secret = bootstrap_keys_file(tmp_path, [PLATFORM_SERVICE_FEATURES])
     online, redis = "", None
     if request.param == "redis":
         redis = RedisServer(tmp_path, tcp=True)
         redis.start()
         online = redis.url
-    settings = FeaturesSettings(
-        port=0,
-        metrics_port=-1,
-        drain_seconds=0.0,
-        grace_seconds=1.0,
-        bootstrap_keys_file=keys,
+    settings, secret = service_settings(
+        tmp_path,
         root=store.root,
         online_store=online,
         store_timeout_seconds=5.0,
@@ -356,19 +350,22 @@ async def test_bad_requests_name_their_fields(service):
 @pytest.mark.parametrize("service", ["sqlite"], indirect=True)
 async def test_a_full_queue_is_resource_exhausted_with_retry_info(service):
     stub, _, _, _ = service
-    names = []
-    # three may wait (one more may already run): the fourth or fifth is refused
-    for _ in range(3):
-        started = await stub.Materialize(rpc.MaterializeRequest(feature_views=VIEWS))
+    names: list[str] = []
+    # Three may wait and one run (max_pending_operations=3); the runner may
+    # finish one while the calls arrive, so keep asking (each runs for tens of
+    # milliseconds; twenty calls take less): one must be refused.
+    refused = None
+    for _ in range(20):
+        try:
+            started = await stub.Materialize(rpc.MaterializeRequest(feature_views=VIEWS))
+        except grpc.aio.AioRpcError as error:
+            refused = error
+            break
         names.append(started.operation.name)
-    # a fourth waits when the first is already running
-    with contextlib.suppress(grpc.RpcError):
-        started = await stub.Materialize(rpc.MaterializeRequest(feature_views=VIEWS))
-        names.append(started.operation.name)
-    details = await expect_error(
-        stub.Materialize(rpc.MaterializeRequest(feature_views=VIEWS)),
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    )
+    assert refused is not None, "twenty operations were all accepted"
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(names) >= 3  # never refused below the limit
+    details = details_of(refused)
     assert details.quota_failure.violations[0].subject == "operations"
     assert details.retry_info.retry_delay.ToNanoseconds() > 0
     for name in names:

@@ -592,6 +592,9 @@ class OperationRunner:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            # Cleared before the log is read, so a wake-up (a new operation,
+            # or stop) that comes while it is read is not lost.
+            self._wake.clear()
             try:
                 job = await asyncio.to_thread(self.log.next_runnable)
             except sqlite3.Error:
@@ -599,7 +602,6 @@ class OperationRunner:
                 await asyncio.sleep(1.0)
                 continue
             if job is None:
-                self._wake.clear()
                 await self._wake.wait()
                 continue
             operation, request, plan = job
