@@ -47,6 +47,9 @@ LLM_TEST_ENV = {
     "MLMESH_LLM_MAX_RUNNING": "8",
     "MLMESH_LLM_MAX_WAITING": "80",
     "MLMESH_LLM_TORCH_THREADS": "1",
+    # No demo events: the stream test sends its own, and the llm's timing
+    # tests keep the CPU the demo streamer and Flink's work on it would take.
+    "MLMESH_FLINK_DEMO": "off",
 }
 
 

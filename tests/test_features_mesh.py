@@ -154,19 +154,22 @@ async def test_ingested_events_are_served_from_the_flink_stream_through_envoy(fu
     """The streaming path end to end on the runner's standalone Flink cluster:
     IngestEvents through Envoy appends to the event log, the Flink job computes
     the demo's `user_activity` windows, the features service loads them, and
-    GetOnlineFeatures serves them. The demo streamer's wall-clock events move
-    the watermark past the test's window."""
+    GetOnlineFeatures serves them. The tests' mesh runs no demo streamer: the
+    call's last event, another user's 15 s later, moves the watermark past the
+    test user's window (in the same call, so in the same file, read in order:
+    events in a later file could be read first and make these late)."""
     user = 700_000 + random.randrange(100_000)
     start = datetime.now(UTC)
-    pages = ["home", "cart", "cart"]
+    visits = [(user, "home", 0.0), (user, "cart", 0.001), (user, "cart", 0.002)]
+    visits.append((user + 1, "home", 15.0))  # closes the test user's window
     events = []
-    for offset, page in enumerate(pages):
+    for who, page, after_s in visits:
         when = timestamp_pb2.Timestamp()
-        when.FromDatetime(start + timedelta(milliseconds=offset))
+        when.FromDatetime(start + timedelta(seconds=after_s))
         events.append(
             pb.Event(
                 values={
-                    "user_id": struct_pb2.Value(number_value=user),
+                    "user_id": struct_pb2.Value(number_value=who),
                     "page": struct_pb2.Value(string_value=page),
                     "dwell_s": struct_pb2.Value(number_value=1.5),
                 },
@@ -178,7 +181,7 @@ async def test_ingested_events_are_served_from_the_flink_stream_through_envoy(fu
         accepted = await features.IngestEvents(
             rpc.IngestEventsRequest(source="page_views", events=events)
         )
-        assert accepted.accepted_events == 3
+        assert accepted.accepted_events == 4
         # A column the source lacks: refused whole, through Envoy.
         bad = pb.Event(values={**events[0].values}, event_time=events[0].event_time)
         bad.values["pagez"].string_value = "x"
@@ -191,7 +194,7 @@ async def test_ingested_events_are_served_from_the_flink_stream_through_envoy(fu
             feature_service="activity_model",
             entity_rows=[pb.EntityRow(join_keys={"user_id": struct_pb2.Value(number_value=user)})],
         )
-        # The 10 s window closes once wall-clock events pass its end plus the
+        # The 10 s window closes once an event passes its end plus the
         # watermark delay; then a checkpoint commits it and the loader writes it.
         deadline = time.monotonic() + 120
         while True:
@@ -201,12 +204,11 @@ async def test_ingested_events_are_served_from_the_flink_stream_through_envoy(fu
                 break
             assert time.monotonic() < deadline, "the streamed window never reached the store"
             await asyncio.sleep(0.5)
-    # The newest window end loaded: the first after the events, or a later
-    # one on a slow machine (then the 1-minute count may have aged out).
+    # The watermark stops 2 s behind the closing event: only windows ending
+    # by then have fired, and each holds the three visits.
     window_end = values["views_1m"].event_time.ToDatetime(tzinfo=UTC)
-    assert start < window_end <= start + timedelta(minutes=10)
-    in_last_minute = window_end <= start + timedelta(minutes=1)
-    assert values["views_1m"].value.number_value == (3 if in_last_minute else 0)
+    assert start < window_end <= start + timedelta(seconds=13)
+    assert values["views_1m"].value.number_value == 3
     assert values["pages_10m"].value.number_value == 2
     assert values["dwell_10m"].value.number_value == 4.5
     assert values["last_page"].value.string_value == "cart"

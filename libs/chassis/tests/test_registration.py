@@ -42,7 +42,7 @@ def registration(name: str, **fields) -> ServiceRegistration:  # type: ignore[no
 
 def test_installed_services_start_in_their_declared_order():
     names = [r.name for r in registrations()]
-    assert names == ["features", "registry", "llm", "triton", "deployer", "gateway"]
+    assert names == ["features", "flink", "registry", "llm", "triton", "deployer", "gateway"]
     assert key_directory_service() == "gateway"
 
 

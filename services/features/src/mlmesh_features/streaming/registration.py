@@ -9,12 +9,16 @@ Imported by every service process (for the scopes): nothing heavy here.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mlmesh_chassis.registration import RunContext, ServiceRegistration
 
 
 def _command(ctx: RunContext, port: int) -> list[str]:
+    # The demo streamer runs unless MLMESH_FLINK_DEMO=off (the tests' mesh
+    # sends its own events).
+    demo = os.environ.get("MLMESH_FLINK_DEMO", "on") != "off"
     return [
         sys.executable,
         "-m",
@@ -23,7 +27,7 @@ def _command(ctx: RunContext, port: int) -> list[str]:
         str(ctx.state / "features"),
         "--home",
         str(ctx.state / "flink"),
-        "--demo",
+        *(["--demo"] if demo else []),
     ]
 
 
