@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import random
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
+from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
+from mlmesh_chassis.testing import bootstrap_keys_file
+from mlmesh_features.config import FeaturesSettings
 
 GOOD = textwrap.dedent(
     """\
@@ -55,3 +60,19 @@ def events(n: int = 400, seed: int = 7) -> pd.DataFrame:
     ]
     rng.shuffle(rows)
     return pd.DataFrame(rows)
+
+
+def service_settings(tmp_path: Path, **settings: Any) -> tuple[FeaturesSettings, str]:
+    """Settings for an in-process feature service on port 0 that checks keys
+    from a bootstrap keys file (no gateway), quick to stop; ``settings``
+    (root, online_store, ...) on top. Returns them and the FEATURES key's
+    secret."""
+    keys, secret = bootstrap_keys_file(tmp_path, [PLATFORM_SERVICE_FEATURES])
+    defaults: dict[str, Any] = {
+        "port": 0,
+        "metrics_port": -1,
+        "drain_seconds": 0.0,
+        "grace_seconds": 1.0,
+        "bootstrap_keys_file": keys,
+    }
+    return FeaturesSettings(**(defaults | settings)), secret

@@ -15,14 +15,12 @@ from pathlib import Path
 import grpc
 import pandas as pd
 import pytest
-from features_fixtures import GOOD
+from features_fixtures import GOOD, service_settings
 from google.protobuf import struct_pb2, timestamp_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
-from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
-from mlmesh_chassis.testing import bootstrap_keys_file, expect_error, keyed_channel
-from mlmesh_features.config import FeaturesSettings
+from mlmesh_chassis.testing import expect_error, keyed_channel
 from mlmesh_features.definitions import Source, parse
 from mlmesh_features.server import build_server
 from mlmesh_features.store import FeatureStore
@@ -172,13 +170,8 @@ async def service(repo, tmp_path):
         "  - name: ledger\n    kind: batch\n    path: x.parquet\n    timestamp_field: t\n"
         "    columns: {user_id: int64}\nfeature_views:",
     )
-    keys, secret = bootstrap_keys_file(tmp_path, [PLATFORM_SERVICE_FEATURES])
-    settings = FeaturesSettings(
-        port=0,
-        metrics_port=-1,
-        drain_seconds=0.0,
-        grace_seconds=1.0,
-        bootstrap_keys_file=keys,
+    settings, secret = service_settings(
+        tmp_path,
         root=store.root,
         store_timeout_seconds=5.0,
     )

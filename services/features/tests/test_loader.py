@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from features_fixtures import GOOD
+from features_fixtures import GOOD, service_settings
 from google.protobuf import struct_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
-from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
-from mlmesh_chassis.testing import RedisServer, bootstrap_keys_file, keyed_channel
+from mlmesh_chassis.testing import RedisServer, keyed_channel
 from mlmesh_features.config import FeaturesSettings
 from mlmesh_features.definitions import parse
 from mlmesh_features.server import build_server
@@ -116,13 +115,8 @@ async def test_newest_window_end_per_entity_reaches_the_online_store(loader):
 
 async def test_the_service_runs_the_loader_when_streaming_is_on(repo, tmp_path):
     store, source, _ = repo
-    keys, secret = bootstrap_keys_file(tmp_path, [PLATFORM_SERVICE_FEATURES])
-    settings = FeaturesSettings(
-        port=0,
-        metrics_port=-1,
-        drain_seconds=0.0,
-        grace_seconds=1.0,
-        bootstrap_keys_file=keys,
+    settings, secret = service_settings(
+        tmp_path,
         root=store.root,
         streaming=True,
     )

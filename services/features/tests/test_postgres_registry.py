@@ -9,14 +9,12 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from features_fixtures import GOOD
+from features_fixtures import GOOD, service_settings
 from google.protobuf import struct_pb2, timestamp_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
-from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
-from mlmesh_chassis.testing import bootstrap_keys_file, fresh_postgres_database, keyed_channel
-from mlmesh_features.config import FeaturesSettings
+from mlmesh_chassis.testing import fresh_postgres_database, keyed_channel
 from mlmesh_features.server import build_server
 from mlmesh_features.store import FeatureStore
 
@@ -34,13 +32,8 @@ def postgres_url():
 
 async def test_definitions_live_in_the_sql_registry_on_postgres(postgres_url, tmp_path):
     assert postgres_url.startswith("postgresql+psycopg://")
-    keys, secret = bootstrap_keys_file(tmp_path, [PLATFORM_SERVICE_FEATURES])
-    settings = FeaturesSettings(
-        port=0,
-        metrics_port=-1,
-        drain_seconds=0.0,
-        grace_seconds=1.0,
-        bootstrap_keys_file=keys,
+    settings, secret = service_settings(
+        tmp_path,
         root=tmp_path / "store",
         registry=postgres_url,
         store_timeout_seconds=5.0,

@@ -9,13 +9,12 @@ import asyncio
 
 import grpc
 import pytest
+from features_fixtures import service_settings
 from google.protobuf import struct_pb2, timestamp_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
-from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
-from mlmesh_chassis.testing import RedisServer, bootstrap_keys_file, expect_error, keyed_channel
-from mlmesh_features.config import FeaturesSettings
+from mlmesh_chassis.testing import RedisServer, expect_error, keyed_channel
 from mlmesh_features.server import build_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -24,18 +23,13 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(params=["sqlite", "redis"])
 async def service(request, repo, tmp_path):
     store, source, frame = repo
-    keys, secret = bootstrap_keys_file(tmp_path, [PLATFORM_SERVICE_FEATURES])
     online, redis = "", None
     if request.param == "redis":
         redis = RedisServer(tmp_path, tcp=True)
         redis.start()
         online = redis.url
-    settings = FeaturesSettings(
-        port=0,
-        metrics_port=-1,
-        drain_seconds=0.0,
-        grace_seconds=1.0,
-        bootstrap_keys_file=keys,
+    settings, secret = service_settings(
+        tmp_path,
         root=store.root,
         online_store=online,
         store_timeout_seconds=5.0,
