@@ -170,14 +170,21 @@ async def test_full_queue_is_resource_exhausted_with_retry_info(llm):
         for call in calls:
             call.cancel()
         await asyncio.gather(*outcomes, return_exceptions=True)
-    rejected = [outcome.exception() for outcome in ended]
-    assert rejected and all(isinstance(error, grpc.RpcError) for error in rejected), rejected
+    # On a loaded machine the first streams can reach max_tokens (or greedy
+    # decoding the end token) before the last calls arrive: those ended
+    # normally. Every call that failed was refused for the full queue.
+    rejected = [outcome.exception() for outcome in ended if outcome.exception() is not None]
+    finished = len(ended) - len(rejected)
+    assert rejected, "no call was refused"
+    assert all(isinstance(error, grpc.RpcError) for error in rejected), rejected
     for error in rejected:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = await expect_error(_raise(rejected[0]), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert details.retry_info.retry_delay.ToNanoseconds() > 0
     assert details.quota_failure.violations[0].subject.startswith("model:tiny-llama")
-    assert running >= 80  # the slots and the waiting queue were held, not refused
+    # A refusal comes only with the slots and the queue full: the calls let
+    # in (still running, or ended since) filled them; none was refused early.
+    assert running + finished >= 80
     # The cancelled streams were aborted in the engine: it serves at once.
     async with asyncio.timeout(60):
         _, text = await collect(llm.Generate(request("after the burst", max_tokens=4)))
