@@ -162,7 +162,10 @@ async def test_full_queue_is_resource_exhausted_with_retry_info(llm):
     outcomes = [asyncio.ensure_future(collect(call)) for call in calls]
     try:
         async with asyncio.timeout(120):
-            await asyncio.wait(outcomes, return_when=asyncio.FIRST_COMPLETED)
+            # until the first refusal (a stream may end normally before it)
+            pending: set[asyncio.Future] = set(outcomes)
+            while not any(o.done() and o.exception() is not None for o in outcomes):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.sleep(1.0)  # the rest of the overflow
         ended = [outcome for outcome in outcomes if outcome.done()]
         running = sum(1 for call in calls if not call.done())
