@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
-from mlmesh_chassis.testing import bootstrap_keys_file
+from mlmesh_chassis.testing import RedisServer, bootstrap_keys_file
 from mlmesh_features.config import FeaturesSettings
 
 GOOD = textwrap.dedent(
@@ -76,3 +76,13 @@ def service_settings(tmp_path: Path, **settings: Any) -> tuple[FeaturesSettings,
         "bootstrap_keys_file": keys,
     }
     return FeaturesSettings(**(defaults | settings)), secret
+
+
+def private_online_store(kind: str, tmp_path: Path) -> tuple[str, RedisServer | None]:
+    """The online store setting for ``kind``: "" (SQLite in the root), or
+    the URL of a private Redis server started here (the caller stops it)."""
+    if kind != "redis":
+        return "", None
+    redis = RedisServer(tmp_path, tcp=True)
+    redis.start()
+    return redis.url, redis

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from features_fixtures import GOOD, events, service_settings
+from features_fixtures import GOOD, events, private_online_store, service_settings
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2
 from mlmesh.features.v1 import features_pb2 as pb
@@ -31,7 +31,7 @@ from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_FEATURES
 from mlmesh_chassis.errors import details_of
-from mlmesh_chassis.testing import RedisServer, bootstrap_keys_file, expect_error, keyed_channel
+from mlmesh_chassis.testing import bootstrap_keys_file, expect_error, keyed_channel
 from mlmesh_features.batch import EVENT_TIMESTAMP, compute_view, point_in_time_join
 from mlmesh_features.definitions import parse
 from mlmesh_features.operations import SourceEvents, chunk_rows, plan_chunks
@@ -49,11 +49,7 @@ FEATURES = {
 async def service(request, repo, tmp_path):
     """An in-process service with small chunks (10 events) and a short queue."""
     store, source, frame = repo
-    online, redis = "", None
-    if request.param == "redis":
-        redis = RedisServer(tmp_path, tcp=True)
-        redis.start()
-        online = redis.url
+    online, redis = private_online_store(request.param, tmp_path)
     settings, secret = service_settings(
         tmp_path,
         root=store.root,

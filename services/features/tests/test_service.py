@@ -9,12 +9,12 @@ import asyncio
 
 import grpc
 import pytest
-from features_fixtures import service_settings
+from features_fixtures import private_online_store, service_settings
 from google.protobuf import struct_pb2, timestamp_pb2
 from mlmesh.features.v1 import features_pb2 as pb
 from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
-from mlmesh_chassis.testing import RedisServer, expect_error, keyed_channel
+from mlmesh_chassis.testing import expect_error, keyed_channel
 from mlmesh_features.server import build_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -23,11 +23,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(params=["sqlite", "redis"])
 async def service(request, repo, tmp_path):
     store, source, frame = repo
-    online, redis = "", None
-    if request.param == "redis":
-        redis = RedisServer(tmp_path, tcp=True)
-        redis.start()
-        online = redis.url
+    online, redis = private_online_store(request.param, tmp_path)
     settings, secret = service_settings(
         tmp_path,
         root=store.root,

@@ -32,7 +32,7 @@ from mlmesh_features.definitions import Aggregation, Definitions, FeatureView
 
 EVENT_TIMESTAMP = "event_timestamp"
 
-_PANDAS_TYPES = {ex.INT64: "Int64", ex.DOUBLE: "float64", ex.STRING: "string", ex.BOOL: "boolean"}
+PANDAS_TYPES = {ex.INT64: "Int64", ex.DOUBLE: "float64", ex.STRING: "string", ex.BOOL: "boolean"}
 
 
 def compute_view(defs: Definitions, view: FeatureView, events: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def compute_view(defs: Definitions, view: FeatureView, events: pd.DataFrame) -> 
         if feature.name not in source.columns:
             work[feature.name] = values[feature.name]
     for feature in view.features:
-        out[feature.name] = values[feature.name].astype(_PANDAS_TYPES[feature.type])
+        out[feature.name] = values[feature.name].astype(PANDAS_TYPES[feature.type])
     return out.reset_index(drop=True)
 
 
@@ -72,7 +72,7 @@ def _windowed(view: FeatureView, keys: list[str], frame: pd.DataFrame) -> pd.Dat
         result = result.merge(values, on=[*keys, "_end"], how="left")
         if aggregation.function in ("count", "count_distinct"):
             result[aggregation.name] = result[aggregation.name].fillna(0)
-        result[aggregation.name] = result[aggregation.name].astype(_PANDAS_TYPES[aggregation.type])
+        result[aggregation.name] = result[aggregation.name].astype(PANDAS_TYPES[aggregation.type])
     result[EVENT_TIMESTAMP] = pd.to_datetime(result["_end"], utc=True)
     columns = [*keys, EVENT_TIMESTAMP, *(a.name for a in view.aggregations)]
     return result.sort_values([*keys, EVENT_TIMESTAMP]).reset_index(drop=True)[columns]

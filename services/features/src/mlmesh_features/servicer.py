@@ -463,12 +463,6 @@ def _is_integer(text: str) -> bool:
     )
 
 
-def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(when.astimezone(UTC).replace(tzinfo=None))
-    return stamp
-
-
 def _struct_value(value: Any) -> struct_pb2.Value:
     if value is None:
         return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)

@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from mlmesh_features import expressions as ex
-from mlmesh_features.batch import _PANDAS_TYPES
+from mlmesh_features.batch import PANDAS_TYPES
 from mlmesh_features.definitions import Source
 
 EVENT_TIME_MS = "_event_time_ms"
@@ -185,7 +185,7 @@ def read_events(root: Path, source: Source) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records, columns=[*columns, EVENT_TIME_MS, SEQ])
     out = pd.DataFrame(
         {
-            column: frame[column].astype(_PANDAS_TYPES[kind])
+            column: frame[column].astype(PANDAS_TYPES[kind])
             for column, kind in source.columns.items()
         }
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from mlmesh_features.batch import _PANDAS_TYPES, EVENT_TIMESTAMP
+from mlmesh_features.batch import EVENT_TIMESTAMP, PANDAS_TYPES
 from mlmesh_features.definitions import Definitions, FeatureView
 from mlmesh_features.store import FeastThread, FeatureStore
 
@@ -157,8 +157,8 @@ def _frame(defs: Definitions, view: FeatureView, records: list[dict[str, Any]]) 
     kinds = {defs.entities[e].join_key: defs.entities[e].value_type for e in view.entities}
     types = view.feature_types()
     frame = pd.DataFrame.from_records(records, columns=[*keys, WINDOW_END, *types])
-    out = pd.DataFrame({key: frame[key].astype(_PANDAS_TYPES[kinds[key]]) for key in keys})
+    out = pd.DataFrame({key: frame[key].astype(PANDAS_TYPES[kinds[key]]) for key in keys})
     out[EVENT_TIMESTAMP] = pd.to_datetime(frame[WINDOW_END].astype("int64"), unit="ms", utc=True)
     for name, kind in types.items():
-        out[name] = frame[name].astype(_PANDAS_TYPES[kind])
+        out[name] = frame[name].astype(PANDAS_TYPES[kind])
     return out
