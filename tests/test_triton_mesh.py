@@ -153,3 +153,39 @@ async def test_alias_move_under_load_loses_no_request(triton, full_mesh, tmp_pat
         while (await triton.infer("digits", {"pixels": x[:1]})).model_version != str(before):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
+
+
+async def test_digitclip_images_find_their_captions_through_minilm(triton):
+    """Held-out digits as PNG files, embedded by digitclip; the captions by
+    minilm: the nearest caption names the image's digit. A file that is not
+    an image fails its own request only, even when batched with good ones."""
+    from mlmesh_triton import digitimages
+
+    x, y = digits_training_data()
+    _, test = digitimages.held_out_split()
+    pngs = np.array([[digitimages.png_of(x[i].reshape(8, 8))] for i in test], dtype=object)
+    results = await asyncio.gather(
+        *(triton.infer("digitclip", {"image": pngs[i : i + 1]}) for i in range(len(pngs)))
+    )
+    images = np.concatenate([r.outputs["embedding"] for r in results])
+    assert images.shape == (len(test), 384)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
+    captions = [(digit, text) for digit, texts in digitimages.CAPTIONS.items() for text in texts]
+    texts = np.array([[text] for _, text in captions], dtype=object)
+    embedded = (await triton.infer("minilm", {"text": texts})).outputs["embedding"]
+    caption_digits = np.array([digit for digit, _ in captions])
+    nearest = caption_digits[(images @ embedded.T).argmax(axis=1)]
+    assert np.mean(nearest == y[test]) >= 0.9  # 0.98 when written
+
+    async def embed(image: bytes) -> np.ndarray | InvalidArgument:
+        try:
+            reply = await triton.infer("digitclip", {"image": np.array([[image]], dtype=object)})
+        except InvalidArgument as error:
+            return error
+        return reply.outputs["embedding"]
+
+    replies = await asyncio.gather(*(embed(b) for b in [pngs[0, 0], b"no image"] * 8))
+    for good in replies[0::2]:
+        np.testing.assert_allclose(good, images[:1], atol=1e-6)
+    for bad in replies[1::2]:
+        assert isinstance(bad, InvalidArgument) and "not a PNG or JPEG" in str(bad)

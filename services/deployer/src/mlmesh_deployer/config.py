@@ -14,7 +14,7 @@ class DeployerSettings(MeteringSettings):
     service_name: ClassVar[str] = "deployer"
 
     # Comma-separated references to keep live on Triton (one alias per model).
-    models: str = "digits@champion,minilm@champion"
+    models: str = "digits@champion,minilm@champion,digitclip@champion"
     registry_target: str = "127.0.0.1:8080"
     triton_target: str = "127.0.0.1:8001"
     # Triton's model repository (Triton runs with --model-control-mode=explicit).

@@ -31,8 +31,9 @@ REGISTRATION = ServiceRegistration(
         "MLMESH_DEPLOYER_REPOSITORY": str(ctx.state / "triton-repository"),
         "MLMESH_DEPLOYER_CACHE_DIR": str(ctx.state / "deployer-cache"),
     },
-    # Builds the digits classifier and the MiniLM embedder once and
-    # registers them as digits@champion and minilm@champion.
+    # Builds the digits classifier, the MiniLM embedder and the digit image
+    # encoder once and registers them as digits@champion, minilm@champion
+    # and digitclip@champion.
     prepare=lambda ctx: [
         sys.executable,
         "-m",

@@ -3,21 +3,20 @@
 Input: "text" BYTES [batch, 1] (UTF-8). Outputs: "embedding" FP32 [batch, 384],
 mean-pooled over tokens and L2-normalized, as sentence-transformers does for
 this model; "token_count" INT64 [batch, 1], the tokens each text took (what
-the gateway bills). The model files sit in model/ beside this file.
+the gateway bills). The model files sit in model/ beside this file, and the
+encoder in sentence_encoder.py (shared with the digitclip build).
 """
 
 import os
 import sys
 
 sys.path[:0] = [p for p in os.environ.get("MLMESH_TRITON_PYTHONPATH", "").split(":") if p]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
-
-MAX_TOKENS = 256  # the model's max_seq_length in sentence-transformers
+from sentence_encoder import SentenceEncoder  # noqa: E402
 
 
 class TritonPythonModel:
@@ -25,22 +24,13 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"], "model")
         threads = int(os.environ.get("MLMESH_TRITON_TORCH_THREADS", "1"))
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        self.encoder = SentenceEncoder(folder)
 
-    @torch.inference_mode()
     def execute(self, requests):
         batches = [pb_utils.get_input_tensor_by_name(r, "text").as_numpy() for r in requests]
         sizes = [len(b) for b in batches]
         texts = [item.decode("utf-8") for batch in batches for item in batch.reshape(-1)]
-        encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
-        )
-        hidden = self.model(**encoded).last_hidden_state
-        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        embeddings = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy().astype(np.float32)
-        counts = encoded["attention_mask"].sum(dim=1, keepdim=True).numpy().astype(np.int64)
+        embeddings, counts = self.encoder.encode(texts)
         responses = []
         start = 0
         for size in sizes:
