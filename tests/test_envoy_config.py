@@ -32,7 +32,12 @@ def validate(config: dict, tmp_path: Path) -> None:
 def mesh_upstreams() -> list[Upstream]:
     """Every routed service of the catalog, as the local runner renders them."""
     return [
-        Upstream(spec.name, spec.services(), [("127.0.0.1", 50051 + n)])
+        Upstream(
+            spec.name,
+            spec.services(),
+            [("127.0.0.1", 50051 + n)],
+            ("127.0.0.1", 50051 + n) if spec.single_writer else None,
+        )
         for n, spec in enumerate(s for s in CATALOG if s.routed)
     ]
 
@@ -88,7 +93,31 @@ def test_no_external_authorization_anywhere():
         assert filters == ["envoy.filters.http.router"]
         assert all("typed_per_filter_config" not in r for r in routes_of(config))
         clusters = {c["name"] for c in config["static_resources"]["clusters"]}
-        assert clusters == {s.name for s in CATALOG if s.routed}
+        assert clusters == {s.name for s in CATALOG if s.routed} | {
+            f"{s.name}_primary" for s in CATALOG if s.routed and s.single_writer
+        }
+
+
+def test_a_single_writer_takes_the_writes_and_every_replica_the_reads():
+    """The vector service's read replicas: Envoy sends its writing methods to
+    the primary's cluster only, its reads to every instance."""
+    from mlmesh.vectors.v1 import vectors_service_pb2
+
+    vectors = vectors_service_pb2.DESCRIPTOR.services_by_name["VectorService"]
+    replicas = [("127.0.0.1", 7000), ("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+    config = render([Upstream("vectors", [vectors], replicas, replicas[0])])
+    by_path = {r["match"].get("path") or r["match"].get("prefix"): r for r in routes_of(config)}
+    assert by_path["/mlmesh.vectors.v1.VectorService/Search"]["route"]["cluster"] == "vectors"
+    assert by_path["/mlmesh.vectors.v1.VectorService/"]["route"]["cluster"] == "vectors_primary"
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    endpoints = {
+        name: [
+            e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        ]
+        for name, cluster in clusters.items()
+    }
+    assert endpoints == {"vectors": [7000, 7001, 7002], "vectors_primary": [7000]}
 
 
 def test_edge_proxy_hardening():

@@ -10,9 +10,9 @@ from typing import ClassVar
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mlmesh.batch.v1alpha1 import batch_service_pb2
 from mlmesh.gateway.v1.gateway_pb2 import PlatformService as S
 from mlmesh.registry.v1 import registry_service_pb2_grpc
-from mlmesh.vectors.v1alpha1 import vectors_service_pb2
 from mlmesh_chassis.auth import KeyView, scopes_for
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.registration import (
@@ -25,7 +25,7 @@ from mlmesh_chassis.registration import (
 )
 from mlmesh_chassis.server import start_service
 
-VECTORS = vectors_service_pb2.DESCRIPTOR.services_by_name["VectorService"]
+BATCH = batch_service_pb2.DESCRIPTOR.services_by_name["BatchService"]
 
 
 def registration(name: str, **fields) -> ServiceRegistration:  # type: ignore[no-untyped-def]
@@ -42,7 +42,16 @@ def registration(name: str, **fields) -> ServiceRegistration:  # type: ignore[no
 
 def test_installed_services_start_in_their_declared_order():
     names = [r.name for r in registrations()]
-    assert names == ["features", "flink", "registry", "llm", "triton", "deployer", "gateway"]
+    assert names == [
+        "features",
+        "flink",
+        "registry",
+        "llm",
+        "triton",
+        "deployer",
+        "gateway",
+        "vectors",
+    ]
     assert key_directory_service() == "gateway"
 
 
@@ -119,17 +128,17 @@ def test_names_and_env_prefixes_are_checked(fields):
 
 
 def test_a_new_service_gets_its_scopes_from_its_registration():
-    """A service with no registration yet (vectors) is refused; once its
+    """A service with no registration yet (batch) is refused; once its
     registration names its scope, that scope, and only it, may call it."""
-    method = f"/{VECTORS.full_name}/{VECTORS.methods[0].name}"
+    method = f"/{BATCH.full_name}/{BATCH.methods[0].name}"
     assert scopes_for(method, route_table(registrations())) is None
-    vectors = registration(
-        "vectors",
-        services=lambda: [VECTORS],
-        routes=(route("/mlmesh.vectors.", {S.PLATFORM_SERVICE_VECTORS}),),
+    batch = registration(
+        "batch",
+        services=lambda: [BATCH],
+        routes=(route("/mlmesh.batch.", {S.PLATFORM_SERVICE_BATCH}),),
     )
-    table = route_table([*registrations(), vectors])
-    assert scopes_for(method, table) == {S.PLATFORM_SERVICE_VECTORS}
+    table = route_table([*registrations(), batch])
+    assert scopes_for(method, table) == {S.PLATFORM_SERVICE_BATCH}
     # Read-only methods get the read scopes, others the write scopes.
     read = "/mlmesh.registry.v1.RegistryService/ListModels"
     write = "/mlmesh.registry.v1.RegistryService/CreateModel"

@@ -125,6 +125,11 @@ class ServiceRegistration:
     # relays to the llm). Their service keys' ids reach it as
     # <env_prefix>UNMETERED_KEY_IDS.
     billed_by: tuple[str, ...] = ()
+    # Whether its first instance is the only writer: with replicas, Envoy
+    # sends its writing methods (those not NO_SIDE_EFFECTS) to the first
+    # instance and its reads to all (the vector service's read replicas).
+    # Each instance learns its name as <env_prefix>INSTANCE.
+    single_writer: bool = False
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.name):

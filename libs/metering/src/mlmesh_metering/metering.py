@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -265,6 +266,23 @@ def status_of(error: BaseException) -> str:
     return name if isinstance(name, str) else "INTERNAL"
 
 
+# The call ``call_admission`` admitted, for the servicer serving it.
+current_call: contextvars.ContextVar[MeteredCall | None] = contextvars.ContextVar(
+    "current_call", default=None
+)
+
+
+def consumed(unit: str, quantity: int, model: str = "") -> None:
+    """Bills the call being served by what it consumed (``quantity`` of
+    ``unit``, e.g. 1000 "vectors") instead of one request, in its one usage
+    event. Nothing for a call that is not metered."""
+    call = current_call.get()
+    if call is not None:
+        call.unit = unit
+        call.model = model or call.model
+        call.settle(quantity)
+
+
 def call_admission(meter: Metering, unmetered: frozenset[str] = frozenset()) -> CallAdmission:
     """Metering for every verified call of a service (``start_service(...,
     admission=...)``): the caller key's requests_per_minute, and one usage
@@ -289,7 +307,11 @@ def call_admission(meter: Metering, unmetered: frozenset[str] = frozenset()) -> 
             request_id=request_id if REQUEST_ID.fullmatch(request_id) else "",
         ) as call:
             call.settle(1)
-            yield call
+            token = current_call.set(call)
+            try:
+                yield call
+            finally:
+                current_call.reset(token)
 
     return admit
 

@@ -30,6 +30,14 @@ class Upstream:
     cluster: str
     services: Sequence[descriptor.ServiceDescriptor]
     endpoints: Sequence[tuple[str, int]]
+    # A single-writer service's primary: its writing methods (every method
+    # not NO_SIDE_EFFECTS) go to this endpoint alone, in the cluster
+    # ``<cluster>_primary``; its reads go to every endpoint.
+    primary: tuple[str, int] | None = None
+
+    @property
+    def writer_cluster(self) -> str:
+        return f"{self.cluster}_primary" if self.primary is not None else self.cluster
 
 
 def _is_ip(host: str) -> bool:
@@ -145,7 +153,7 @@ def _routes(upstreams: Iterable[Upstream]) -> list[dict[str, Any]]:
                 {
                     "name": service.full_name,
                     "match": {"prefix": f"/{service.full_name}/", "grpc": {}},
-                    "route": {"cluster": upstream.cluster, **action},
+                    "route": {"cluster": upstream.writer_cluster, **action},
                 }
             )
     # Every service's reflection describes the whole mesh's contracts, so the
@@ -166,12 +174,23 @@ def _routes(upstreams: Iterable[Upstream]) -> list[dict[str, Any]]:
     return routes
 
 
-def _cluster(upstream: Upstream) -> dict[str, Any]:
+def _clusters(upstream: Upstream) -> list[dict[str, Any]]:
+    """The upstream's cluster, and its primary's for a single writer."""
+    clusters = [_cluster(upstream.cluster, upstream)]
+    if upstream.primary is not None:
+        clusters.append(_cluster(upstream.writer_cluster, upstream, [upstream.primary]))
+    return clusters
+
+
+def _cluster(
+    name: str, upstream: Upstream, endpoints: Sequence[tuple[str, int]] | None = None
+) -> dict[str, Any]:
     health_service = upstream.services[0].full_name
+    endpoints = upstream.endpoints if endpoints is None else endpoints
     return {
-        "name": upstream.cluster,
+        "name": name,
         # Local runs name IP endpoints; deployments name DNS (Kubernetes Services).
-        "type": "STATIC" if all(_is_ip(h) for h, _ in upstream.endpoints) else "STRICT_DNS",
+        "type": "STATIC" if all(_is_ip(h) for h, _ in endpoints) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
@@ -184,7 +203,7 @@ def _cluster(upstream: Upstream) -> dict[str, Any]:
             },
         },
         "load_assignment": {
-            "cluster_name": upstream.cluster,
+            "cluster_name": name,
             "endpoints": [
                 {
                     "lb_endpoints": [
@@ -193,7 +212,7 @@ def _cluster(upstream: Upstream) -> dict[str, Any]:
                                 "address": {"socket_address": {"address": host, "port_value": port}}
                             }
                         }
-                        for host, port in upstream.endpoints
+                        for host, port in endpoints
                     ]
                 }
             ],
@@ -347,7 +366,7 @@ def render(
             },
         ],
     }
-    clusters = [_cluster(u) for u in upstreams]
+    clusters = [cluster for u in upstreams for cluster in _clusters(u)]
     if otlp_endpoint:
         manager["tracing"] = {
             "provider": {

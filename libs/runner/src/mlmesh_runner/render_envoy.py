@@ -26,7 +26,15 @@ HEADER = (
 
 def deployment_config(port: int = 50051) -> str:
     upstreams = [
-        Upstream(spec.name, spec.services(), [(spec.name, port)]) for spec in CATALOG if spec.routed
+        Upstream(
+            spec.name,
+            spec.services(),
+            [(spec.name, port)],
+            # A single writer's first replica (pod 0 of its StatefulSet).
+            (f"{spec.name}-0.{spec.name}", port) if spec.single_writer else None,
+        )
+        for spec in CATALOG
+        if spec.routed
     ]
     config = render(
         upstreams,

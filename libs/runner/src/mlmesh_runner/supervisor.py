@@ -307,6 +307,8 @@ class Mesh:
             **spec.fixed_env,
             f"{spec.env_prefix}PORT": str(port),
             f"{spec.env_prefix}PORT_FILE": str(port_file),
+            # Which instance it is (``vectors``, ``vectors.1``, ...).
+            f"{spec.env_prefix}INSTANCE": instance,
             **self._key_env(spec),
             "PYTHONUNBUFFERED": "1",
         }
@@ -384,6 +386,9 @@ class Mesh:
                 spec.name,
                 spec.services(),
                 [("127.0.0.1", self.children[i].ports["port"]) for i in self.instances(spec)],
+                ("127.0.0.1", self.children[spec.name].ports["port"])
+                if spec.single_writer
+                else None,
             )
             for spec in self.catalog
             if spec.routed
