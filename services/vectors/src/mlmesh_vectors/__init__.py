@@ -1,0 +1,1 @@
+"""The vector service (mlmesh.vectors.v1)."""
