@@ -127,9 +127,10 @@ class CpuMeter:
 
 @contextlib.asynccontextmanager
 async def running_mesh(
-    args: Any, services: Sequence[str] = ("registry",)
+    args: Any, services: Sequence[str] = ("registry",), replicas: dict[str, int] | None = None
 ) -> AsyncIterator[tuple[Mesh, dict[str, Any], Path]]:
-    """Starts ``services`` + Envoy in a fresh temp dir; yields (mesh, ready, workdir)."""
+    """Starts ``services`` (``replicas``: processes per service, default 1)
+    + Envoy in a fresh temp dir; yields (mesh, ready, workdir)."""
     workdir = Path(tempfile.mkdtemp(prefix="mlmesh-bench-", dir=args.tmpdir))
     mesh = Mesh(
         workdir / "state",
@@ -137,6 +138,7 @@ async def running_mesh(
         admin_port=0,
         envoy_concurrency=args.envoy_concurrency,
         catalog=select(",".join(services)),
+        replicas=replicas,
     )
     try:
         started = time.monotonic()

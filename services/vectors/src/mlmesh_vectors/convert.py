@@ -114,6 +114,7 @@ def collection_message(state: CollectionState | CollectionSpec) -> pb.Collection
     if isinstance(state, CollectionState):
         message.point_count = state.point_count
         message.indexed_point_count = state.indexed_point_count
+        message.indexing = state.indexing
     if spec.create_time is not None:
         message.create_time.CopyFrom(timestamp(spec.create_time))
     return message

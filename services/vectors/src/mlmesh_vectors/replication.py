@@ -199,9 +199,17 @@ class ChangeLog:
         prunes change files every base covers (called every second or so)."""
         now = time.monotonic()
         for collection, (seq, when) in list(self._last_write.items()):
-            if seq <= self._base_seq.get(collection, 0) or now - when < QUIET_S:
+            if now - when < QUIET_S or now - self._base_time.get(collection, 0.0) < BASE_EVERY_S:
                 continue
-            if now - self._base_time.get(collection, 0.0) < BASE_EVERY_S:
+            try:
+                state = self.backend.get_collection(collection)
+            except CollectionNotFound:
+                self._last_write.pop(collection, None)
+                continue
+            # Written since the last base, or indexed further (the index
+            # is what replicas take bases for); never mid-build.
+            grown = state.indexed_point_count != self._base_indexed.get(collection)
+            if state.indexing or not (seq > self._base_seq.get(collection, 0) or grown):
                 continue
             with self.lock:
                 try:

@@ -251,17 +251,22 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
             )
         return spec
 
-    async def _upsert_embedded(
-        self, spec: CollectionSpec, items: Sequence[Any], embedded: Embedded, extra: list[dict]
-    ) -> tuple[int, int]:
+    def _items_payloads(self, items: Sequence[Any], extra: list[dict]) -> list[dict]:
+        """Each item's payload (with ``extra``), every item checked before
+        anything is embedded: ids unique, payloads not reserved or oversized."""
+        convert.check_unique([item.id for item in items], "items.id")
         violations: list[FieldViolation] = []
         payloads = []
         for i, item in enumerate(items):
             payload, bad = convert.payload_of(item.payload, f"items[{i}].payload")
             violations.extend(bad)
             payloads.append({**payload, **extra[i]})
-        convert.check_unique([item.id for item in items], "items.id")
         convert.fail(violations)
+        return payloads
+
+    async def _upsert_embedded(
+        self, spec: CollectionSpec, items: Sequence[Any], embedded: Embedded, payloads: list[dict]
+    ) -> tuple[int, int]:
         batch = Batch([item.id for item in items], embedded.vectors, payloads)
         seq, count = await self.store.upsert(spec.name, batch)
         consumed("vectors", count)
@@ -269,11 +274,9 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
 
     async def UpsertTexts(self, request, context):  # type: ignore[no-untyped-def]
         spec = await self._embedding_collection(request.collection)
-        convert.check_unique([item.id for item in request.items], "items.id")
+        payloads = self._items_payloads(request.items, [{"text": i.text} for i in request.items])
         embedded = await self.embedder.texts([item.text for item in request.items])
-        seq, count = await self._upsert_embedded(
-            spec, request.items, embedded, [{"text": item.text} for item in request.items]
-        )
+        seq, count = await self._upsert_embedded(spec, request.items, embedded, payloads)
         return rpc.UpsertTextsResponse(
             upserted_count=count, write_sequence=seq, model=embedded.model
         )
@@ -288,11 +291,9 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
 
     async def UpsertImages(self, request, context):  # type: ignore[no-untyped-def]
         spec = await self._embedding_collection(request.collection)
-        convert.check_unique([item.id for item in request.items], "items.id")
+        payloads = self._items_payloads(request.items, [{} for _ in request.items])
         embedded = await self.embedder.images([item.image for item in request.items])
-        seq, count = await self._upsert_embedded(
-            spec, request.items, embedded, [{} for _ in request.items]
-        )
+        seq, count = await self._upsert_embedded(spec, request.items, embedded, payloads)
         return rpc.UpsertImagesResponse(
             upserted_count=count, write_sequence=seq, model=embedded.model
         )

@@ -205,8 +205,14 @@ class VectorStore:
             )
 
     async def spec(self, name: str) -> CollectionSpec:
-        state: CollectionState = await self.run(self.backend.get_collection, name)
-        return state.spec
+        """The collection's spec: the embedded engine keeps it in memory (no
+        thread hop, it is on every request's path); a cluster is asked."""
+        if self.role == "cluster":
+            return await self.run(self.backend.spec, name)
+        try:
+            return self.backend.spec(name)
+        except BackendError as error:
+            raise engine_error(error) from error
 
     # ---- writes -----------------------------------------------------------
 

@@ -113,6 +113,8 @@ class CollectionState:
     spec: CollectionSpec
     point_count: int
     indexed_point_count: int
+    # An index build is running.
+    indexing: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,11 @@ class VectorBackend(Protocol):
 
     def get_collection(self, name: str) -> CollectionState:
         """CollectionNotFound."""
+        ...
+
+    def spec(self, name: str) -> CollectionSpec:
+        """The collection's spec alone (what every request checks against):
+        no counts, as cheap as the engine allows. CollectionNotFound."""
         ...
 
     def list_collections(self) -> list[CollectionSpec]:

@@ -295,6 +295,10 @@ class EdgeBackend:
             self._collections[spec.name] = self._open(self._dir / spec.name)
         return spec
 
+    def spec(self, name: str) -> CollectionSpec:
+        """From memory: a dict lookup."""
+        return self._get(name).spec
+
     def get_collection(self, name: str) -> CollectionState:
         col = self._get(name)
         with self._using(col) as shard:
@@ -303,6 +307,7 @@ class EdgeBackend:
             spec=col.spec,
             point_count=info.points_count,
             indexed_point_count=min(info.indexed_vectors_count, info.points_count),
+            indexing=col.builder is not None,
         )
 
     def list_collections(self) -> list[CollectionSpec]:

@@ -195,12 +195,21 @@ class RemoteBackend:
                 raise
         return spec
 
+    def spec(self, name: str) -> CollectionSpec:
+        """From the catalog (one point read)."""
+        with self._engine(name):
+            return self._spec(name)
+
     def get_collection(self, name: str) -> CollectionState:
         with self._engine(name):
             spec = self._spec(name)
             points = self._client.count(name, exact=True).count
-            indexed = self._client.get_collection(name).indexed_vectors_count or 0
-        return CollectionState(spec, points, min(indexed, points))
+            info = self._client.get_collection(name)
+        indexed = info.indexed_vectors_count or 0
+        # Qdrant says yellow while its optimizers (indexing) run.
+        return CollectionState(
+            spec, points, min(indexed, points), info.status == qm.CollectionStatus.YELLOW
+        )
 
     def list_collections(self) -> list[CollectionSpec]:
         with self._engine():
