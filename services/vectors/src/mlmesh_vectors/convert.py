@@ -204,9 +204,23 @@ def payload_of(
             violations.append(
                 FieldViolation(f"{field}.{key[:32]}", "keys starting with '_' are reserved")
             )
-        if isinstance(value, float) and not math.isfinite(value):
-            violations.append(FieldViolation(f"{field}.{key[:32]}", "is not a finite number"))
+        if not _finite(value):
+            violations.append(
+                FieldViolation(f"{field}.{key[:32]}", "holds a number that is not finite")
+            )
     return payload, violations
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a payload value (the engine stores
+    JSON, which has neither)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def batch_of(points: Sequence[pb.Point], spec: CollectionSpec) -> Batch:

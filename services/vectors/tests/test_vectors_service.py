@@ -252,6 +252,7 @@ async def test_bad_input_is_refused_with_details_and_writes_nothing(service):
         ([point(50), point(51, _secret=1)], "points[1].payload._secret"),
         ([point(50, vector=[0.0] * DIM)], "points[0].vector"),
         ([point(50, blob="x" * 70_000)], "points[0].payload"),
+        ([point(50, meta={"scores": [1.0, math.inf]})], "points[0].payload.meta"),
     ]
     for points, field in cases:
         details = await expect_error(
