@@ -7,6 +7,7 @@ that follows the primary."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from mlmesh.vectors.v1 import vectors_service_pb2_grpc
 from mlmesh_chassis.testing import bootstrap_keys_file, expect_error, keyed_channel
 from mlmesh_vectors.config import VectorsSettings
 from mlmesh_vectors.engine.base import Hit
-from mlmesh_vectors.policies import decide
+from mlmesh_vectors.policies import DecisionLog, decide
 from mlmesh_vectors.server import build_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -383,6 +384,17 @@ def test_decisions_follow_the_policy():
     assert decide(policy, []).decision == pb.DECISION_ALLOW
     no_margin = pb.Policy(threshold=0.8)
     assert decide(no_margin, [hit(0.81, "anything")]).decision == pb.DECISION_VIOLATION
+
+
+def test_the_decision_log_is_bounded(tmp_path):
+    log = DecisionLog(tmp_path / "decisions" / "vectors.jsonl", max_bytes=2000)
+    ids = [log.record({"policy": "p", "policy_version": 3, "n": i}) for i in range(100)]
+    log.close()
+    files = [tmp_path / "decisions" / name for name in ("vectors.jsonl", "vectors.jsonl.1")]
+    assert all(0 < f.stat().st_size <= 2000 for f in files)
+    assert sorted(p.name for p in files[0].parent.iterdir()) == [f.name for f in files]
+    last = json.loads(files[0].read_text().splitlines()[-1])
+    assert last["decision_id"] == ids[-1] and last["policy_version"] == 3 and last["n"] == 99
 
 
 async def test_snapshots_restore_an_earlier_state(tmp_path):

@@ -160,10 +160,14 @@ class Policies:
 
 
 class DecisionLog:
-    """Every content decision, one JSON line each, in this instance's file."""
+    """Every content decision, one JSON line each, in this instance's file.
+    Past ``max_bytes`` the file is renamed to ``<name>.1`` (replacing the
+    previous one) and a new one begun: at most about twice that on disk."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = 64 * 1024 * 1024) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_bytes = max_bytes
         self._file = path.open("a", encoding="utf-8")
         self._lock = threading.Lock()
 
@@ -171,6 +175,10 @@ class DecisionLog:
         decision_id = uuid.uuid4().hex
         line = json.dumps({"decision_id": decision_id, "time": time.time(), **entry})
         with self._lock:
+            if self._file.tell() + len(line) >= self.max_bytes:
+                self._file.close()
+                self.path.replace(self.path.with_name(self.path.name + ".1"))
+                self._file = self.path.open("a", encoding="utf-8")
             self._file.write(line + "\n")
             self._file.flush()
         return decision_id
