@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import logging
 
 import numpy as np
@@ -58,7 +59,10 @@ BANNED_DIGIT = 6
 BANNED_REFERENCES = 20
 
 
+@functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits split as digitclip was trained, loaded once
+    (held_out_png is called per image)."""
     from mlmesh_triton.build import digits_training_data
     from mlmesh_triton.digitimages import held_out_split
 
