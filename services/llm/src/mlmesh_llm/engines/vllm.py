@@ -98,8 +98,8 @@ def engine_args(
         "tokenizer": str(model_dir),
         "max_num_seqs": limits.max_running,
         "max_num_queued_reqs": limits.max_running + limits.max_waiting,
-        # Our stat logger alone: vLLM's own loggers would print every few
-        # seconds and register Prometheus metrics once per engine.
+        # Our stat loggers alone: vLLM's own would print every few seconds.
+        # (Its Prometheus logger is replaced too: see _no_prometheus_logger.)
         "disable_log_stats": True,
     }
     if limits.max_context:
@@ -108,6 +108,41 @@ def engine_args(
         args["kv_cache_memory_bytes"] = limits.kv_cache_mib * MiB
     args.update(options)
     return args
+
+
+def _no_prometheus_logger() -> Any:
+    """A stand-in for vLLM's Prometheus stat logger, which registers nothing.
+
+    vLLM adds its PrometheusStatLogger to every AsyncLLM that has any stat
+    logger, unless one of the loggers given already is one. Its constructor
+    unregisters every ``vllm:`` series from the process-wide registry and then
+    registers its own, so engines built side by side in threads race (a CI run
+    failed on DuplicateTimeseries), and only the last engine's series would be
+    exported anyway. The llm service exports its own per-model metrics, so this
+    subclass only marks the slot as taken.
+    """
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class NoPrometheus(PrometheusStatLogger):
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+            self.engine_indexes = engine_indexes or [0]
+
+        def record(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def record_admission_rejection(self, reason: str) -> None:
+            return None
+
+        def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+        def log(self) -> None:
+            return None
+
+    return NoPrometheus
 
 
 class _SchedulerLoad:
@@ -180,7 +215,9 @@ class VllmEngine:
         # them (tens of seconds on CPU): off the event loop, so the server
         # keeps answering health checks and other models' streams meanwhile.
         self._llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, args, stat_loggers=[self._load.logger_factory()]
+            AsyncLLM.from_engine_args,
+            args,
+            stat_loggers=[self._load.logger_factory(), _no_prometheus_logger()],
         )
         hf_tokenizer = await asyncio.to_thread(
             AutoTokenizer.from_pretrained, self.model_dir, local_files_only=True
