@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from google.protobuf import struct_pb2
 from mlmesh.batch.v1 import batch_pb2 as pb
@@ -24,11 +25,13 @@ def embed_stage(name: str = "embed", column: str = "text", **fields: Any) -> pb.
     return pb.Stage(
         name=name,
         model=pb.ModelStage(
-            model=ModelReference(model="minilm", alias="champion"),
-            task=pb.TASK_EMBED,
-            input_column=column,
-            output_column="embedding",
-            **fields,
+            **{
+                "model": ModelReference(model="minilm", alias="champion"),
+                "task": pb.TASK_EMBED,
+                "input_column": column,
+                "output_column": "embedding",
+                **fields,
+            }
         ),
     )
 
@@ -45,16 +48,18 @@ def normalize_stage(**params: Any) -> pb.Stage:
 
 
 def job(input_path: Path, output: Path, stages: list[pb.Stage], **fields: Any) -> pb.Job:
-    return pb.Job(
-        display_name="test",
-        input_uri=f"file://{input_path}",
-        input_format=pb.DATA_FORMAT_PARQUET if input_path.suffix == ".parquet" else pb.DATA_FORMAT_JSONL,
-        id_column="id",
-        keep_columns=["text"],
-        stages=stages,
-        output_uri=f"file://{output}",
-        **fields,
-    )
+    values: dict[str, Any] = {
+        "display_name": "test",
+        "input_uri": f"file://{input_path}",
+        "input_format": pb.DATA_FORMAT_PARQUET
+        if input_path.suffix == ".parquet"
+        else pb.DATA_FORMAT_JSONL,
+        "id_column": "id",
+        "keep_columns": ["text"],
+        "stages": stages,
+        "output_uri": f"file://{output}",
+    }
+    return pb.Job(**(values | fields))
 
 
 async def run_to_end(stub, request: rpc.CreateJobRequest) -> pb.Job:
@@ -81,6 +86,7 @@ def read_errors(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.timeout(300)
 async def test_a_job_embeds_every_row_with_the_pinned_version_and_captures_bad_rows(batch):
     texts = sentences(600, seed=3)
     texts[5] = "   "  # empty after normalizing: fails in the callable

@@ -32,7 +32,7 @@ from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.errors import details_of
 
-from mlmesh_sdk import cli_features, cli_gateway
+from mlmesh_sdk import cli_batch, cli_features, cli_gateway
 from mlmesh_sdk.progress import Progress, ProgressBar, human_bytes
 from mlmesh_sdk.reference import parse_reference
 from mlmesh_sdk.registry import DownloadError, RegistryClient
@@ -233,6 +233,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     cli_gateway.add_embed,
     cli_gateway.add_infer,
     cli_features.add_features,
+    cli_batch.add_batch,
 )
 
 
@@ -247,8 +248,8 @@ def _output_options(parser: argparse.ArgumentParser, default: Any) -> None:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=default if default is argparse.SUPPRESS else None,
-        help="a progress bar on stderr for uploads and downloads (default: on a terminal, "
-        "without --json)",
+        help="a progress line on stderr for uploads, downloads and batch jobs (default: on a "
+        "terminal, without --json)",
     )
 
 
@@ -346,7 +347,9 @@ def _event_line(event: pb.AliasEvent) -> str:
 
 def summary(message: Message) -> str:
     """One line for a result (what the commands print without --json)."""
-    line = cli_gateway.summary(message) or cli_features.summary(message)
+    line = (
+        cli_gateway.summary(message) or cli_features.summary(message) or cli_batch.summary(message)
+    )
     if line is not None:
         return line
     if isinstance(message, pb.ModelVersion):

@@ -477,7 +477,9 @@ def main() -> None:
     # status is written, the local Ray goes with this process's session.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    # The service reads the end state from status.json; the exit code says
+    # the same to whoever else runs a driver (a KubeRay RayJob).
+    os._exit(0 if status.state == "succeeded" else 1)
 
 
 if __name__ == "__main__":

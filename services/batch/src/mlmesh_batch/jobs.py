@@ -439,7 +439,9 @@ class Supervisor:
             registry_target=self.settings.registry_target,
             gateway_target=self.settings.gateway_target,
             cache_root=str((self.settings.root / "models").resolve()),
-            service_key_file=str(Path(self.settings.service_key_file).resolve())
+            # Absolute, not resolved: on Kubernetes the key is a mounted
+            # Secret whose resolved path exists only in this pod.
+            service_key_file=str(Path(self.settings.service_key_file).absolute())
             if self.settings.service_key_file
             else "",
             allowed_roots=[str(p) for p in self.settings.roots()],

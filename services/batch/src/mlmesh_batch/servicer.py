@@ -60,6 +60,8 @@ class BatchServicer(batch_service_pb2_grpc.BatchServiceServicer):
         owner = current_principal().key_id
         if request.resume_from:
             return await self._resume(request, owner, context)
+        if not request.HasField("job"):
+            raise InvalidArgument.field("job", "is required (or resume_from)")
         job = pb.Job()
         job.CopyFrom(request.job)
         for name in ("name", "state", "progress", "error", "resumed_from", "attempts"):
