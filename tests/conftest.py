@@ -50,6 +50,9 @@ LLM_TEST_ENV = {
     # No demo events: the stream test sends its own, and the llm's timing
     # tests keep the CPU the demo streamer and Flink's work on it would take.
     "MLMESH_FLINK_DEMO": "off",
+    # The batch service's local Ray head stops once its jobs are done, so its
+    # idle processes do not share the cores with the tests after it.
+    "MLMESH_BATCH_RAY_IDLE_STOP_SECONDS": "3",
 }
 
 

@@ -42,7 +42,9 @@ async def refused(batch, folder: Path, request: rpc.CreateJobRequest, code: grpc
 
 
 async def test_a_missing_input_is_refused(batch, folder):
-    request = rpc.CreateJobRequest(job=job(folder / "nothing.parquet", folder / "out", [embed_stage()]))
+    request = rpc.CreateJobRequest(
+        job=job(folder / "nothing.parquet", folder / "out", [embed_stage()])
+    )
     details = await refused(batch, folder, request, INVALID)
     assert details.error_info.reason == "INPUT_INVALID"
     assert details.bad_request.field_violations[0].field == "job.input_uri"
@@ -50,7 +52,9 @@ async def test_a_missing_input_is_refused(batch, folder):
 
 async def test_an_unreadable_file_is_refused(batch, folder):
     (folder / "junk.parquet").write_bytes(b"this is not parquet at all")
-    request = rpc.CreateJobRequest(job=job(folder / "junk.parquet", folder / "out", [embed_stage()]))
+    request = rpc.CreateJobRequest(
+        job=job(folder / "junk.parquet", folder / "out", [embed_stage()])
+    )
     details = await refused(batch, folder, request, INVALID)
     assert details.error_info.reason == "INPUT_INVALID"
     assert "not readable parquet" in details.message
@@ -147,6 +151,4 @@ async def test_contract_rules_are_checked_before_anything(batch, folder):
     await refused(batch, folder, rpc.CreateJobRequest(job=spec), INVALID)
     await expect_error(batch.stub.GetJob(rpc.GetJobRequest(name="jobs/../x")), INVALID)
     await expect_error(batch.stub.GetJob(rpc.GetJobRequest(name="jobs/abc")), NOT_FOUND)
-    await expect_error(
-        batch.stub.ListJobs(rpc.ListJobsRequest(page_token="garbage!")), INVALID
-    )
+    await expect_error(batch.stub.ListJobs(rpc.ListJobsRequest(page_token="garbage!")), INVALID)

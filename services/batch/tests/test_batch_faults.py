@@ -17,14 +17,13 @@ import grpc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from batchkit import batch_settings
 from mlmesh.batch.v1 import batch_pb2 as pb
 from mlmesh.batch.v1 import batch_service_pb2 as rpc
 from mlmesh.batch.v1 import batch_service_pb2_grpc
 from mlmesh_batch.demo import write_sentences
 from mlmesh_chassis.testing import keyed_channel
 from test_batch_jobs import JOB_TIMEOUT_S, embed_stage, job, read_output, run_to_end
-
-from conftest import batch_settings
 
 
 async def wait_for(stub, name: str, predicate, timeout_s: float = JOB_TIMEOUT_S) -> pb.Job:
@@ -81,7 +80,9 @@ async def test_cancel_stops_within_seconds_and_a_resume_ends_equal_to_an_uninter
     assert uninterrupted.state == pb.JOB_STATE_SUCCEEDED
     a, b = read_output(output), read_output(whole)
     by_id = dict(zip(b.column("id").to_pylist(), b.column("embedding").to_pylist(), strict=True))
-    for row_id, vector in zip(a.column("id").to_pylist(), a.column("embedding").to_pylist(), strict=True):
+    for row_id, vector in zip(
+        a.column("id").to_pylist(), a.column("embedding").to_pylist(), strict=True
+    ):
         assert np.allclose(vector, by_id[row_id], atol=1e-5)
     # A finished job does not resume; nor does another key's.
     from mlmesh_chassis.testing import expect_error
@@ -142,16 +143,23 @@ class ServiceProcess:
         values = self.settings.model_dump(exclude_none=True)
         values["port_file"] = str(self.port_file)
         for key, value in values.items():
-            env[f"MLMESH_BATCH_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+            env[f"MLMESH_BATCH_{key.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mlmesh_batch"], env=env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "mlmesh_batch"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     async def channel(self) -> grpc.aio.Channel:
         deadline = time.monotonic() + 60
         while not (self.port_file.exists() and self.port_file.read_text().strip()):
-            assert self.process is not None and self.process.poll() is None, self.log.read_text()[-3000:]
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()[
+                -3000:
+            ]
             assert time.monotonic() < deadline, "the service did not start"
             await asyncio.sleep(0.1)
         port = json.loads(self.port_file.read_text())["port"]

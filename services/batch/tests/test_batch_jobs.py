@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 from google.protobuf import struct_pb2
 from mlmesh.batch.v1 import batch_pb2 as pb
 from mlmesh.batch.v1 import batch_service_pb2 as rpc
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
-from mlmesh_batch.demo import sentences, write_sentences
+from mlmesh_batch.demo import sentences
 
 JOB_TIMEOUT_S = 240
 
@@ -98,7 +98,9 @@ async def test_a_job_embeds_every_row_with_the_pinned_version_and_captures_bad_r
     output = batch.data / "basic" / "out"
     final = await run_to_end(
         batch.stub,
-        rpc.CreateJobRequest(job=job(source, output, [normalize_stage(), embed_stage(batch_size=32)])),
+        rpc.CreateJobRequest(
+            job=job(source, output, [normalize_stage(), embed_stage(batch_size=32)])
+        ),
     )
     assert final.state == pb.JOB_STATE_SUCCEEDED_WITH_ERRORS, final
     assert final.progress.rows_total == 600

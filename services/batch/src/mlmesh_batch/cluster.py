@@ -111,7 +111,9 @@ def start_local_head(folder: Path, cpus: int, timeout_s: float = 90.0) -> RayClu
     deadline = time.monotonic() + timeout_s
     while not _reachable(port):
         if process.poll() is not None:
-            raise RuntimeError(f"ray start exited ({process.returncode}); see {folder / 'head.log'}")
+            raise RuntimeError(
+                f"ray start exited ({process.returncode}); see {folder / 'head.log'}"
+            )
         if time.monotonic() > deadline:
             raise RuntimeError(f"the local Ray head did not come up in {timeout_s:.0f} s")
         time.sleep(0.2)

@@ -32,6 +32,9 @@ class BatchSettings(MeteringSettings):
     ray_address: str = ""
     # The cluster's auth token file, when it uses token auth.
     ray_token_file: Path | None = None
+    # The local head stops after this many seconds without a running job
+    # (0: never), and starts again with the next job (a cold start: ~10 s).
+    ray_idle_stop_seconds: float = Field(default=0.0, ge=0)
     # Cores the model actors share (per node); default: this machine's.
     cores: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024)
     # The registry (model versions) and the gateway (online stages).

@@ -47,8 +47,8 @@ from mlmesh_batch.plan import (
     ERROR_MESSAGE,
     ERROR_REASON,
     ERROR_STAGE,
-    INPUT_ROW,
     IN_PROCESS,
+    INPUT_ROW,
     ONLINE,
     JobPlan,
 )
@@ -72,7 +72,7 @@ class TooManyFailures(Exception):
 class DriverConfig:
     plan: JobPlan
     attempt: int
-    ray_address: str  # "" : a local Ray started by this driver
+    ray_address: str  # the cluster's GCS; "" : a private local Ray for this driver
     # The cores model actors share (their torch threads: cores / concurrency
     # each, unless a stage sets num_cpus).
     cores: int
@@ -167,7 +167,9 @@ def build_dataset(config: DriverConfig, written: set[Any], total: int) -> Any:
     from mlmesh_batch.source import InputSource
 
     plan = config.plan
-    location = storage.resolve(plan.input_uri, map(Path, config.allowed_roots), config.allowed_protocols)
+    location = storage.resolve(
+        plan.input_uri, map(Path, config.allowed_roots), config.allowed_protocols
+    )
     files = storage.input_files(location, _suffixes(plan.input_format))
     # Blocks of a few model batches: the first reaches an actor at once, and
     # every actor of the pool gets work.
@@ -244,7 +246,14 @@ def _suffixes(fmt: str) -> tuple[str, ...]:
 class Committer:
     """Turns result tables into committed parts and keeps the figures."""
 
-    def __init__(self, config: DriverConfig, status: Status, written: set[Any], last_part: int) -> None:
+    def __init__(
+        self,
+        config: DriverConfig,
+        status: Status,
+        written: set[Any],
+        last_part: int,
+        started: float,
+    ) -> None:
         plan = config.plan
         roots, protocols = map(Path, config.allowed_roots), config.allowed_protocols
         self.output = storage.resolve(plan.output_uri, roots, protocols)
@@ -256,7 +265,7 @@ class Committer:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.last_commit = time.monotonic()
-        self.started = time.monotonic()
+        self.started = started  # the driver's start: first_part_seconds counts from it
         self.recent: deque[tuple[float, int]] = deque([(self.started, 0)], maxlen=64)
         self.stage_rows = {s.name: [0, 0, 0.0] for s in plan.stages}  # out, failed, busy
         self.processed_this_attempt = 0
@@ -359,7 +368,13 @@ class Committer:
         messages = failed.column(ERROR_MESSAGE).to_pylist()
         inputs = failed.column(INPUT_ROW).to_pylist()
         return [
-            {"id": i, "stage": s, "reason": r, "message": m, "row": json.loads(row) if row else None}
+            {
+                "id": i,
+                "stage": s,
+                "reason": r,
+                "message": m,
+                "row": json.loads(row) if row else None,
+            }
             for i, s, r, m, row in zip(ids, stages, reasons, messages, inputs, strict=True)
         ]
 
@@ -368,6 +383,7 @@ def run(config: DriverConfig, folder: Path) -> Status:
     """Runs the job to its end; returns the final status (also written)."""
     import ray
 
+    started = time.monotonic()
     plan = config.plan
     status = Status(attempt=config.attempt, pid=os.getpid())
     status_file = StatusFile(folder)
@@ -393,7 +409,9 @@ def run(config: DriverConfig, folder: Path) -> Status:
     status_file.write(status)
 
     ray.init(
-        address=config.ray_address or None,
+        # "local", never None: None would join whatever Ray this machine
+        # last started.
+        address=config.ray_address or "local",
         # A local Ray gets two scheduling slots more than the cores: model
         # actors reserve the cores, and Ray Data's file listing (one whole
         # CPU, not settable) and the light steps must still be placed, or
@@ -416,7 +434,7 @@ def run(config: DriverConfig, folder: Path) -> Status:
     # it is done, so parts (and progress) come as the rows do.
     context.target_min_block_size = 1
     context.target_max_block_size = 256 * 1024
-    committer = Committer(config, status, written, last_part)
+    committer = Committer(config, status, written, last_part, started)
     stop = threading.Event()
 
     def heartbeat() -> None:
@@ -428,7 +446,9 @@ def run(config: DriverConfig, folder: Path) -> Status:
     beat.start()
     try:
         dataset = build_dataset(config, written, status.rows_total)
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
+        for table in dataset.iter_batches(
+            batch_size=None, batch_format="pyarrow", prefetch_batches=4
+        ):
             committer.add(table)
             status_file.write(status)
         committer.commit()
@@ -438,7 +458,11 @@ def run(config: DriverConfig, folder: Path) -> Status:
     except Cancelled:
         committer.pending = []  # not committed: a resumed job redoes them
         status.state = "cancelled"
-        status.error = {"code": "CANCELLED", "reason": "OPERATION_CANCELLED", "message": "cancelled by CancelJob"}
+        status.error = {
+            "code": "CANCELLED",
+            "reason": "OPERATION_CANCELLED",
+            "message": "cancelled by CancelJob",
+        }
     except TooManyFailures as error:
         status.state = "failed"
         status.error = {"code": "ABORTED", "reason": "INPUT_INVALID", "message": str(error)}

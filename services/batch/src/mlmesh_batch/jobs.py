@@ -85,7 +85,14 @@ STATES = {
     CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 STATE_NAMES = {v: k for k, v in STATES.items()}
-CODES = {"CANCELLED": 1, "INVALID_ARGUMENT": 3, "FAILED_PRECONDITION": 9, "ABORTED": 10, "INTERNAL": 13, "UNAVAILABLE": 14}
+CODES = {
+    "CANCELLED": 1,
+    "INVALID_ARGUMENT": 3,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+}
 
 
 def now() -> dt.datetime:
@@ -130,7 +137,9 @@ def to_proto(row: Any) -> pb.Job:
     error = json.loads(row.error or "{}")
     if error:
         job.error.CopyFrom(
-            status_pb2.Status(code=CODES.get(error.get("code", ""), 2), message=error.get("message", ""))
+            status_pb2.Status(
+                code=CODES.get(error.get("code", ""), 2), message=error.get("message", "")
+            )
         )
         job.error.details.add().Pack(
             error_details_pb2.ErrorInfo(
@@ -183,6 +192,7 @@ class Supervisor:
     caller_keys: dict[str, str] = field(default_factory=dict)  # online jobs' keys, memory only
     _cluster: cluster.RayCluster | None = None
     _task: asyncio.Task[None] | None = None
+    _idle_since: float = 0.0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ---- lifecycle -------------------------------------------------------
@@ -268,7 +278,9 @@ class Supervisor:
                     30.0,
                 )
             for other in (
-                await conn.execute(sa.select(table.c.id, table.c.plan).where(table.c.state.in_(ACTIVE)))
+                await conn.execute(
+                    sa.select(table.c.id, table.c.plan).where(table.c.state.in_(ACTIVE))
+                )
             ).all():
                 if JobPlan.from_json(other.plan).output_uri == plan.output_uri:
                     raise FailedPrecondition(
@@ -310,7 +322,9 @@ class Supervisor:
             raise NotFound("job", f"jobs/{job_id}")
         return row
 
-    async def list(self, owner: str, state: str, page_size: int, token: str) -> tuple[list[Any], str]:
+    async def list(
+        self, owner: str, state: str, page_size: int, token: str
+    ) -> tuple[list[Any], str]:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query = sa.select(table).where(table.c.owner == owner)
         if state:
@@ -400,6 +414,7 @@ class Supervisor:
     async def _tick(self) -> None:
         for run in list(self.running.values()):
             await self._follow(run)
+        await self._stop_idle_head()
         if len(self.running) < self.settings.max_running_jobs:
             async with self.database.read() as conn:
                 queued = (
@@ -412,6 +427,21 @@ class Supervisor:
                 ).all()
             for row in queued:
                 await self._launch(row)
+
+    async def _stop_idle_head(self) -> None:
+        """Stops the local head after ``ray_idle_stop_seconds`` without jobs."""
+        limit = self.settings.ray_idle_stop_seconds
+        if not limit or self.settings.ray_address or self._cluster is None:
+            return
+        loop_time = asyncio.get_running_loop().time()
+        if self.running:
+            self._idle_since = 0.0
+            return
+        self._idle_since = self._idle_since or loop_time
+        if loop_time - self._idle_since >= limit:
+            log.info("no job for %.0f s: stopping the local Ray head", limit)
+            self._cluster, self._idle_since = None, 0.0
+            await asyncio.to_thread(cluster.stop_local_head, self.settings.root / "ray")
 
     async def _launch(self, row: Any, attempt: int | None = None) -> None:
         plan = JobPlan.from_json(row.plan)
@@ -429,38 +459,13 @@ class Supervisor:
             return
         ray = await self._cluster_for_jobs()
         folder = self.jobs_root / row.id
-        folder.mkdir(parents=True, exist_ok=True)
         attempt = attempt or row.attempts + 1
-        config = DriverConfig(
-            plan=plan,
-            attempt=attempt,
-            ray_address=ray.address,
-            cores=self.settings.cores,
-            registry_target=self.settings.registry_target,
-            gateway_target=self.settings.gateway_target,
-            cache_root=str((self.settings.root / "models").resolve()),
-            # Absolute, not resolved: on Kubernetes the key is a mounted
-            # Secret whose resolved path exists only in this pod.
-            service_key_file=str(Path(self.settings.service_key_file).absolute())
-            if self.settings.service_key_file
-            else "",
-            allowed_roots=[str(p) for p in self.settings.roots()],
-            allowed_protocols=self.settings.protocols(),
-        )
-        (folder / "driver.json").write_text(config.to_json())
-        (folder / "status.json").unlink(missing_ok=True)
+        config = self._driver_config(plan, attempt, ray)
         env = {**os.environ, **ray.env(), "PYTHONUNBUFFERED": "1"}
         env.pop(CALLER_KEY_ENV, None)
         if plan.online:
             env[CALLER_KEY_ENV] = self.caller_keys[row.id]
-        with (folder / "driver.log").open("ab") as logfile:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "mlmesh_batch.driver", str(folder)],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # outlives a crash of the service
-            )
+        process = await asyncio.to_thread(_spawn_driver, folder, config, env)
         async with self.database.write() as conn:
             await conn.execute(
                 table.update()
@@ -476,6 +481,23 @@ class Supervisor:
         self.running[row.id] = _Running(row.id, process.pid, folder, process)
         log.info("job %s: driver started (pid %d, attempt %d)", row.id, process.pid, attempt)
 
+    def _driver_config(self, plan: JobPlan, attempt: int, ray: cluster.RayCluster) -> DriverConfig:
+        key_file = self.settings.service_key_file
+        return DriverConfig(
+            plan=plan,
+            attempt=attempt,
+            ray_address=ray.address,
+            cores=self.settings.cores,
+            registry_target=self.settings.registry_target,
+            gateway_target=self.settings.gateway_target,
+            cache_root=os.path.abspath(self.settings.root / "models"),
+            # Absolute, not resolved: on Kubernetes the key is a mounted
+            # Secret whose resolved path exists only in this pod.
+            service_key_file=os.path.abspath(key_file) if key_file else "",
+            allowed_roots=[str(p) for p in self.settings.roots()],
+            allowed_protocols=self.settings.protocols(),
+        )
+
     async def _follow(self, run: _Running) -> None:
         status = await asyncio.to_thread(read_status, run.folder)
         async with self.database.read() as conn:
@@ -488,7 +510,11 @@ class Supervisor:
             if status.state in ("succeeded", "failed", "cancelled"):
                 await self._ended(run, row, status)
                 return
-        exited = run.process.poll() is not None if run.process is not None else not _alive(run.pid, run.job_id)
+        exited = (
+            run.process.poll() is not None
+            if run.process is not None
+            else not _alive(run.pid, run.job_id)
+        )
         loop_time = asyncio.get_running_loop().time()
         if run.cancel_sent and loop_time - run.cancel_sent > self.settings.cancel_grace_seconds:
             _signal_group(run.pid, signal.SIGKILL)
@@ -507,7 +533,11 @@ class Supervisor:
 
     async def _record(self, row: Any, status: Status) -> None:
         progress = json.dumps(
-            {k: v for k, v in status.__dict__.items() if k not in ("parts", "error", "pid", "updated")}
+            {
+                k: v
+                for k, v in status.__dict__.items()
+                if k not in ("parts", "error", "pid", "updated")
+            }
         )
         billed = row.billed_through
         for number, rows in status.parts:
@@ -576,8 +606,28 @@ class Supervisor:
         log.info("job %s: %s", job_id, state)
 
 
+def _spawn_driver(
+    folder: Path, config: DriverConfig, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "driver.json").write_text(config.to_json())
+    (folder / "status.json").unlink(missing_ok=True)
+    with (folder / "driver.log").open("ab") as logfile:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlmesh_batch.driver", str(folder)],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # outlives a crash of the service
+        )
+
+
 def _cancelled() -> dict[str, str]:
-    return {"code": "CANCELLED", "reason": "OPERATION_CANCELLED", "message": "cancelled by CancelJob"}
+    return {
+        "code": "CANCELLED",
+        "reason": "OPERATION_CANCELLED",
+        "message": "cancelled by CancelJob",
+    }
 
 
 def _alive(pid: int, job_id: str) -> bool:

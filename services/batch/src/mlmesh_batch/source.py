@@ -16,6 +16,7 @@ wrote, so no extra operator runs for them.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -92,7 +93,7 @@ class InputSource(Datasource):  # type: ignore[misc]
             )
             tasks.append(
                 ReadTask(
-                    lambda p=path, g=groups: self._read(p, g),
+                    functools.partial(self._read, path, groups),
                     metadata,
                     per_task_row_limit=per_task_row_limit,
                 )
@@ -146,7 +147,9 @@ class InputSource(Datasource):  # type: ignore[misc]
                 pa.table({self.id_column: [f"{name}:{n}" for n, _ in broken]}), self.id_column
             )
             table = table.set_column(
-                table.schema.get_field_index(ERROR_STAGE), ERROR_STAGE, pa.array(["read"] * len(broken))
+                table.schema.get_field_index(ERROR_STAGE),
+                ERROR_STAGE,
+                pa.array(["read"] * len(broken)),
             )
             table = table.set_column(
                 table.schema.get_field_index(ERROR_REASON),

@@ -80,8 +80,8 @@ def _healthy(table: pa.Table) -> list[bool]:
 
 def _fail(table: pa.Table, mask: list[bool], stage: str, reason: str, message: Any) -> pa.Table:
     """Marks the rows of ``mask`` failed (``message``: one text, or one per row)."""
-    messages = message if isinstance(message, list) else [message] * len(mask)
-    columns = {
+    messages: list[Any] = message if isinstance(message, list) else [message] * len(mask)
+    columns: dict[str, list[Any]] = {
         ERROR_STAGE: [stage] * len(mask),
         ERROR_REASON: [reason] * len(mask),
         ERROR_MESSAGE: [str(m)[:MAX_MESSAGE] if m is not None else None for m in messages],
@@ -89,7 +89,9 @@ def _fail(table: pa.Table, mask: list[bool], stage: str, reason: str, message: A
     for name, values in columns.items():
         old = table.column(name).to_pylist()
         new = [v if hit else o for v, o, hit in zip(values, old, mask, strict=True)]
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(new, pa.string()))
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(new, pa.string())
+        )
     return table
 
 
@@ -277,10 +279,11 @@ class OnlineStage:
         return [np.asarray(e.values, dtype=np.float32) for e in response.embeddings]
 
     def _generate(self, text: str) -> str:
+        from mlmesh.gateway.v1 import gateway_pb2
         from mlmesh.gateway.v1 import gateway_service_pb2 as pb
 
         params = self.stage.parameters
-        sampling = pb.SamplingParams(
+        sampling = gateway_pb2.SamplingParams(
             max_tokens=int(params.get("max_tokens", 64)),
             temperature=float(params.get("temperature", 0.0)),
         )

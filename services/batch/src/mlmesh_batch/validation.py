@@ -124,7 +124,9 @@ def _model_stage(
     }.get(body.execution, ONLINE if task == GENERATE else IN_PROCESS)
     if task == GENERATE and execution != ONLINE:
         violations.append(
-            FieldViolation(f"{path}.execution", "GENERATE runs on the llm service: EXECUTION_ONLINE")
+            FieldViolation(
+                f"{path}.execution", "GENERATE runs on the llm service: EXECUTION_ONLINE"
+            )
         )
     if task == CLASSIFY and execution == ONLINE:
         violations.append(FieldViolation(f"{path}.execution", "CLASSIFY runs IN_PROCESS only"))
@@ -136,7 +138,9 @@ def _model_stage(
     allowed = {"max_tokens", "temperature"} if task == GENERATE else set()
     for key, value in params.items():
         if key not in allowed:
-            violations.append(FieldViolation(f"{path}.parameters.{key[:40]}", "not a parameter of this task"))
+            violations.append(
+                FieldViolation(f"{path}.parameters.{key[:40]}", "not a parameter of this task")
+            )
         elif key == "max_tokens" and not (isinstance(value, int | float) and 1 <= value <= 4096):
             violations.append(FieldViolation(f"{path}.parameters.max_tokens", "must be 1 to 4096"))
         elif key == "temperature" and not (isinstance(value, int | float) and 0 <= value <= 2):
@@ -190,7 +194,9 @@ def check_shape(job: pb.Job, limits: Limits) -> list[StagePlan]:
     names: set[str] = set()
     for index, stage in enumerate(job.stages):
         if stage.name in names:
-            violations.append(FieldViolation(f"job.stages[{index}].name", "used by an earlier stage"))
+            violations.append(
+                FieldViolation(f"job.stages[{index}].name", "used by an earlier stage")
+            )
         names.add(stage.name)
         planned = (
             _model_stage(index, stage, limits, violations)
@@ -200,12 +206,16 @@ def check_shape(job: pb.Job, limits: Limits) -> list[StagePlan]:
         for column in planned.written_columns():
             if column.startswith(RESERVED_PREFIX):
                 violations.append(
-                    FieldViolation(f"job.stages[{index}]", f"output column {column!r}: '_' names are reserved")
+                    FieldViolation(
+                        f"job.stages[{index}]", f"output column {column!r}: '_' names are reserved"
+                    )
                 )
         stages.append(planned)
     for index, column in enumerate(job.keep_columns):
         if column.startswith(RESERVED_PREFIX):
-            violations.append(FieldViolation(f"job.keep_columns[{index}]", "'_' names are reserved"))
+            violations.append(
+                FieldViolation(f"job.keep_columns[{index}]", "'_' names are reserved")
+            )
     if violations:
         raise InvalidArgument.listing(violations, 3)
     return stages
@@ -215,10 +225,14 @@ def check_columns(job: pb.Job, stages: list[StagePlan], columns: list[str]) -> N
     """Every column a stage reads exists by then; raises InputInvalid."""
     available = set(columns)
     if job.id_column not in available:
-        raise InputInvalid("job.id_column", f"the input has no column {job.id_column!r}", column=job.id_column)
+        raise InputInvalid(
+            "job.id_column", f"the input has no column {job.id_column!r}", column=job.id_column
+        )
     for index, column in enumerate(job.keep_columns):
         if column not in available:
-            raise InputInvalid(f"job.keep_columns[{index}]", f"the input has no column {column!r}", column=column)
+            raise InputInvalid(
+                f"job.keep_columns[{index}]", f"the input has no column {column!r}", column=column
+            )
     for index, stage in enumerate(stages):
         if stage.input_column not in available:
             raise InputInvalid(
@@ -245,10 +259,11 @@ async def resolve_versions(
         except grpc.RpcError as error:
             code = error.code()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.NOT_FOUND:
+                text = format_reference(reference)
                 raise NotFound(
                     "model",
-                    format_reference(reference),
-                    f"job.stages[{index}].model.model: {format_reference(reference)!r} is not in the registry",
+                    text,
+                    f"job.stages[{index}].model.model: {text!r} is not in the registry",
                 ) from None
             raise Unavailable(f"the registry cannot be reached ({code.name})", 2.0) from None
         pinned.append(StagePlan(**{**stage.__dict__, "version": int(version.version)}))
@@ -278,8 +293,14 @@ async def plan_job(
         columns = read_columns(input_location, fmt)
         check_columns(job, stages, columns)
         if not resuming and not storage.is_empty(output):
-            raise InvalidArgument.field("job.output_uri", "is not empty (resume a job to add to it)")
-        if not resuming and errors.path != output.join("_errors").path and not storage.is_empty(errors):
+            raise InvalidArgument.field(
+                "job.output_uri", "is not empty (resume a job to add to it)"
+            )
+        if (
+            not resuming
+            and errors.path != output.join("_errors").path
+            and not storage.is_empty(errors)
+        ):
             raise InvalidArgument.field("job.error_uri", "is not empty")
 
     try:
