@@ -547,11 +547,12 @@ def start_two_nodes(folder: Path, cpus: int, timeout_s: float = 180.0) -> tuple[
 
 
 def stop_two_nodes(nodes: TwoNodes) -> None:
-    """SIGTERM to each `ray start --block` (it stops its raylet, GCS and
-    workers), then SIGKILL to the group of one that did not stop."""
+    """SIGINT to each `ray start --block` (it stops its raylet, GCS and
+    workers; SIGTERM can sit for long), then SIGKILL to the group of one
+    that did not stop."""
     for process in reversed(nodes.processes):
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
     for process in reversed(nodes.processes):
         try:
             process.wait(timeout=NODE_STOP_S)

@@ -130,3 +130,56 @@ async def test_a_job_embeds_every_row_with_the_pinned_version_and_captures_bad_r
         [" ".join(texts[int(i[1:])].split()) for i in sample]
     )
     assert np.allclose(np.stack([by_id[i] for i in sample]), direct, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
+async def test_a_classify_pipeline_with_pre_and_postprocessing_from_json_lines(batch):
+    """numbers.parse -> digits (CLASSIFY) -> class.label, on JSON lines:
+    the labels equal scikit-learn's predictions of the same model."""
+    from mlmesh_triton.build import digits_training_data, train_digits
+
+    pixels, _ = digits_training_data()
+    rows = [{"id": i, "pixels": " ".join(str(int(v)) for v in pixels[i])} for i in range(150)]
+    rows[40]["pixels"] = "1 2 3"  # the wrong length: fails in numbers.parse
+    folder = batch.data / "classify"
+    folder.mkdir()
+    (folder / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = [f"digit-{d}" for d in range(10)]
+
+    def callable_stage(
+        name: str, function: str, source: str, target: str, **params: Any
+    ) -> pb.Stage:
+        struct = struct_pb2.Struct()
+        struct.update(params)
+        return pb.Stage(
+            name=name,
+            callable=pb.CallableStage(
+                function=function, input_column=source, output_column=target, parameters=struct
+            ),
+        )
+
+    stages = [
+        callable_stage("parse", "numbers.parse", "pixels", "vector", size=64),
+        pb.Stage(
+            name="classify",
+            model=pb.ModelStage(
+                model=ModelReference(model="digits", alias="champion"),
+                task=pb.TASK_CLASSIFY,
+                input_column="vector",
+                output_column="digit",
+                concurrency=1,
+            ),
+        ),
+        callable_stage("name", "class.label", "digit", "label", labels=names),
+    ]
+    spec = job(folder / "in.jsonl", folder / "out", stages, keep_columns=[])
+    final = await run_to_end(batch.stub, rpc.CreateJobRequest(job=spec))
+    assert final.state == pb.JOB_STATE_SUCCEEDED_WITH_ERRORS, final
+    assert (final.progress.rows_done, final.progress.rows_failed) == (149, 1)
+    out = read_output(folder / "out")
+    assert out.column_names == ["id", "vector", "digit", "digit_score", "digit_model", "label"]
+    predicted = train_digits().predict(pixels[:150])
+    by_id = dict(zip(out.column("id").to_pylist(), out.column("digit").to_pylist(), strict=True))
+    assert all(by_id[i] == predicted[i] for i in by_id)
+    assert set(out.column("label").to_pylist()) <= set(names)
+    assert read_errors(folder / "out" / "_errors")[0]["stage"] == "parse"

@@ -87,7 +87,7 @@ def two_nodes(tmp_path) -> Iterator[tuple[str, Path, dict[str, str]]]:
         yield address, token, env
     finally:
         for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)
+            node.send_signal(signal.SIGINT)
         for node in reversed(nodes):
             try:
                 node.wait(timeout=30)

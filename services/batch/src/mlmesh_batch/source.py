@@ -31,6 +31,23 @@ from mlmesh_batch.plan import ERROR_MESSAGE, ERROR_REASON, ERROR_STAGE
 
 # Rows a read task covers (several tasks keep reads going in parallel).
 TASK_ROWS = 50_000
+# Characters of one JSON line: a longer one fails as a row, unread.
+MAX_LINE = 4 << 20
+
+
+def _lines(handle: Any) -> Iterator[str | None]:
+    """The file's lines, each read at most MAX_LINE characters at a time; a
+    longer line is skipped whole and yields None."""
+    while True:
+        line = handle.readline(MAX_LINE)
+        if not line:
+            return
+        if len(line) < MAX_LINE or line.endswith("\n"):
+            yield line
+            continue
+        while line and not line.endswith("\n"):  # the rest of the long line
+            line = handle.readline(MAX_LINE)
+        yield None
 
 
 class InputSource(Datasource):  # type: ignore[misc]
@@ -119,7 +136,10 @@ class InputSource(Datasource):  # type: ignore[misc]
         rows: list[dict[str, Any]] = []
         broken: list[tuple[int, str]] = []
         with self.fs.open(path, "rt", encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, 1):
+            for number, line in enumerate(_lines(handle), 1):
+                if line is None:
+                    broken.append((number, f"longer than {MAX_LINE} characters"))
+                    continue
                 if not line.strip():
                     continue
                 try:

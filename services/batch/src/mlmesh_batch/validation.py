@@ -279,32 +279,33 @@ async def plan_job(
 ) -> JobPlan:
     """The job's plan, or the error that refuses it (nothing written)."""
     stages = check_shape(job, limits)
-    input_location = _resolve(job.input_uri, "job.input_uri", limits)
-    output = _resolve(job.output_uri, "job.output_uri", limits)
-    error_uri = job.error_uri or output.join("_errors").uri
-    errors = _resolve(error_uri, "job.error_uri", limits)
-    if output.uri.rstrip("/") == input_location.uri.rstrip("/") or input_location.path.startswith(
-        output.path.rstrip("/") + "/"
-    ):
-        raise InvalidArgument.field("job.output_uri", "must not be the input or hold it")
     fmt = FORMATS[job.input_format]
 
-    def check_files() -> None:
+    def check_files() -> tuple[storage.Location, storage.Location, storage.Location]:
+        """Resolves the URIs and reads the input's columns (disk or network
+        work: on a worker thread)."""
+        input_location = _resolve(job.input_uri, "job.input_uri", limits)
+        output = _resolve(job.output_uri, "job.output_uri", limits)
+        error_uri = job.error_uri or output.join("_errors").uri
+        errors = _resolve(error_uri, "job.error_uri", limits)
+        inside = input_location.path.startswith(output.path.rstrip("/") + "/")
+        if output.path.rstrip("/") == input_location.path.rstrip("/") or inside:
+            raise InvalidArgument.field("job.output_uri", "must not be the input or hold it")
         columns = read_columns(input_location, fmt)
         check_columns(job, stages, columns)
         if not resuming and not storage.is_empty(output):
             raise InvalidArgument.field(
                 "job.output_uri", "is not empty (resume a job to add to it)"
             )
-        if (
-            not resuming
-            and errors.path != output.join("_errors").path
-            and not storage.is_empty(errors)
-        ):
+        default_errors = errors.path == output.join("_errors").path
+        if not resuming and not default_errors and not storage.is_empty(errors):
             raise InvalidArgument.field("job.error_uri", "is not empty")
+        return input_location, output, errors
 
     try:
-        await asyncio.wait_for(asyncio.to_thread(check_files), CHECK_TIMEOUT_S)
+        input_location, output, errors = await asyncio.wait_for(
+            asyncio.to_thread(check_files), CHECK_TIMEOUT_S
+        )
     except TimeoutError:
         raise Unavailable("the input could not be checked in time", 5.0) from None
     pinned = await resolve_versions(stages, job, resolve)
