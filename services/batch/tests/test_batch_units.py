@@ -116,3 +116,39 @@ def test_a_plan_round_trips_and_lists_its_output_columns():
     assert JobPlan.from_json(plan.to_json()) == plan
     assert plan.output_columns() == ["id", "text", "digit", "digit_score", "digit_model"]
     assert stages[1].model_version == "digits@3"
+
+
+def test_a_block_of_lines_that_did_not_parse_keeps_the_id_type(tmp_path):
+    """Good rows with integer ids and a broken line concatenate (the broken
+    line's id is null), and the stages pass over it."""
+    import fsspec
+    from mlmesh_batch.source import InputSource
+    from mlmesh_batch.stages import CallableStage
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1, "text": "a"}\n{broken\n{"id": 2, "text": "b"}\n')
+    source = InputSource([str(path)], fsspec.filesystem("file"), "jsonl", ["id", "text"], "id", 100)
+    blocks = list(source._read(str(path), []))
+    table = pa.concat_tables(blocks, promote_options="permissive")
+    assert table.column("id").type == pa.int64()
+    assert table.column("id").to_pylist() == [1, 2, None]
+    stage = StagePlan(
+        name="clean",
+        kind="callable",
+        input_column="text",
+        output_column="text",
+        function="text.normalize",
+        parameters={"lowercase": False, "max_chars": 0},
+    )
+    out = pa.concat_tables([CallableStage(stage)(b) for b in blocks], promote_options="permissive")
+    assert out.column("_error_stage").to_pylist() == [None, None, "read"]
+    skipping = InputSource(
+        [str(path)],
+        fsspec.filesystem("file"),
+        "jsonl",
+        ["id", "text"],
+        "id",
+        100,
+        frozenset({"in.jsonl:2"}),
+    )
+    assert sum(b.num_rows for b in skipping._read(str(path), [])) == 2

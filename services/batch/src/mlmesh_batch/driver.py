@@ -367,16 +367,16 @@ class Committer:
         reasons = failed.column(ERROR_REASON).to_pylist()
         messages = failed.column(ERROR_MESSAGE).to_pylist()
         inputs = failed.column(INPUT_ROW).to_pylist()
-        return [
-            {
-                "id": i,
-                "stage": s,
-                "reason": r,
-                "message": m,
-                "row": json.loads(row) if row else None,
-            }
-            for i, s, r, m, row in zip(ids, stages, reasons, messages, inputs, strict=True)
-        ]
+        out = []
+        for row_id, stage, reason, message, row in zip(
+            ids, stages, reasons, messages, inputs, strict=True
+        ):
+            record = {"id": row_id, "stage": stage, "reason": reason, "message": message}
+            record["row"] = json.loads(row) if row else None
+            if row_id is None and isinstance(record["row"], dict) and "line" in record["row"]:
+                record["line"] = record["row"]["line"]  # a line that did not parse
+            out.append(record)
+        return out
 
 
 def run(config: DriverConfig, folder: Path) -> Status:

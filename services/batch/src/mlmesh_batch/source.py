@@ -27,7 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from mlmesh_batch import stages
-from mlmesh_batch.plan import ERROR_MESSAGE, ERROR_REASON, ERROR_STAGE
+from mlmesh_batch.plan import ERROR_MESSAGE, ERROR_REASON, ERROR_STAGE, INPUT_ROW
 
 # Rows a read task covers (several tasks keep reads going in parallel).
 TASK_ROWS = 50_000
@@ -119,7 +119,7 @@ class InputSource(Datasource):  # type: ignore[misc]
 
     def _read(self, path: str, groups: list[int]) -> Iterator[pa.Table]:
         for table in self._tables(path, groups):
-            table = stages.skip_written(table, self.id_column, list(self.written))
+            table = stages.skip_written(table, self.id_column, self.written)
             if table.num_rows:
                 prepared = ERROR_STAGE in table.column_names  # broken JSON lines
                 yield table if prepared else stages.prepare(table, self.id_column)
@@ -160,25 +160,19 @@ class InputSource(Datasource):  # type: ignore[misc]
     ) -> Iterator[pa.Table]:
         if rows:
             yield pa.Table.from_pylist(rows)
-        if broken:
-            # A line that is not JSON fails alone; its id is where it is.
-            name = path.rsplit("/", 1)[-1]
-            table = stages.prepare(
-                pa.table({self.id_column: [f"{name}:{n}" for n, _ in broken]}), self.id_column
+        # A line that is not JSON fails alone. Its id is unknown (null, so the
+        # id column keeps its type); it is known by where it is instead,
+        # `<file>:<line>`, which a resumed job skips like an id.
+        name = path.rsplit("/", 1)[-1]
+        lines = [(n, m) for n, m in broken if f"{name}:{n}" not in self.written]
+        if lines:
+            count = len(lines)
+            yield pa.table(
+                {
+                    self.id_column: pa.nulls(count),
+                    ERROR_STAGE: pa.array(["read"] * count),
+                    ERROR_REASON: pa.array(["INPUT_INVALID"] * count),
+                    ERROR_MESSAGE: pa.array([f"line {n}: {m}" for n, m in lines]),
+                    INPUT_ROW: pa.array([json.dumps({"line": f"{name}:{n}"}) for n, _ in lines]),
+                }
             )
-            table = table.set_column(
-                table.schema.get_field_index(ERROR_STAGE),
-                ERROR_STAGE,
-                pa.array(["read"] * len(broken)),
-            )
-            table = table.set_column(
-                table.schema.get_field_index(ERROR_REASON),
-                ERROR_REASON,
-                pa.array(["INPUT_INVALID"] * len(broken)),
-            )
-            table = table.set_column(
-                table.schema.get_field_index(ERROR_MESSAGE),
-                ERROR_MESSAGE,
-                pa.array([f"line {n}: {m}" for n, m in broken]),
-            )
-            yield table

@@ -66,12 +66,21 @@ def prepare(table: pa.Table, id_column: str) -> pa.Table:
     return table
 
 
-def skip_written(table: pa.Table, id_column: str, written: list[Any]) -> pa.Table:
-    """The rows whose id is not among those a resumed job already wrote."""
+def skip_written(table: pa.Table, id_column: str, written: frozenset[Any]) -> pa.Table:
+    """The rows whose id is not among those a resumed job already wrote
+    (``written`` may mix types: ids and `<file>:<line>` keys)."""
     if not written:
         return table
-    keep = pc.invert(pc.is_in(table.column(id_column), value_set=pa.array(written)))
-    return table.filter(keep)
+    keep = [value not in written for value in table.column(id_column).to_pylist()]
+    return table if all(keep) else table.filter(pa.array(keep))
+
+
+def _values(table: pa.Table, column: str) -> list[Any]:
+    """A column's values; all None where a block lacks it (a block of JSON
+    lines that did not parse: its rows failed already)."""
+    if column in table.column_names:
+        return table.column(column).to_pylist()  # type: ignore[no-any-return]
+    return [None] * table.num_rows
 
 
 def _healthy(table: pa.Table) -> list[bool]:
@@ -117,7 +126,7 @@ class CallableStage:
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         healthy = _healthy(table)
-        values = table.column(self.stage.input_column).to_pylist()
+        values = _values(table, self.stage.input_column)
         out: list[Any] = [None] * len(values)
         failed = [False] * len(values)
         messages: list[str | None] = [None] * len(values)
@@ -198,7 +207,7 @@ class ModelStage:
 
         started = time.perf_counter()
         healthy = _healthy(table)
-        values = table.column(self.stage.input_column).to_pylist()
+        values = _values(table, self.stage.input_column)
         positions = [i for i, ok in enumerate(healthy) if ok]
         results = self._run_sorted([values[i] for i in positions])
         n = table.num_rows
@@ -340,7 +349,7 @@ class OnlineStage:
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         healthy = _healthy(table)
-        values = table.column(self.stage.input_column).to_pylist()
+        values = _values(table, self.stage.input_column)
         positions = [i for i, ok in enumerate(healthy) if ok and isinstance(values[i], str)]
         n = table.num_rows
         failed = [ok and not isinstance(values[i], str) for i, ok in enumerate(healthy)]

@@ -156,7 +156,11 @@ def written_ids(output: Location, errors: Location, id_column: str) -> tuple[set
         with errors.fs.open(path, "rt") as handle:
             for line in handle:
                 if line.strip():
-                    ids.add(json.loads(line)["id"])
+                    record = json.loads(line)
+                    # A line that did not parse has no id: where it is.
+                    key = record["id"] if record.get("id") is not None else record.get("line")
+                    if key is not None:
+                        ids.add(key)
         last = max(last, number)
     return ids, last
 
