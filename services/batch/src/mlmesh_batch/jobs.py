@@ -343,7 +343,7 @@ class Supervisor:
             rows = (await conn.execute(query)).all()
         more = len(rows) > size
         rows = rows[:size]
-        return rows, _page_token(rows[-1]) if more and rows else ""
+        return list(rows), _page_token(rows[-1]) if more and rows else ""
 
     async def cancel(self, owner: str, job_id: str) -> Any:
         row = await self.get(owner, job_id)
