@@ -12,6 +12,7 @@ from mlmesh.batch.v1 import batch_service_pb2_grpc
 from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_BATCH
 from mlmesh_batch.config import BatchSettings
 from mlmesh_batch.server import build_server
+from mlmesh_chassis.auth import ServiceIdentity, service_identity, set_service_identity
 from mlmesh_chassis.server import ServiceHost
 from mlmesh_chassis.testing import bootstrap_keys_file, keyed_channel
 
@@ -29,6 +30,7 @@ class Batch:
     settings: BatchSettings
     data: Path  # where tests put inputs (an allowed root)
     secret: str
+    previous_identity: ServiceIdentity
 
 
 def batch_settings(root: Path, registry: Registry, **extra: Any) -> tuple[BatchSettings, str]:
@@ -54,8 +56,18 @@ def batch_settings(root: Path, registry: Registry, **extra: Any) -> tuple[BatchS
 async def start_batch(
     settings: BatchSettings, secret: str, data: Path
 ) -> tuple[Batch, grpc.aio.Channel]:
+    """The service in this process. Its key becomes the process's service
+    identity (a chassis global): ``stop_batch`` puts the previous one back,
+    so later tests' clients do not call with it."""
+    previous = service_identity()
     host = await build_server(settings)
     channel = keyed_channel(f"127.0.0.1:{host.port}", secret)
     await channel.__aenter__()
     stub = batch_service_pb2_grpc.BatchServiceStub(channel)
-    return Batch(host, stub, settings, data, secret), channel
+    return Batch(host, stub, settings, data, secret, previous), channel
+
+
+async def stop_batch(running: Batch, channel: grpc.aio.Channel) -> None:
+    await channel.close()
+    await running.host.shutdown()
+    set_service_identity(running.previous_identity)

@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from batchkit import Batch, Registry, batch_settings, start_batch
+from batchkit import Batch, Registry, batch_settings, start_batch, stop_batch
 from mlmesh_registry.testing import start_test_registry
 from mlmesh_triton import build
 
@@ -31,12 +31,11 @@ async def registry(tmp_path_factory) -> AsyncIterator[Registry]:
     await host.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def batch(tmp_path_factory, registry) -> AsyncIterator[Batch]:
     root = tmp_path_factory.mktemp("batch")
     (root / "data").mkdir()
     settings, secret = batch_settings(root, registry)
     running, channel = await start_batch(settings, secret, root / "data")
     yield running
-    await channel.close()
-    await running.host.shutdown()
+    await stop_batch(running, channel)

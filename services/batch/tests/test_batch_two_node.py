@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from batchkit import batch_settings, start_batch
+from batchkit import batch_settings, start_batch, stop_batch
 from mlmesh.batch.v1 import batch_pb2 as pb
 from mlmesh.batch.v1 import batch_service_pb2 as rpc
 from mlmesh_batch.cluster import _free_port, ray_executable
@@ -115,5 +115,4 @@ async def test_the_same_job_runs_on_a_two_node_cluster(tmp_path, registry, two_n
         # The service started no Ray of its own.
         assert not (settings.root / "ray" / "head.json").exists()
     finally:
-        await channel.close()
-        await running.host.shutdown()
+        await stop_batch(running, channel)
