@@ -37,6 +37,8 @@ def mesh_upstreams() -> list[Upstream]:
             spec.services(),
             [("127.0.0.1", 50051 + n)],
             ("127.0.0.1", 50051 + n) if spec.single_writer else None,
+            http_prefixes=spec.http_routes,
+            http_endpoints=[("127.0.0.1", 8000 + n)] if spec.http_routes else [],
         )
         for n, spec in enumerate(s for s in CATALOG if s.routed)
     ]
@@ -95,7 +97,21 @@ def test_no_external_authorization_anywhere():
         clusters = {c["name"] for c in config["static_resources"]["clusters"]}
         assert clusters == {s.name for s in CATALOG if s.routed} | {
             f"{s.name}_primary" for s in CATALOG if s.routed and s.single_writer
-        }
+        } | {f"{s.name}_http" for s in CATALOG if s.routed and s.http_routes}
+
+
+def test_the_openai_surface_is_routed_as_plain_http_without_retries():
+    """/v1/ goes to the gateway's HTTP port (HTTP/1.1, checked on /healthz):
+    never retried (a completion is not idempotent), never cut by a timeout."""
+    for config in (render(mesh_upstreams()), yaml.safe_load(deployment_config())):
+        route = next(r for r in routes_of(config) if r["match"].get("prefix") == "/v1/")
+        assert "grpc" not in route["match"]
+        assert route["route"] == {"cluster": "gateway_http", "timeout": "0s"}
+        cluster = next(
+            c for c in config["static_resources"]["clusters"] if c["name"] == "gateway_http"
+        )
+        assert cluster["health_checks"][0]["http_health_check"] == {"path": "/healthz"}
+        assert "typed_extension_protocol_options" not in cluster  # HTTP/1.1 upstream
 
 
 def test_a_single_writer_takes_the_writes_and_every_replica_the_reads():
@@ -179,7 +195,8 @@ def test_long_streams_are_not_cut_by_envoy():
     routes = routes_of(config)
     for route in routes:
         assert route["route"]["timeout"] == "0s", route["name"]
-        assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+        if not route["name"].startswith("gateway_http:"):  # gRPC routes
+            assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
     by_name = {r["name"]: r["route"] for r in routes}
     # A watch may be silent for hours: no idle timeout on it.
     for method in ("WatchEvents", "DownloadModelVersion"):

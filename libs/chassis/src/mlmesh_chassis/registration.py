@@ -116,6 +116,12 @@ class ServiceRegistration:
     ready: Callable[[int], Awaitable[bool]] | None = None
     # Whether Envoy routes to it.
     routed: bool = True
+    # Plain-HTTP path prefixes (not gRPC) Envoy routes to the service's HTTP
+    # port, e.g. the gateway's OpenAI-compatible ``/v1/``. The runner sets
+    # <env_prefix>HTTP_PORT (0 on first start, the same port on a restart);
+    # the service writes the bound port to its port file as ``http_port``
+    # and answers ``GET /healthz``.
+    http_routes: tuple[str, ...] = ()
     # The scopes of its own service key (PlatformService names without the
     # PLATFORM_SERVICE_ prefix): what it calls on its peers. Every chassis
     # service also follows the key directory.

@@ -110,6 +110,7 @@ async def start_service(
     ready: Callable[[], Awaitable[object]] | None = None,
     key_view: KeyView | None = None,
     admission: CallAdmission | None = None,
+    extra_ports: dict[str, int] | None = None,
 ) -> ServiceHost:
     """Builds, binds and starts a server; ``register`` adds servicers and
     returns their full service names. Health is SERVING at once, or, given
@@ -119,7 +120,8 @@ async def start_service(
     Every call but health and reflection is checked against ``key_view``
     (default: one built from the settings and kept current from the
     gateway's key directory); ``admission`` is entered around every verified
-    call (per-key limits, usage)."""
+    call (per-key limits, usage). ``extra_ports`` (e.g. an HTTP surface's
+    ``http_port``) go into the port file beside the gRPC and metrics ports."""
     if settings.service_key_file is not None:
         set_service_identity(ServiceIdentity(settings.service_key_file))
     watcher = None
@@ -176,7 +178,8 @@ async def start_service(
         host.background.append(asyncio.get_running_loop().create_task(_serve_when(ready, host)))
     if settings.port_file:
         tmp = settings.port_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+        ports = {"port": port, "metrics_port": metrics_port, **(extra_ports or {})}
+        tmp.write_text(json.dumps({**ports, "pid": os.getpid()}))
         tmp.replace(settings.port_file)
     log.info("serving", extra={"port": port, "metrics_port": metrics_port, "services": names})
     return host

@@ -1,6 +1,8 @@
 """Renders the Envoy front door's configuration.
 
-One listener routes gRPC by service prefix to each service's cluster. Methods
+One listener routes gRPC by service prefix to each service's cluster, and
+plain HTTP by path prefix (the gateway's OpenAI-compatible ``/v1/``) to the
+service's HTTP cluster (HTTP/1.1, health-checked on ``/healthz``). Methods
 whose contract says `idempotency_level = NO_SIDE_EFFECTS` get their own route
 with a retry policy; nothing else is retried. Clusters have active gRPC
 health checks, outlier detection and explicit circuit breakers. Admin listens
@@ -34,6 +36,10 @@ class Upstream:
     # not NO_SIDE_EFFECTS) go to this endpoint alone, in the cluster
     # ``<cluster>_primary``; its reads go to every endpoint.
     primary: tuple[str, int] | None = None
+    # Plain-HTTP path prefixes routed to the service's HTTP port (the
+    # gateway's OpenAI-compatible /v1/), in the cluster ``<cluster>_http``.
+    http_prefixes: Sequence[str] = ()
+    http_endpoints: Sequence[tuple[str, int]] = ()
 
     @property
     def writer_cluster(self) -> str:
@@ -156,6 +162,18 @@ def _routes(upstreams: Iterable[Upstream]) -> list[dict[str, Any]]:
                     "route": {"cluster": upstream.writer_cluster, **action},
                 }
             )
+    # Plain HTTP (the OpenAI-compatible surface): no retries (a completion is
+    # not idempotent); streams (SSE) flow as they come, with no route timeout;
+    # the client's disconnect reaches the service, which stops the work.
+    for upstream in upstreams:
+        for prefix in upstream.http_prefixes:
+            routes.append(
+                {
+                    "name": f"{upstream.cluster}_http:{prefix}",
+                    "match": {"prefix": prefix},
+                    "route": {"cluster": f"{upstream.cluster}_http", "timeout": "0s"},
+                }
+            )
     # Every service's reflection describes the whole mesh's contracts, so the
     # first upstream answers grpcurl's reflection through Envoy.
     first = next(iter(upstreams), None)
@@ -179,7 +197,48 @@ def _clusters(upstream: Upstream) -> list[dict[str, Any]]:
     clusters = [_cluster(upstream.cluster, upstream)]
     if upstream.primary is not None:
         clusters.append(_cluster(upstream.writer_cluster, upstream, [upstream.primary]))
+    if upstream.http_prefixes:
+        clusters.append(_http_cluster(f"{upstream.cluster}_http", upstream.http_endpoints))
     return clusters
+
+
+def _http_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """A service's plain-HTTP port: HTTP/1.1 (one request per connection at
+    a time, connections pooled), health-checked on GET /healthz."""
+    return {
+        "name": name,
+        "type": "STATIC" if all(_is_ip(h) for h, _ in endpoints) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
+        "circuit_breakers": CIRCUIT_BREAKERS,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                        for host, port in endpoints
+                    ]
+                }
+            ],
+        },
+        "health_checks": [
+            {
+                "timeout": "2s",
+                "interval": "2s",
+                "no_traffic_interval": "2s",
+                "unhealthy_threshold": 3,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/healthz"},
+            }
+        ],
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+    }
 
 
 def _cluster(

@@ -2,7 +2,8 @@
 
 Writes deploy/envoy/envoy.yaml: the same listener and routes as the local
 runner, with each service reached by its DNS name (a Kubernetes Service
-`<name>:50051`). The tests check the committed file is current and valid.
+`<name>:50051`, and `<name>:8000` for a service's plain-HTTP routes). The
+tests check the committed file is current and valid.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HEADER = (
 )
 
 
-def deployment_config(port: int = 50051) -> str:
+def deployment_config(port: int = 50051, http_port: int = 8000) -> str:
     upstreams = [
         Upstream(
             spec.name,
@@ -32,6 +33,8 @@ def deployment_config(port: int = 50051) -> str:
             [(spec.name, port)],
             # A single writer's first replica (pod 0 of its StatefulSet).
             (f"{spec.name}-0.{spec.name}", port) if spec.single_writer else None,
+            http_prefixes=spec.http_routes,
+            http_endpoints=[(spec.name, http_port)] if spec.http_routes else [],
         )
         for spec in CATALOG
         if spec.routed

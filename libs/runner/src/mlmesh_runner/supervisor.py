@@ -298,7 +298,9 @@ class Mesh:
         count = max(1, self.replicas.get(spec.name, 1))
         return [spec.name, *(f"{spec.name}.{i}" for i in range(1, count))]
 
-    def _child(self, spec: ServiceSpec, port: int = 0, instance: str = "") -> Child:
+    def _child(
+        self, spec: ServiceSpec, port: int = 0, instance: str = "", http_port: int = 0
+    ) -> Child:
         instance = instance or spec.name
         port_file = self.state / "run" / f"{instance}.port.json"
         env = {
@@ -309,6 +311,7 @@ class Mesh:
             f"{spec.env_prefix}PORT_FILE": str(port_file),
             # Which instance it is (``vectors``, ``vectors.1``, ...).
             f"{spec.env_prefix}INSTANCE": instance,
+            **({f"{spec.env_prefix}HTTP_PORT": str(http_port)} if spec.http_routes else {}),
             **self._key_env(spec),
             "PYTHONUNBUFFERED": "1",
         }
@@ -389,6 +392,12 @@ class Mesh:
                 ("127.0.0.1", self.children[spec.name].ports["port"])
                 if spec.single_writer
                 else None,
+                http_prefixes=spec.http_routes,
+                http_endpoints=[
+                    ("127.0.0.1", int(self.children[i].ports["http_port"]))
+                    for i in self.instances(spec)
+                    if spec.http_routes
+                ],
             )
             for spec in self.catalog
             if spec.routed
@@ -476,7 +485,12 @@ class Mesh:
             log.warning("%s exited with %s; restarting in %.1fs", instance, code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
-            replacement = self._child(spec, port=child.ports["port"], instance=instance)
+            replacement = self._child(
+                spec,
+                port=child.ports["port"],
+                instance=instance,
+                http_port=int(child.ports.get("http_port") or 0),
+            )
             replacement.restarts = child.restarts + 1
             self.children[instance] = replacement
             try:

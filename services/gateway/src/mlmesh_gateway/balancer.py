@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import grpc
 from mlmesh.llm.v1 import llm_service_pb2_grpc
 from mlmesh_chassis.channels import MESSAGE_SIZE_OPTIONS
+
+from mlmesh_gateway.upstreams import Credential, OpenAIStub, Upstream
 
 
 @dataclass(eq=False)
@@ -78,6 +81,23 @@ class LatencyAwareBalancer:
             endpoints.append(endpoint)
         return cls(endpoints, home_region, saturation)
 
+    @classmethod
+    def for_upstream(
+        cls,
+        upstream: Upstream,
+        session: aiohttp.ClientSession,
+        home_region: str = "",
+        saturation: int = 32,
+    ) -> LatencyAwareBalancer:
+        """An OpenAI-compatible model's endpoints, ranked like llm replicas."""
+        credential = Credential(upstream.api_key_file)
+        endpoints = []
+        for region, url in upstream.endpoints:
+            endpoint = Endpoint(url, region)
+            endpoint.stub = OpenAIStub(url, upstream.upstream_model, credential, session)
+            endpoints.append(endpoint)
+        return cls(endpoints, home_region, saturation)
+
     def saturated(self, endpoint: Endpoint) -> bool:
         return endpoint.in_flight + endpoint.waiting >= self.saturation
 
@@ -112,9 +132,12 @@ class LatencyAwareBalancer:
             endpoint.waiting = int(values["mlmesh-load-waiting"])
             endpoint.running = int(values.get("mlmesh-load-running", 0))
 
-    def failed(self, endpoint: Endpoint) -> None:
+    def failed(self, endpoint: Endpoint, at_least_s: float = 0.0) -> None:
+        """Ejects ``endpoint`` for its backoff, or for as long as it asked
+        (an upstream's Retry-After, capped at ``eject_max_s``)."""
         endpoint.failures += 1
         backoff = min(self.eject_base_s * 2 ** (endpoint.failures - 1), self.eject_max_s)
+        backoff = max(backoff, min(at_least_s, self.eject_max_s))
         endpoint.ejected_until = time.monotonic() + backoff
 
     async def close(self) -> None:

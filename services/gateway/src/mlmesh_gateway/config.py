@@ -41,6 +41,18 @@ class GatewaySettings(MeteringSettings):
     classic_models: str = "digits"
     embedding_models: str = "minilm"
 
+    # The OpenAI-compatible HTTP surface (/v1/chat/completions, /v1/completions,
+    # /v1/embeddings, /v1/models): served on this port when set (0: any free
+    # port), which is then written to http_port_file. Unset: gRPC only.
+    http_port: int | None = None
+    http_port_file: Path | None = None
+    # Models backed by OpenAI-compatible servers (a vllm serve fleet, a hosted
+    # provider): JSON, see mlmesh_gateway.upstreams.
+    openai_upstreams: str = ""
+    # Where the served versions' tokenizers are downloaded (prompt tokens are
+    # counted in the gateway).
+    tokenizer_cache_dir: Path = Path(".mlmesh/gateway-tokenizers")
+
 
 def names(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]

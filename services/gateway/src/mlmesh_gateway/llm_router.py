@@ -8,6 +8,11 @@ caller as it is (no retry: text was sent). Requests in flight are counted per
 endpoint with no await between ranking and counting, so concurrent requests
 see each other.
 
+Endpoints are llm replicas (gRPC) or OpenAI-compatible servers
+(``upstreams.OpenAIStub``, which raises domain errors instead of gRPC
+ones): an upstream's 429 is retryable like UNAVAILABLE, and ejects the
+endpoint for at least its Retry-After.
+
 A request pinned to an experiment arm's version carries the reference as
 the caller asked (``fallback``): an endpoint that has not loaded that version
 (NOT_FOUND) serves the fallback instead, and the request is unpinned.
@@ -21,17 +26,34 @@ from collections.abc import AsyncIterator
 import grpc
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
-from mlmesh_chassis.errors import Unavailable
+from mlmesh_chassis.errors import MlmeshError, Unavailable
 from mlmesh_chassis.interceptors import propagation
 
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.telemetry import BACKEND_PICKS, annotate
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# An OpenAI-compatible upstream's 429 is its own rate limit: another endpoint
+# may have room.
+RETRYABLE_UPSTREAM = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+Failure = (grpc.RpcError, MlmeshError)
 
 
-def _code(error: grpc.RpcError) -> grpc.StatusCode:
+def _code(error: grpc.RpcError | MlmeshError) -> grpc.StatusCode:
+    if isinstance(error, MlmeshError):
+        return error.code
     return error.code()  # type: ignore[attr-defined,no-any-return]
+
+
+def _retryable(error: grpc.RpcError | MlmeshError) -> bool:
+    if isinstance(error, MlmeshError):
+        return error.code in RETRYABLE_UPSTREAM
+    return _code(error) in RETRYABLE
+
+
+def _wait(error: grpc.RpcError | MlmeshError) -> float:
+    """How long the endpoint asked not to be called (an upstream's Retry-After)."""
+    return float(getattr(error, "retry_after_s", 0.0)) if isinstance(error, MlmeshError) else 0.0
 
 
 def unpin(request: llm_rpc.GenerateRequest, fallback: ModelReference) -> None:
@@ -94,6 +116,7 @@ class LlmRouter:
         """The generation's chunks, each with the endpoint that serves them."""
         started = time.monotonic()
         tried: set[int] = set()
+        last: grpc.RpcError | MlmeshError | None = None
         for attempt in range(self.attempts):
             remaining = [e for e in self._candidates(region) if id(e) not in tried]
             if not remaining:
@@ -114,21 +137,24 @@ class LlmRouter:
                     yield endpoint, chunk
                 self.balancer.observe_load(endpoint, await call.trailing_metadata())
                 return
-            except grpc.RpcError as error:
+            except Failure as error:
                 code = _code(error)
                 if first and fallback is not None and code == grpc.StatusCode.NOT_FOUND:
                     unpin(request, fallback)  # this endpoint lacks the arm's version
                     fallback = None
                     tried.discard(id(endpoint))
                     continue
-                if code in RETRYABLE:
-                    self.balancer.failed(endpoint)
+                if _retryable(error):
+                    self.balancer.failed(endpoint, _wait(error))
                     if first and attempt < self.attempts - 1:
+                        last = error
                         continue  # nothing was sent yet: try elsewhere
                 raise
             finally:
                 endpoint.in_flight -= 1
                 call.cancel()
+        if last is not None:  # every endpoint tried failed: the last one's reason
+            raise last
         raise Unavailable("no LLM endpoint could take the request", retry_after_s=1.0)
 
     async def complete(self, request: llm_rpc.GenerateRequest) -> str:

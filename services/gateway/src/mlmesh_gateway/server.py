@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
 from mlmesh_metering import Metering
 from mlmesh_metering.ledger import UsageLedger
+from mlmesh_serving import ArtifactCache
 
 from mlmesh_gateway.balancer import LatencyAwareBalancer
 from mlmesh_gateway.config import GatewaySettings, names
@@ -25,10 +27,13 @@ from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
+from mlmesh_gateway.openai_http import OpenAIHttp
+from mlmesh_gateway.prompt_tokens import PromptTokens
 from mlmesh_gateway.registration import REGISTRATION
 from mlmesh_gateway.servicer import GatewayServicer
 from mlmesh_gateway.shadows import ShadowLog
 from mlmesh_gateway.telemetry import REJECTIONS
+from mlmesh_gateway.upstreams import Upstream, close_session, new_session, parse_upstreams
 from mlmesh_gateway.usage_servicer import UsageServicer
 
 log = logging.getLogger("mlmesh.gateway")
@@ -63,6 +68,22 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     )
     triton = TritonClient(settings.triton_target) if settings.triton_target else None
     directory = ModelDirectory(settings.registry_target) if settings.registry_target else None
+    # Models behind OpenAI-compatible servers: one balancer each, one HTTP
+    # client (keep-alive pools) for all.
+    upstreams = parse_upstreams(settings.openai_upstreams)
+    session = new_session() if upstreams else None
+    balanced = {
+        name: (
+            spec,
+            LatencyAwareBalancer.for_upstream(spec, session, settings.region, settings.saturation),
+        )
+        for name, spec in upstreams.items()
+        if session is not None
+    }
+    tokens = None
+    if settings.registry_target:
+        cache = ArtifactCache(settings.tokenizer_cache_dir, settings.registry_target)
+        tokens = PromptTokens(cache.folder)
     gateway = GatewayServicer(
         meter,
         llm,
@@ -72,7 +93,20 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         names(settings.embedding_models),
         directory,
         ShadowLog(database),
+        balanced,
+        tokens,
     )
+    # The OpenAI-compatible surface: bound before the port file is written.
+    http = OpenAIHttp(gateway, view) if settings.http_port is not None else None
+    extra_ports = {}
+    if http is not None:
+        assert settings.http_port is not None
+        extra_ports["http_port"] = await http.start(settings.host, settings.http_port)
+        if settings.http_port_file is not None:
+            settings.http_port_file.write_text(str(extra_ports["http_port"]))
+        log.info(
+            "OpenAI-compatible API on http://%s:%d/v1", settings.host, extra_ports["http_port"]
+        )
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(
@@ -97,9 +131,19 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         if settings.local_socket is not None
         else None
     )
-    host = await start_service(settings, register, error_domain="mlmesh.gateway", key_view=view)
+    host = await start_service(
+        settings, register, error_domain="mlmesh.gateway", key_view=view, extra_ports=extra_ports
+    )
     if starting is not None and settings.local_socket is not None:
         starting.replace(settings.local_socket)
+    if http is not None:
+        host.on_close.append(http.close)
+    if tokens is not None and directory is not None:
+        warm = asyncio.create_task(_warm_tokenizers(directory, tokens, settings, upstreams))
+        host.background.append(warm)
+        host.on_close.append(tokens.close)
+    if session is not None:
+        host.on_close.append(lambda: close_session(session))
     host.on_close.append(key_directory.close)
     host.on_close.append(database.close)
     host.on_close.append(meter.close)
@@ -109,3 +153,21 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
     if directory is not None:
         host.on_close.append(directory.close)
     return host
+
+
+async def _warm_tokenizers(
+    directory: ModelDirectory,
+    tokens: PromptTokens,
+    settings: GatewaySettings,
+    upstreams: dict[str, Upstream],
+) -> None:
+    """Fetches the served versions' tokenizers at start, so the first
+    requests are counted here rather than by a CountTokens round trip."""
+    wanted = names(settings.llm_models) + [u.tokenizer for u in upstreams.values() if u.tokenizer]
+    for model in dict.fromkeys(wanted):
+        try:
+            version = int((await directory.served(model)).served.version)
+        except Exception as error:  # the registry may not know it (yet)
+            log.info("no tokenizer warm-up for %s: %s", model, error)
+            continue
+        await tokens.ready(model, version)

@@ -4,41 +4,53 @@ Each handler turns the request into domain calls and the answer back:
 the caller's key is checked (``authorize``) and its tensors (``tensors``; the
 chassis has checked every field against the contract's rules), the call
 admitted and metered (``admission``), the version chosen (``traffic_split``),
-the backend called (``llm_router`` for the llm, ``triton_router`` for Infer
-and Embed) and shadows mirrored (``shadows``).
+the backend called (``generation`` for Generate: the llm or an
+OpenAI-compatible upstream; ``triton_router`` for Infer and Embed) and
+shadows mirrored (``shadows``). The OpenAI surface (``openai_http``) calls
+the same ``generation`` and ``embed``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from mlmesh.common.v1 import model_reference_pb2, usage_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.gateway.v1 import gateway_service_pb2 as rpc
 from mlmesh.gateway.v1 import gateway_service_pb2_grpc
-from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
 from mlmesh_chassis.auth import authorize, current_principal
-from mlmesh_chassis.errors import MlmeshError
-from mlmesh_chassis.generation import check_prompt_size, max_tokens_of
 from mlmesh_chassis.pagination import offset_page
 from mlmesh_inference.triton import TritonClient
-from mlmesh_metering import MeteredCall, Metering
+from mlmesh_metering import Metering
 
 from mlmesh_gateway.admission import Admission
 from mlmesh_gateway.balancer import LatencyAwareBalancer
+from mlmesh_gateway.catalog import Catalog
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.embeddings import embedding_inputs, prompt_tokens_of, vectors_of
 from mlmesh_gateway.generate_messages import to_gateway, to_llm, uses_deprecated_request
+from mlmesh_gateway.generation import Generation
 from mlmesh_gateway.llm_router import LlmRouter
+from mlmesh_gateway.prompt_tokens import PromptTokens
 from mlmesh_gateway.shadows import ShadowLog, ShadowRunner
-from mlmesh_gateway.telemetry import TIME_TO_FIRST_TOKEN, annotate
 from mlmesh_gateway.tensors import inputs_of, outputs_of, sent_typed, triton_parameters
-from mlmesh_gateway.traffic_split import Split, TrafficSplit
+from mlmesh_gateway.traffic_split import TrafficSplit
 from mlmesh_gateway.triton_router import TritonRouter
+from mlmesh_gateway.upstreams import Upstream
 
 ModelReference = model_reference_pb2.ModelReference
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """An Embed call's result: Triton's outputs, the version, the tokens billed."""
+
+    outputs: Any
+    version: int
+    prompt_tokens: int
 
 
 def _headers(context: grpc.aio.ServicerContext) -> Mapping[str, str]:
@@ -56,92 +68,40 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         embedding_models: list[str],
         directory: ModelDirectory | None = None,
         shadows: ShadowLog | None = None,
+        upstreams: Mapping[str, tuple[Upstream, LatencyAwareBalancer]] | None = None,
+        tokens: PromptTokens | None = None,
     ) -> None:
         self.admission = Admission(meter)
         self.router = LlmRouter(llm)
-        self.served = [(name, pb.MODEL_KIND_LLM) for name in llm_models]
-        self.served += [(name, pb.MODEL_KIND_CLASSIC) for name in classic_models]
-        self.served += [(name, pb.MODEL_KIND_EMBEDDING) for name in embedding_models]
         self.shadows = ShadowRunner(shadows)
         self.llm_split = TrafficSplit(directory, self.router.has_loaded, pin_served=False)
         self.triton = TritonRouter(triton, directory, self.shadows)
+        routed = {
+            name: (spec, LlmRouter(balancer))
+            for name, (spec, balancer) in (upstreams or {}).items()
+        }
+        self.generation = Generation(
+            self.admission, self.router, routed, self.llm_split, self.shadows, directory, tokens
+        )
+        self.catalog = Catalog(
+            llm, routed, llm_models, classic_models, embedding_models, llm.home_region
+        )
 
     async def Generate(self, request, context) -> AsyncIterator[rpc.GenerateResponse]:  # type: ignore[no-untyped-def,override]
         key = current_principal().key
         deprecated = uses_deprecated_request(request)
         inner = to_llm(request)  # the gateway's own message, or the deprecated llm one
-        model = inner.model.model
-        authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
-        # The rest is the contract's rules (the chassis checks them first).
-        check_prompt_size(inner, "request." if deprecated else "")
-        asked = ModelReference()
-        asked.CopyFrom(inner.model)
-        split = await self.llm_split.route(asked, key.id, _headers(context))
-        if split.version:
-            inner.model.CopyFrom(ModelReference(model=model, version=split.version))
-        # An arm's version an endpoint has not loaded: served as asked instead.
-        fallback = asked if split.experiment is not None else None
-        counted = await self.router.count_tokens(request.region, inner, fallback)
-        max_tokens = max_tokens_of(inner.sampling)
-        async with self.admission(
-            key,
-            pb.PLATFORM_SERVICE_GENERATE,
-            model,
-            reserve=counted + max(max_tokens, 0),
-            request_id=inner.request_id,
-        ) as call:
-            annotate(
-                **{
-                    "gen_ai.system": "mlmesh",
-                    "gen_ai.operation.name": "text_completion",
-                    "gen_ai.request.model": model,
-                    "gen_ai.request.max_tokens": max_tokens,
-                }
-            )
-            # The engine's id: unique per call (the caller's stays beside it
-            # in the usage event, for tracing only).
-            inner.request_id = call.call_id
-            call.prompt_tokens = counted
-            started = time.monotonic()
-            text: list[str] = []
-            async for endpoint, chunk in self.router.stream(request.region, inner, fallback):
-                if not text:  # the first chunk: say which backend serves the stream
-                    call.region = endpoint.region
-                    await context.send_initial_metadata(
-                        (
-                            ("x-mlmesh-backend", endpoint.address),
-                            ("x-mlmesh-region", endpoint.region),
-                        )
-                    )
-                if call.completion_tokens == 0 and chunk.token_count:
-                    TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - started)
-                call.completion_tokens += chunk.token_count
-                text.append(chunk.text)
-                if chunk.HasField("model"):
-                    call.version = chunk.model.version
-                if chunk.HasField("usage"):
-                    call.prompt_tokens = chunk.usage.prompt_tokens
-                yield to_gateway(chunk, endpoint.region, deprecated=deprecated)
-            still_pinned = inner.model.WhichOneof("selector") == "version"
-            if split.shadow and still_pinned and split.shadow != call.version:
-                self._shadow_generate(split, inner, call, "".join(text))
-
-    def _shadow_generate(
-        self, split: Split, inner: llm_rpc.GenerateRequest, call: MeteredCall, text: str
-    ) -> None:
-        """Mirrors a finished generation to the shadow version (same seed and
-        settings): the texts agree or not."""
-        assert split.experiment is not None
-        mirrored = llm_rpc.GenerateRequest()
-        mirrored.CopyFrom(inner)
-        mirrored.model.CopyFrom(ModelReference(model=inner.model.model, version=split.shadow))
-        mirrored.request_id = f"{call.call_id}-shadow"
-
-        async def difference() -> float:
-            return 0.0 if await self.router.complete(mirrored) == text else 1.0
-
-        versions = (call.version, split.shadow)
-        self.shadows.mirror(call.call_id, split.experiment, call.model, versions, difference)
+        first = True
+        stream = self.generation.stream(
+            key, inner, request.region, _headers(context), prefix="request." if deprecated else ""
+        )
+        async for endpoint, chunk in stream:
+            if first:  # say which backend serves the stream
+                first = False
+                await context.send_initial_metadata(
+                    (("x-mlmesh-backend", endpoint.address), ("x-mlmesh-region", endpoint.region))
+                )
+            yield to_gateway(chunk, endpoint.region, deprecated=deprecated)
 
     async def Infer(self, request, context):  # type: ignore[no-untyped-def]
         key = current_principal().key
@@ -171,35 +131,33 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
 
     async def Embed(self, request, context):  # type: ignore[no-untyped-def]
-        key = current_principal().key
-        model = request.model.model
-        authorize(key, pb.PLATFORM_SERVICE_EMBED, model)
-        self.triton.client()
-        texts = list(request.texts)
-        async with self.admission(key, pb.PLATFORM_SERVICE_EMBED, model) as call:
-            call.input_items = len(texts)
-            result = await self.triton.infer(
-                request.model, key.id, _headers(context), call, embedding_inputs(texts)
-            )
-            call.prompt_tokens = prompt_tokens_of(result.outputs, texts)
-        vectors = vectors_of(result.outputs, request.normalize)
+        embedded = await self.embed(
+            current_principal().key, request.model, list(request.texts), _headers(context)
+        )
+        vectors = vectors_of(embedded.outputs, request.normalize)
         return rpc.EmbedResponse(
-            model=ModelReference(model=model, version=call.version),
+            model=ModelReference(model=request.model.model, version=embedded.version),
             embeddings=[pb.Embedding(values=row.tolist()) for row in vectors],
             dimension=int(vectors.shape[1]),
-            usage=usage_pb2.Usage(prompt_tokens=call.prompt_tokens),
+            usage=usage_pb2.Usage(prompt_tokens=embedded.prompt_tokens),
         )
 
+    async def embed(
+        self, key: pb.Key, reference: ModelReference, texts: list[str], headers: Mapping[str, str]
+    ) -> Embedded:
+        """Texts embedded by an embedding model on Triton (Embed and
+        ``POST /v1/embeddings``)."""
+        model = reference.model
+        authorize(key, pb.PLATFORM_SERVICE_EMBED, model)
+        self.triton.client()
+        async with self.admission(key, pb.PLATFORM_SERVICE_EMBED, model) as call:
+            call.input_items = len(texts)
+            inputs = embedding_inputs(texts)
+            result = await self.triton.infer(reference, key.id, headers, call, inputs)
+            call.prompt_tokens = prompt_tokens_of(result.outputs, texts)
+        return Embedded(result.outputs, call.version, call.prompt_tokens)
+
     async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
-        key = current_principal().key
-        visible = []
-        for name, kind in self.served:
-            if request.kind and kind != request.kind:
-                continue
-            try:
-                authorize(key, None, name)
-            except MlmeshError:
-                continue
-            visible.append(pb.ServedModel(model=name, kind=kind))
+        visible = self.catalog.visible(current_principal().key, request.kind)
         page, token = offset_page(visible, request.page_size, request.page_token)
         return rpc.ListModelsResponse(models=page, next_page_token=token)
