@@ -117,10 +117,14 @@ class UsageBatcher(abc.ABC):
             await self._write_pending()
 
     async def _write_pending(self) -> None:
-        """The caller holds ``_lock``. Events recorded meanwhile are appended
-        behind the ones being written; only this removes from the front."""
-        while self._pending:
-            events = self._pending[: self.batch]
+        """The caller holds ``_lock``. Writes what was queued when it began:
+        events recorded meanwhile are appended behind and wait for the next
+        flush (chasing them wrote a steady stream of calls a few rows at a
+        time, at about 1 ms of CPU per write). Only this removes from the
+        front."""
+        left = len(self._pending)
+        while left > 0 and self._pending:
+            events = self._pending[: min(self.batch, left)]
             try:
                 await self._write(events)
             except Unavailable:
@@ -134,6 +138,7 @@ class UsageBatcher(abc.ABC):
                 await self._write_one_by_one(events)
             WRITTEN.labels(self.name).inc(len(events))
             del self._pending[: len(events)]
+            left -= len(events)
 
     async def _write_one_by_one(self, events: list[UsageEvent]) -> None:
         for event in events:
