@@ -49,9 +49,10 @@ def test_installed_services_start_in_their_declared_order():
         "llm",
         "triton",
         "deployer",
+        "vectors",
+        "vllmopenai",
         "gateway",
         "batch",
-        "vectors",
     ]
     assert key_directory_service() == "gateway"
 

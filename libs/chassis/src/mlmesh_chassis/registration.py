@@ -122,6 +122,10 @@ class ServiceRegistration:
     # the service writes the bound port to its port file as ``http_port``
     # and answers ``GET /healthz``.
     http_routes: tuple[str, ...] = ()
+    # A slow starter the services after it need only the address of (vLLM's
+    # own server: over a minute): the runner picks its port, starts it, goes
+    # on with the others and waits for it to be ready before Envoy starts.
+    start_in_background: bool = False
     # The scopes of its own service key (PlatformService names without the
     # PLATFORM_SERVICE_ prefix): what it calls on its peers. Every chassis
     # service also follows the key directory.

@@ -48,6 +48,8 @@ class Child:
     process: asyncio.subprocess.Process | None = None
     ports: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
+    # The port it was told to bind (0: it picks one and says which).
+    given_port: int = 0
 
     async def start(self) -> None:
         if self.port_file:
@@ -131,6 +133,16 @@ def listening_ports(pid: int) -> set[int]:
                 if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now (another process could take it before the child binds
+    it: the child then fails to start and says so)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 async def wait_ready(ready: Any, child: Child, timeout_s: float) -> None:
@@ -219,14 +231,27 @@ class Mesh:
             self.state,
             [(s.name, s.key_scopes) for s in self.catalog if s.port_discovery == "port-file"],
         )
-        for spec in self.catalog:
-            if spec.prepare is not None:
-                await self._prepare(spec)
-            for instance in self.instances(spec):
-                child = self._child(spec, instance=instance)
-                self.children[instance] = child
-                await self._bring_up(spec, child)
-                log.info("%s is SERVING on port %s", instance, child.ports["port"])
+        # Slow starters others need only the address of: started on a port
+        # picked here, waited for once the rest is up (before Envoy).
+        background: list[asyncio.Task[None]] = []
+        try:
+            for spec in self.catalog:
+                if spec.prepare is not None:
+                    await self._prepare(spec)
+                for instance in self.instances(spec):
+                    if spec.start_in_background:
+                        child = self._child(spec, port=free_port(), instance=instance)
+                        self.children[instance] = child
+                        background.append(asyncio.create_task(self._bring_up(spec, child)))
+                        continue
+                    child = self._child(spec, instance=instance)
+                    self.children[instance] = child
+                    await self._bring_up(spec, child)
+                    log.info("%s is SERVING on port %s", instance, child.ports["port"])
+            await asyncio.gather(*background)
+        finally:
+            for task in background:
+                task.cancel()
         await self._start_envoy()
         await self._wait_keys_current()
         for spec in self.catalog:
@@ -317,9 +342,12 @@ class Mesh:
         }
         argv = list(spec.command(self.context(), port))
         log_path = self.state / "logs" / f"{instance}.log"
-        if spec.port_discovery == "listening-socket":
-            return Child(instance, argv, env, log_path, None)
-        return Child(instance, argv, env, log_path, port_file)
+        discovered = spec.port_discovery == "port-file"
+        child = Child(instance, argv, env, log_path, port_file if discovered else None)
+        child.given_port = port
+        if spec.start_in_background:  # its address is known before it listens
+            child.ports = {"port": port}
+        return child
 
     async def _wait_keys_current(self, timeout_s: float = 30.0) -> None:
         """Waits until every service follows the key directory (they serve
@@ -372,7 +400,10 @@ class Mesh:
     async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:
         """Starts ``child``, learns its port, waits until it is ready."""
         await child.start()
-        if child.port_file is not None:
+        if spec.start_in_background:
+            assert child.given_port and child.process is not None
+            child.ports = {"port": child.given_port, "pid": child.process.pid}
+        elif child.port_file is not None:
             await child.wait_port_file(spec.start_timeout)
         else:
             await child.wait_listening(spec.start_timeout)

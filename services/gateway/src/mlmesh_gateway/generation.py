@@ -87,9 +87,11 @@ class Generation:
         prefix: str = "",
         outcome: Outcome | None = None,
         operation: str = "text_completion",
+        whole: bool = False,
     ) -> AsyncIterator[tuple[Endpoint, llm_rpc.GenerateResponse]]:
         """The generation's chunks, each with the endpoint serving them;
-        ``inner`` is the caller's request (this call may change it)."""
+        ``inner`` is the caller's request (this call may change it);
+        ``whole``: the caller waits for the whole answer."""
         model = inner.model.model
         authorize(key, pb.PLATFORM_SERVICE_GENERATE, model)
         check_prompt_size(inner, prefix)
@@ -133,7 +135,7 @@ class Generation:
             started = time.monotonic()
             text: list[str] = []
             reported_completion = False
-            async for endpoint, chunk in router.stream(region, inner, fallback):
+            async for endpoint, chunk in router.stream(region, inner, fallback, whole):
                 if not text and not call.region:
                     call.region = endpoint.region
                 if call.completion_tokens == 0 and chunk.token_count:

@@ -31,6 +31,7 @@ from mlmesh_chassis.interceptors import propagation
 
 from mlmesh_gateway.balancer import Endpoint, LatencyAwareBalancer
 from mlmesh_gateway.telemetry import BACKEND_PICKS, annotate
+from mlmesh_gateway.upstreams import OpenAIStub
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 # An OpenAI-compatible upstream's 429 is its own rate limit: another endpoint
@@ -111,9 +112,15 @@ class LlmRouter:
         raise last
 
     async def stream(
-        self, region: str, request: llm_rpc.GenerateRequest, fallback: ModelReference | None
+        self,
+        region: str,
+        request: llm_rpc.GenerateRequest,
+        fallback: ModelReference | None,
+        whole: bool = False,
     ) -> AsyncIterator[tuple[Endpoint, llm_rpc.GenerateResponse]]:
-        """The generation's chunks, each with the endpoint that serves them."""
+        """The generation's chunks, each with the endpoint that serves them
+        (``whole``: the caller wants only the whole answer, which an
+        OpenAI-compatible upstream then sends as one response)."""
         started = time.monotonic()
         tried: set[int] = set()
         last: grpc.RpcError | MlmeshError | None = None
@@ -127,7 +134,10 @@ class LlmRouter:
             endpoint.picks += 1
             BACKEND_PICKS.labels(endpoint.address, endpoint.region).inc()
             metadata, timeout = propagation()
-            call = endpoint.stub.Generate(request, metadata=metadata, timeout=timeout)
+            if whole and isinstance(endpoint.stub, OpenAIStub):
+                call = endpoint.stub.Generate(request, metadata, timeout, whole=True)
+            else:
+                call = endpoint.stub.Generate(request, metadata=metadata, timeout=timeout)
             first = True
             try:
                 async for chunk in call:

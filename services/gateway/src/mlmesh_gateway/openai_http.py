@@ -371,6 +371,7 @@ class OpenAIHttp:
             parsed.headers,
             outcome=outcome,
             operation="chat" if chat else "text_completion",
+            whole=not parsed.stream,
         )
         created = int(time.time())
         if not parsed.stream:

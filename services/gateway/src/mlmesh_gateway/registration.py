@@ -28,7 +28,10 @@ def _unrouted_services() -> Sequence[descriptor.ServiceDescriptor]:
 
 
 def _env(ctx: RunContext) -> dict[str, str]:
-    env = {"MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db"}
+    env = {
+        "MLMESH_GATEWAY_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.state}/gateway.db",
+        "MLMESH_GATEWAY_TOKENIZER_CACHE_DIR": str(ctx.state / "gateway-tokenizers"),
+    }
     if "registry" in ctx.ports:
         env["MLMESH_GATEWAY_REGISTRY_TARGET"] = ctx.address("registry")
     if "llm" in ctx.ports:
@@ -39,6 +42,26 @@ def _env(ctx: RunContext) -> dict[str, str]:
         env["MLMESH_GATEWAY_REGION"] = ctx.region("gateway")
     if "triton" in ctx.ports:
         env["MLMESH_GATEWAY_TRITON_TARGET"] = ctx.address("triton")
+    if "vllmopenai" in ctx.ports:
+        import json
+
+        # vLLM's own OpenAI server (mlmesh_llm.openai_registration) serving the
+        # tiny model: every instance in its region, with the upstream's own
+        # credential (the file its launcher makes, mode 0600).
+        env["MLMESH_GATEWAY_OPENAI_UPSTREAMS"] = json.dumps(
+            {
+                "tiny-llama-vllm": {
+                    "endpoints": [
+                        f"{ctx.region(i)}=http://{ctx.address(i)}/v1"
+                        for i in ctx.instances("vllmopenai")
+                    ],
+                    "upstream_model": "tiny-llama",
+                    "api_key_file": str(ctx.state / "secrets" / "vllmopenai-api.key"),
+                    "tokenizer": "tiny-llama",
+                }
+            }
+        )
+        env["MLMESH_GATEWAY_REGION"] = ctx.region("gateway")
     return env
 
 
@@ -61,8 +84,10 @@ REGISTRATION = ServiceRegistration(
     ),
     # Last: it routes to the services it is given. Until it is up, services
     # verify the bootstrap keys they were seeded with.
-    after=("registry", "llm", "triton", "deployer"),
+    after=("registry", "llm", "triton", "deployer", "vllmopenai"),
     key_directory=True,
+    # The OpenAI-compatible surface (mlmesh_gateway.openai_http).
+    http_routes=("/v1/",),
     # Its own key calls the llm replicas and reads the registry; it is the
     # key directory itself.
     key_scopes=("LLM", "REGISTRY_READ"),

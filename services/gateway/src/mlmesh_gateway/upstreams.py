@@ -73,8 +73,10 @@ URL = re.compile(r"https?://[^\s/?#]+(/[^\s?#]*)?")
 # echoed to the caller up to ECHO (it may be the caller's own mistake).
 MAX_ERROR_BODY = 64 * 1024
 ECHO = 200
-# Longest SSE line accepted from an upstream (a chunk is a few hundred bytes).
+# Longest SSE line accepted from an upstream (a chunk is a few hundred bytes),
+# and longest whole (non-streamed) answer.
 MAX_LINE = 1024 * 1024
+MAX_WHOLE_BODY = 16 * 1024 * 1024
 CONNECT_TIMEOUT_S = 2.0
 # Longest silence from a streaming upstream before it counts as failed (no
 # caller deadline bounds an HTTP caller's stream otherwise).
@@ -167,20 +169,22 @@ class Credential:
         return self._header
 
 
-def request_body(request: llm_rpc.GenerateRequest, upstream_model: str) -> tuple[str, bytes]:
-    """(path, JSON body) of the streamed completion for an llm request."""
+def request_body(
+    request: llm_rpc.GenerateRequest, upstream_model: str, *, stream: bool = True
+) -> tuple[str, bytes]:
+    """(path, JSON body) of the completion for an llm request: streamed, or
+    whole (the caller wants the whole answer: one response to parse instead
+    of an event per token)."""
     if request.images:
         raise InvalidArgument(
             "this model's upstream takes no images",
             [FieldViolation("images", "not accepted by an OpenAI-compatible upstream")],
         )
     sampling = request.sampling
-    body: dict[str, Any] = {
-        "model": upstream_model,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": max_tokens_of(sampling),
-    }
+    body: dict[str, Any] = {"model": upstream_model, "max_tokens": max_tokens_of(sampling)}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
     if sampling.HasField("temperature"):
         body["temperature"] = sampling.temperature
     if sampling.HasField("top_p"):
@@ -258,8 +262,10 @@ class UpstreamCall:
         request: llm_rpc.GenerateRequest,
         headers: dict[str, str],
         timeout: float | None,
+        whole: bool = False,
     ) -> None:
         self._stub = stub
+        self._whole = whole  # one JSON answer instead of a stream
         self._request = request
         self._headers = headers
         self._timeout = timeout
@@ -270,7 +276,7 @@ class UpstreamCall:
 
     async def _chunks(self) -> AsyncIterator[llm_rpc.GenerateResponse]:
         stub = self._stub
-        path, body = request_body(self._request, stub.upstream_model)
+        path, body = request_body(self._request, stub.upstream_model, stream=not self._whole)
         timeout = aiohttp.ClientTimeout(
             total=self._timeout, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
         )
@@ -285,30 +291,43 @@ class UpstreamCall:
                 upstream=stub.base_url,
             ) from error
         self._response = response
-        if response.status != 200:
-            data = await response.content.read(MAX_ERROR_BODY)
-            response.release()
-            raise status_error(response.status, response.headers, data, stub.base_url)
-        done = False
         try:
-            async for line in response.content:
-                if not line.startswith(b"data:"):
-                    continue  # SSE comments, blank lines between events
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
+            if response.status != 200:
+                data = await response.content.read(MAX_ERROR_BODY)
+                raise status_error(response.status, response.headers, data, stub.base_url)
+            if self._whole:
+                yield _whole(orjson.loads(await _read_bounded(response)))
+                return
+            done = False
+            buffer = b""
+            # Events are split here, from whatever each read brought (one
+            # read often holds several): aiohttp's per-line reads cost more
+            # than the relay itself.
+            async for data in response.content.iter_any():
+                lines = (buffer + data).split(b"\n")
+                buffer = lines.pop()
+                if len(buffer) > MAX_LINE:
+                    raise ValueError("an event line is too long")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # SSE comments, blank lines between events
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    chunk = _chunk(orjson.loads(payload))
+                    if chunk is not None:
+                        yield chunk
+                if done:
                     break
-                chunk = _chunk(orjson.loads(data))
-                if chunk is not None:
-                    yield chunk
+            if not done:
+                raise Unavailable("the upstream ended the stream before [DONE]", retry_after_s=1.0)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
             raise Unavailable(
                 f"the upstream stream broke: {type(error).__name__}", retry_after_s=1.0
             ) from error
         finally:
             response.release()
-        if not done:
-            raise Unavailable("the upstream ended the stream before [DONE]", retry_after_s=1.0)
 
     async def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
@@ -317,6 +336,39 @@ class UpstreamCall:
         """Closes the connection: the upstream sees the client go and aborts."""
         if self._response is not None and not self._response.closed:
             self._response.close()
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    parts, size = [], 0
+    async for data in response.content.iter_any():
+        size += len(data)
+        if size > MAX_WHOLE_BODY:
+            raise ValueError("the upstream's answer is too large")
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _whole(event: Any) -> llm_rpc.GenerateResponse:
+    """The one llm chunk for a whole (non-streamed) completion."""
+    if not isinstance(event, dict) or not event.get("choices"):
+        raise ValueError("not a completion")
+    choice = event["choices"][0]
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    response = llm_rpc.GenerateResponse(text=str(text or ""))
+    response.finish_reason = FINISH.get(choice.get("finish_reason"), llm_pb2.FINISH_REASON_STOP)  # type: ignore[assignment]
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        response.usage.CopyFrom(
+            usage_pb2.Usage(
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        )
+    # Until the usage settles it (or the tokenizer, without one): at most one
+    # token per byte.
+    response.token_count = response.usage.completion_tokens or len(response.text.encode())
+    return response
 
 
 def _chunk(event: Any) -> llm_rpc.GenerateResponse | None:
@@ -372,6 +424,7 @@ class OpenAIStub:
         request: llm_rpc.GenerateRequest,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
+        whole: bool = False,
     ) -> UpstreamCall:
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         # Trace context and the request id go along (vLLM logs them).
@@ -381,7 +434,7 @@ class OpenAIStub:
         authorization = self.credential.header()
         if authorization is not None:
             headers["authorization"] = authorization
-        return UpstreamCall(self, request, headers, timeout)
+        return UpstreamCall(self, request, headers, timeout, whole)
 
 
 def new_session(connections: int = 256) -> aiohttp.ClientSession:
