@@ -48,8 +48,8 @@ def _slow_server(delay_s: float):  # type: ignore[no-untyped-def]
 
     def command(ctx: RunContext, port: int) -> list[str]:
         script = (
-            "import socket, time; time.sleep(%r); s = socket.socket(); "
-            "s.bind(('127.0.0.1', %d)); s.listen(); time.sleep(60)" % (delay_s, port)
+            f"import socket, time; time.sleep({delay_s!r}); s = socket.socket(); "
+            f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"
         )
         return [sys.executable, "-c", script]
 
