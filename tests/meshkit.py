@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # A whole mesh builds its models, provisions Triton and starts every service;
 # on a busy 2-core machine that has taken over two minutes.
-START_TIMEOUT_S = 300
+START_TIMEOUT_S = 480
 
 
 @dataclass

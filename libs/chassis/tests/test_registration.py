@@ -47,12 +47,12 @@ def test_installed_services_start_in_their_declared_order():
         "flink",
         "registry",
         "llm",
+        "vllmopenai",  # started in the background as soon as the llm is up
         "triton",
         "deployer",
-        "vectors",
-        "vllmopenai",
         "gateway",
         "batch",
+        "vectors",
     ]
     assert key_directory_service() == "gateway"
 

@@ -43,6 +43,7 @@ class Surface:
         self.fakes: dict[str, FakeUpstream] = {}
         self.keys: dict[str, tuple[str, str]] = {}  # name -> (id, secret)
         self.clients: dict[str, openai.AsyncOpenAI] = {}
+        self.admin = ""
 
     def client(self, key: str = "main") -> openai.AsyncOpenAI:
         """The official client with a key (by name, or a raw secret); one each."""
@@ -119,6 +120,7 @@ async def surface(tmp_path_factory) -> Surface:
     host = await build_server(settings)
     state = Surface()
     state.fakes = fakes
+    state.admin = admin
     state.grpc_target = f"127.0.0.1:{host.port}"
     state.url = f"http://127.0.0.1:{(folder / 'http.port').read_text()}/v1"
     generate = pb.Key(
@@ -419,6 +421,32 @@ async def test_cancelling_mid_stream_stops_the_upstream_and_refunds(surface):
         await asyncio.sleep(0.05)
     assert after["requests"] == before["requests"] + 1
     assert after["completion"] - before["completion"] < 16
+
+
+async def test_a_key_revoked_mid_stream_ends_the_stream(surface):
+    key_id, secret = await _create_key(
+        surface.grpc_target,
+        surface.admin,
+        "revoked-soon",
+        pb.Key(scopes=pb.KeyScopes(services=[S.PLATFORM_SERVICE_GENERATE], model_patterns=["*"])),
+    )
+    surface.fakes["solo"].set_faults(chunk_delay_ms=100)
+    client = openai.AsyncOpenAI(base_url=surface.url, api_key=secret, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="solo", messages=[{"role": "user", "content": "x"}], max_tokens=16, stream=True
+    )
+    received = 0
+    with pytest.raises(openai.APIError) as ended:
+        async for chunk in stream:
+            received += sum(1 for c in chunk.choices if c.delta.content)
+            if received == 2:
+                async with keyed_channel(surface.grpc_target, surface.admin) as channel:
+                    await key_service_pb2_grpc.KeyServiceStub(channel).RevokeKey(
+                        key_rpc.RevokeKeyRequest(id=key_id)
+                    )
+    assert "stopped authenticating" in str(ended.value)
+    assert received < 16
+    await client.close()
 
 
 async def test_a_slow_endpoint_loses_the_traffic(surface):

@@ -157,8 +157,10 @@ class ServiceRegistration:
 
 def start_order(found: Iterable[ServiceRegistration]) -> tuple[ServiceRegistration, ...]:
     """Each service after the ones it names in ``after`` (those that are
-    present), otherwise by name; checks names are unique, there is no cycle,
-    at most one key directory, and no two services' routes overlap."""
+    present), otherwise by name; a slow starter (``start_in_background``) as
+    early as it may be, so its start overlaps the others'. Checks names are
+    unique, there is no cycle, at most one key directory, and no two
+    services' routes overlap."""
     by_name: dict[str, ServiceRegistration] = {}
     for registration in found:
         if registration.name in by_name:
@@ -169,7 +171,7 @@ def start_order(found: Iterable[ServiceRegistration]) -> tuple[ServiceRegistrati
     _check_routes_disjoint(by_name.values())
     ordered: list[ServiceRegistration] = []
     started: set[str] = set()
-    pending = sorted(by_name.values(), key=lambda r: r.name)
+    pending = sorted(by_name.values(), key=lambda r: (not r.start_in_background, r.name))
     while pending:
         next_up = next(
             (r for r in pending if {n for n in r.after if n in by_name} <= started), None

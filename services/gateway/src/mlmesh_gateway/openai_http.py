@@ -47,7 +47,14 @@ from aiohttp import web
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.llm.v1 import llm_pb2
 from mlmesh_chassis import metrics
-from mlmesh_chassis.auth import KeyView, Principal, UnknownKey, bearer, principal_var
+from mlmesh_chassis.auth import (
+    KeyView,
+    LiveCalls,
+    Principal,
+    UnknownKey,
+    bearer,
+    principal_var,
+)
 from mlmesh_chassis.context import deadline_var, new_request_id, request_id_var
 from mlmesh_chassis.errors import (
     FieldViolation,
@@ -55,6 +62,7 @@ from mlmesh_chassis.errors import (
     MlmeshError,
     NotFound,
     Reason,
+    Unauthenticated,
     details_of,
     shorten,
 )
@@ -217,6 +225,9 @@ class OpenAIHttp:
     def __init__(self, gateway: Any, view: KeyView) -> None:
         self.gateway = gateway  # the GatewayServicer: generation, embed, catalog
         self.view = view
+        # Open streams, ended when their key stops authenticating (revoked,
+        # expired): as the chassis does for gRPC streams.
+        self.live = LiveCalls(view)
         self.runner: web.AppRunner | None = None
         self.serving = False
 
@@ -328,19 +339,27 @@ class OpenAIHttp:
             await self.view.catch_up(unknown.key_id)
             return self.view.verify(secret)
 
-    async def _body(self, request: web.Request) -> Any:
+    async def _parsed(self, request: web.Request, read: Callable[[Any], Parsed]) -> Parsed:
+        """The body, capped before it is read, parsed and read into the
+        contract's message (``read``); a large one (images, long prompts)
+        off the event loop."""
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             raise _too_large()
         try:
             data = await request.read()
         except web.HTTPRequestEntityTooLarge as error:
             raise _too_large() from error
-        try:
-            if len(data) > THREAD_PARSE_BYTES:
-                return await asyncio.to_thread(orjson.loads, data)
-            return orjson.loads(data)
-        except orjson.JSONDecodeError as error:
-            raise _invalid_json(error) from error
+
+        def parse() -> Parsed:
+            try:
+                body = orjson.loads(data)
+            except orjson.JSONDecodeError as error:
+                raise _invalid_json(error) from error
+            return read(body)
+
+        if len(data) > THREAD_PARSE_BYTES:
+            return await asyncio.to_thread(parse)
+        return parse()
 
     def _region(self, request: web.Request) -> str:
         region = request.headers.get("x-mlmesh-region", "")
@@ -349,13 +368,15 @@ class OpenAIHttp:
     # ---- generation ---------------------------------------------------------------
 
     async def chat(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        upstreams = self.gateway.generation.upstreams
-        parsed = chat_request(await self._body(request), upstreams, self._region(request))
+        upstreams, region = self.gateway.generation.upstreams, self._region(request)
+        parsed = await self._parsed(request, lambda body: chat_request(body, upstreams, region))
         return await self._generate(request, principal, parsed, chat=True)
 
     async def completions(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        upstreams = self.gateway.generation.upstreams
-        parsed = completion_request(await self._body(request), upstreams, self._region(request))
+        upstreams, region = self.gateway.generation.upstreams, self._region(request)
+        parsed = await self._parsed(
+            request, lambda body: completion_request(body, upstreams, region)
+        )
         return await self._generate(request, principal, parsed, chat=False)
 
     async def _generate(
@@ -376,7 +397,28 @@ class OpenAIHttp:
         created = int(time.time())
         if not parsed.stream:
             return await self._complete(stream, outcome, parsed, created, chat)
-        return await self._relay(request, stream, outcome, parsed, created, chat)
+        live = self.live.add(principal)
+        state: dict[str, web.StreamResponse] = {}
+        try:
+            return await self._relay(request, stream, outcome, parsed, created, chat, state)
+        except asyncio.CancelledError:
+            started = state.get("response")
+            if live.ended_because is None or started is None:
+                raise  # the client went away, or the server is stopping
+            # The key stopped authenticating mid-stream: the stream ends with
+            # an error event, as a gRPC stream ends with UNAUTHENTICATED.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            ended = Unauthenticated(
+                f"the stream's key stopped authenticating: {live.ended_because}"
+            )
+            with contextlib.suppress(ConnectionError):
+                await started.write(b"data: " + orjson.dumps(error_body(ended)[1]) + b"\n\n")
+            raise StreamEnded(started, grpc.StatusCode.UNAUTHENTICATED) from None
+        finally:
+            live.done = True
+            self.live.discard(live)
 
     async def _complete(
         self, stream: Any, outcome: Outcome, parsed: Parsed, created: int, chat: bool
@@ -430,6 +472,7 @@ class OpenAIHttp:
         parsed: Parsed,
         created: int,
         chat: bool,
+        state: dict[str, web.StreamResponse],
     ) -> web.StreamResponse:
         """Server-sent events, one per chunk. The response starts with the
         first chunk, so a refusal before it (a limit, an unknown model) is
@@ -450,6 +493,7 @@ class OpenAIHttp:
                         }
                     )
                     await response.prepare(request)
+                    state["response"] = response
                     object_ = b"chat.completion.chunk" if chat else b"text_completion"
                     prefix = "chatcmpl-" if chat else "cmpl-"
                     head = (
@@ -522,7 +566,7 @@ class OpenAIHttp:
     # ---- embeddings and models ------------------------------------------------------
 
     async def embeddings(self, request: web.Request, principal: Principal) -> web.Response:
-        parsed = embedding_request(await self._body(request))
+        parsed = await self._parsed(request, embedding_request)
         await check_contract(parsed)
         message = parsed.message
         texts = list(message.texts)

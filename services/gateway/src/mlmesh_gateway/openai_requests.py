@@ -119,8 +119,10 @@ def _model(body: dict[str, Any], upstreams: Any) -> ModelReference:
         return ModelReference(model=name)
     try:
         return parse_reference(name)
-    except ValueError as error:
-        raise _bad("model", str(error)) from error
+    except ValueError as error:  # its message echoes the whole name: not sent back
+        raise _bad(
+            "model", "expected NAME, NAME/VERSION or NAME@ALIAS (lowercase letters, digits, '-')"
+        ) from error
 
 
 def _stream_options(body: dict[str, Any], parsed: Parsed) -> None:
