@@ -147,10 +147,11 @@ async def test_a_real_vllm_serve_upstream_is_routed_limited_and_billed(full_mesh
         request = rpc.GenerateRequest(
             model=model_reference_pb2.ModelReference(model=VLLM),
             text="The sky is",
-            sampling=llm_pb2.SamplingParams(max_tokens=3, temperature=0),
+            sampling=pb.SamplingParams(max_tokens=3, temperature=0),
         )
         chunks = [c async for c in gateway.Generate(request)]
-        assert sum(c.token_count for c in chunks) >= 1
+        # (The tiny model's random tokens may decode to nothing: the count
+        # is the upstream's usage at the end.)
         assert chunks[-1].usage.completion_tokens == 3
     buckets = [b for b in await usage_buckets(usage, key_id) if b.model == VLLM]
     assert sum(b.request_count for b in buckets) == 3
@@ -185,8 +186,10 @@ async def test_models_embeddings_and_errors_through_envoy(full_mesh, keys):
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(model=LLM, messages=MESSAGES, temperature=3)
     assert bad.value.body["param"] == "temperature"
+    stranger = _client(full_mesh, "mlm_0000000000000000_" + "x" * 32)
     with pytest.raises(openai.AuthenticationError):
-        await _client(full_mesh, "mlm_0000000000000000_" + "x" * 32).models.list()
+        await stranger.models.list()
+    await stranger.close()
     # No key at all (LiteLLM answers this with a 500).
     status, body = await asyncio.to_thread(
         _get_without_key, f"http://{full_mesh.address}/v1/models"

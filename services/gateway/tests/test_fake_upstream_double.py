@@ -229,3 +229,19 @@ async def test_runs_as_a_process(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_caller_going_away_is_counted(fake: FakeUpstream, client: openai.AsyncOpenAI) -> None:
+    fake.set_faults(chunk_delay_ms=20)
+    stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    async for _chunk in stream:
+        break
+    await stream.close()
+    for _ in range(100):
+        if fake.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.disconnects == 1
+    fake.reset()
+    again = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+    assert again.choices[0].message.content == "tok "

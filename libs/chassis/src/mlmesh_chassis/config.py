@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic_settings import (
     BaseSettings,
@@ -34,6 +34,9 @@ class ServiceSettings(BaseSettings):
     # When set, the bound ports are written here as JSON once the server serves.
     port_file: Path | None = None
     log_level: str = "INFO"
+    # The event loop: asyncio's own, or uvloop (libuv: about a third less CPU
+    # per call on the gateway's HTTP path; grpc.aio runs on it too).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     # Seconds between NOT_SERVING and server.stop(), so Envoy drains first.
     drain_seconds: float = 0.5
     # Seconds in-flight calls get to finish on shutdown.

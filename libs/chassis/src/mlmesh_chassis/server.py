@@ -222,10 +222,16 @@ def serve_main(
     """A service's ``main()``: settings, logging and tracing, build, run until
     SIGTERM/SIGINT, then shut down gracefully."""
 
+    settings = settings_type()
+
     async def run() -> None:
-        settings = settings_type()
         bootstrap(settings)
         host = await build(settings)
         await run_until_signalled(host)
 
-    asyncio.run(run())
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run())
+    else:
+        asyncio.run(run())

@@ -55,8 +55,10 @@ Admin endpoints (for tests; not part of the OpenAI API):
   ``GET /_faults`` shows it, ``DELETE /_faults`` clears it.
 * ``GET /_requests``: the last 100 requests under ``/v1`` (path, model,
   stream, include_usage, max_tokens, whether an Authorization header came
-  and the SHA-256 hex of its value) and the count per path since the start
-  or the last ``DELETE /_requests``.
+  and the SHA-256 hex of its value), the count per path, and
+  ``disconnects``: streams whose caller went away before the end (a
+  cancelled call reaching the upstream), since the start or the last
+  ``DELETE /_requests``.
 """
 
 from __future__ import annotations
@@ -271,6 +273,7 @@ class FakeUpstream:
             maxlen=REQUEST_LOG_SIZE
         )
         self.counts: collections.Counter[str] = collections.Counter()
+        self.disconnects = 0  # streams whose caller went away before the end
         self.url = ""
         self.port = 0
         self._ids = itertools.count(1)
@@ -336,6 +339,7 @@ class FakeUpstream:
         self.faults = FaultPlan()
         self.requests.clear()
         self.counts.clear()
+        self.disconnects = 0
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -574,23 +578,31 @@ class FakeUpstream:
             sent += 1
             return True
 
-        for event in events:
-            if not await send(event):
-                return response
-        for _ in range(n):
-            if not await send(token_event):
-                return response
-        if not await send(head + pieces[finish] + tail):
-            return response
-        if include_usage:
-            usage = orjson.dumps(_usage(prompt, n))
-            if not await send(head + b'"choices":[],"usage":' + usage + b"}\n\n"):
-                return response
-        if kill_at is not None and sent >= kill_at:
-            _kill(request)
-            return response
-        await response.write(SSE_DONE)
-        await response.write_eof()
+        async def send_all() -> None:
+            for event in events:
+                if not await send(event):
+                    return
+            for _ in range(n):
+                if not await send(token_event):
+                    return
+            if not await send(head + pieces[finish] + tail):
+                return
+            if include_usage:
+                usage = orjson.dumps(_usage(prompt, n))
+                if not await send(head + b'"choices":[],"usage":' + usage + b"}\n\n"):
+                    return
+            if kill_at is not None and sent >= kill_at:
+                _kill(request)
+                return
+            await response.write(SSE_DONE)
+            await response.write_eof()
+
+        try:
+            await send_all()
+        except ConnectionResetError:
+            # The caller went away mid-stream (a cancelled call): counted, so
+            # a test can check that a cancel reached the upstream.
+            self.disconnects += 1
         return response
 
     async def _embeddings(
@@ -649,14 +661,21 @@ class FakeUpstream:
 
     async def _get_requests(self, request: web.Request) -> web.StreamResponse:
         return web.Response(
-            body=orjson.dumps({"requests": list(self.requests), "counts": dict(self.counts)}),
+            body=orjson.dumps(
+                {
+                    "requests": list(self.requests),
+                    "counts": dict(self.counts),
+                    "disconnects": self.disconnects,
+                }
+            ),
             content_type=JSON_TYPE,
         )
 
     async def _reset_requests(self, request: web.Request) -> web.StreamResponse:
         self.requests.clear()
         self.counts.clear()
-        return web.json_response({"requests": [], "counts": {}})
+        self.disconnects = 0
+        return web.json_response({"requests": [], "counts": {}, "disconnects": 0})
 
 
 def _seconds(value: float) -> str:
