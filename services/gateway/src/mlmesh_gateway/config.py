@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from mlmesh_metering import MeteringSettings
 from pydantic_settings import SettingsConfigDict
@@ -12,9 +12,6 @@ from pydantic_settings import SettingsConfigDict
 class GatewaySettings(MeteringSettings):
     model_config = SettingsConfigDict(env_prefix="MLMESH_GATEWAY_", extra="ignore")
     service_name: ClassVar[str] = "gateway"
-
-    # The gateway relays every call: uvloop's loop costs less CPU per call.
-    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
 
     # Keys, usage: SQLite by default, PostgreSQL by setting.
     database_url: str = "sqlite+aiosqlite:///.mlmesh/gateway.db"
