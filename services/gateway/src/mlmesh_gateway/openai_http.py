@@ -328,7 +328,8 @@ class OpenAIHttp:
             deadline_var.reset(tokens[2])
             request_id_var.reset(tokens[1])
             otel_context.detach(tokens[0])
-        response.headers["x-request-id"] = request_id
+        if not response.prepared:  # a stream sent its headers already (with the id)
+            response.headers["x-request-id"] = request_id
         return response
 
     async def _authenticate(self, request: web.Request) -> Principal:
