@@ -202,6 +202,32 @@ def _clusters(upstream: Upstream) -> list[dict[str, Any]]:
     return clusters
 
 
+def _load_assignment(name: str, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "cluster_name": name,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}}
+                    for h, p in endpoints
+                ]
+            }
+        ],
+    }
+
+
+def _health_check(check: dict[str, Any]) -> dict[str, Any]:
+    """Every 2 s, 2 s each; out after 3 failures in a row, back after 1."""
+    return {
+        "timeout": "2s",
+        "interval": "2s",
+        "no_traffic_interval": "2s",
+        "unhealthy_threshold": 3,
+        "healthy_threshold": 1,
+        **check,
+    }
+
+
 def _http_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
     """A service's plain-HTTP port: HTTP/1.1 (one request per connection at
     a time, connections pooled), health-checked on GET /healthz."""
@@ -212,31 +238,8 @@ def _http_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> dict[str, 
         "lb_policy": "LEAST_REQUEST",
         "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
         "circuit_breakers": CIRCUIT_BREAKERS,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": host, "port_value": port}}
-                            }
-                        }
-                        for host, port in endpoints
-                    ]
-                }
-            ],
-        },
-        "health_checks": [
-            {
-                "timeout": "2s",
-                "interval": "2s",
-                "no_traffic_interval": "2s",
-                "unhealthy_threshold": 3,
-                "healthy_threshold": 1,
-                "http_health_check": {"path": "/healthz"},
-            }
-        ],
+        "load_assignment": _load_assignment(name, endpoints),
+        "health_checks": [_health_check({"http_health_check": {"path": "/healthz"}})],
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
     }
 
@@ -261,36 +264,13 @@ def _cluster(
                 "explicit_http_config": {"http2_protocol_options": UPSTREAM_HTTP2},
             },
         },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": host, "port_value": port}}
-                            }
-                        }
-                        for host, port in endpoints
-                    ]
-                }
-            ],
-        },
+        "load_assignment": _load_assignment(name, endpoints),
         # Active health checks. A refused connection fails a check at once; a
         # check that is only slow (a busy event loop on a loaded node: seen
         # on 2 cores with vLLM's worker on one of them) gets 2 s, and 3 in a
         # row are needed, so a starved but working service (often the only
         # host, with no panic routing) is not taken out for seconds.
-        "health_checks": [
-            {
-                "timeout": "2s",
-                "interval": "2s",
-                "no_traffic_interval": "2s",
-                "unhealthy_threshold": 3,
-                "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": health_service},
-            }
-        ],
+        "health_checks": [_health_check({"grpc_health_check": {"service_name": health_service}})],
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "outlier_detection": {
             "consecutive_5xx": 5,

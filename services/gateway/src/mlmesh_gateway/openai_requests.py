@@ -213,13 +213,27 @@ def _content(value: Any, index: int, request: rpc.GenerateRequest) -> str:
     return "\n".join(texts)
 
 
-def chat_request(value: Any, upstreams: Any, region: str = "") -> Parsed:
-    body = _body(value)
+def _generation(body: dict[str, Any], upstreams: Any, region: str) -> rpc.GenerateRequest:
+    """A GenerateRequest with the body's model and the caller's region."""
     _unsupported(body)
     request = rpc.GenerateRequest()
     request.model.CopyFrom(_model(body, upstreams))
     if region:
         request.region = region
+    return request
+
+
+def _parsed(body: dict[str, Any], request: rpc.GenerateRequest) -> Parsed:
+    """The request with the body's sampling, and the OpenAI options."""
+    _sampling(body, request)
+    parsed = Parsed(request, body["model"], headers=_headers(body))
+    _stream_options(body, parsed)
+    return parsed
+
+
+def chat_request(value: Any, upstreams: Any, region: str = "") -> Parsed:
+    body = _body(value)
+    request = _generation(body, upstreams, region)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "required: a non-empty list of messages")
@@ -231,19 +245,12 @@ def chat_request(value: Any, upstreams: Any, region: str = "") -> Parsed:
             raise _bad(f"messages[{i}].role", "must be system, developer, user or assistant")
         content = _content(message.get("content"), i, request)
         request.chat.messages.add(role=role, content=content)
-    _sampling(body, request)
-    parsed = Parsed(request, body["model"], headers=_headers(body))
-    _stream_options(body, parsed)
-    return parsed
+    return _parsed(body, request)
 
 
 def completion_request(value: Any, upstreams: Any, region: str = "") -> Parsed:
     body = _body(value)
-    _unsupported(body)
-    request = rpc.GenerateRequest()
-    request.model.CopyFrom(_model(body, upstreams))
-    if region:
-        request.region = region
+    request = _generation(body, upstreams, region)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -252,10 +259,7 @@ def completion_request(value: Any, upstreams: Any, region: str = "") -> Parsed:
             "prompt", "required: one non-empty string (token arrays and batches are not taken)"
         )
     request.text = prompt
-    _sampling(body, request)
-    parsed = Parsed(request, body["model"], headers=_headers(body))
-    _stream_options(body, parsed)
-    return parsed
+    return _parsed(body, request)
 
 
 def embedding_request(value: Any) -> Parsed:
