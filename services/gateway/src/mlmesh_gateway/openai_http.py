@@ -88,6 +88,8 @@ SERVICE = "gateway"
 # A request body over this is refused before it is read (a 512 KiB prompt
 # escaped as JSON, or a few images, fit).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# On shutdown, how long open requests and streams get before they are cut.
+SHUTDOWN_GRACE_S = 5.0
 # Bodies larger than this are parsed in a worker thread.
 THREAD_PARSE_BYTES = 64 * 1024
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -244,16 +246,22 @@ class OpenAIHttp:
     async def start(self, host: str, port: int) -> int:
         # A client that disconnects cancels its handler: the backend call
         # ends and the reservation is refunded.
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            # On shutdown, streams still open get this long to finish.
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, backlog=1024)
         await site.start()
         self.serving = True
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return int(self.runner.addresses[0][1])  # the port bound (port 0: any free one)
 
     async def close(self) -> None:
+        """Stops taking requests (health 503 at once), lets open ones finish
+        for up to SHUTDOWN_GRACE_S, then cuts them (their calls settle)."""
         self.serving = False
         if self.runner is not None:
             await self.runner.cleanup()
