@@ -71,3 +71,82 @@ async def test_a_version_is_fetched_once_in_the_background(tiny, tmp_path):
     assert tokens.held("tiny", 0) is None  # an unknown version is never fetched
     assert fetched == [("tiny", 3), ("digits", 1)]
     await tokens.close()
+
+
+async def test_an_upstream_without_usage_is_billed_by_the_models_tokenizer(tiny, tmp_path):
+    """An OpenAI-compatible upstream that reports no usage, for a model whose
+    tokenizer the gateway holds: the prompt is reserved and the completion
+    billed by that tokenizer's count, not by chunks or bytes."""
+    import json
+    from types import SimpleNamespace
+
+    from keyring import migrated_gateway_db
+    from mlmesh.common.v1.model_reference_pb2 import ModelReference
+    from mlmesh.gateway.v1 import gateway_pb2 as pb
+    from mlmesh_gateway.admission import Admission
+    from mlmesh_gateway.balancer import LatencyAwareBalancer
+    from mlmesh_gateway.fake_upstream import FakeUpstream
+    from mlmesh_gateway.generation import Generation, Outcome
+    from mlmesh_gateway.llm_router import LlmRouter
+    from mlmesh_gateway.shadows import ShadowRunner
+    from mlmesh_gateway.traffic_split import TrafficSplit
+    from mlmesh_gateway.upstreams import close_session, new_session, parse_upstreams
+    from mlmesh_metering import Metering, Throttle
+    from mlmesh_metering.ledger import UsageLedger
+
+    class Directory:  # the followed registry: "tiny" serves version 1
+        async def served(self, model: str, alias: str = "") -> SimpleNamespace:
+            return SimpleNamespace(served=SimpleNamespace(version=1))
+
+    async def fetch(model: str, version: int) -> Path:
+        return tiny
+
+    fake = FakeUpstream(tokens=6)
+    await fake.start()
+    fake.set_faults(omit_usage=True)
+    database = await migrated_gateway_db(f"sqlite+aiosqlite:///{tmp_path}/g.db")
+    ledger = UsageLedger(database)
+    meter = Metering(Throttle(), ledger, pb.PLATFORM_SERVICE_GENERATE)
+    spec = parse_upstreams(
+        json.dumps({"fake-64": {"endpoints": [f"a={fake.url}"], "tokenizer": "tiny"}})
+    )["fake-64"]
+    session = new_session()
+    router = LlmRouter(LatencyAwareBalancer.for_upstream(spec, session, "a"))
+    tokens = PromptTokens(fetch)
+    assert await tokens.ready("tiny", 1) is not None
+
+    async def loaded(model: str, version: int) -> bool:
+        return True
+
+    generation = Generation(
+        Admission(meter),
+        router,
+        {"fake-64": (spec, router)},
+        TrafficSplit(None, loaded, pin_served=False),
+        ShadowRunner(None),
+        Directory(),  # type: ignore[arg-type]
+        tokens,
+    )
+    key = pb.Key(
+        id="0123456789abcdef", scopes=pb.KeyScopes(services=[pb.PLATFORM_SERVICE_GENERATE])
+    )
+    request = _chat((ChatRole.CHAT_ROLE_USER, "Hello there"))
+    request.model.CopyFrom(ModelReference(model="fake-64"))
+    expected_prompt = ModelTokenizer.load(tiny).count(request)
+    for whole in (False, True):
+        outcome = Outcome()
+        texts = [
+            chunk.text
+            async for _, chunk in generation.stream(
+                key, request, "a", {}, outcome=outcome, whole=whole
+            )
+        ]
+        assert "".join(texts) == "tok " * 6
+        assert outcome.prompt_tokens == expected_prompt
+        assert outcome.completion_tokens == ModelTokenizer.load(tiny).count_text("tok " * 6)
+        assert outcome.completion_tokens != 6  # the tokenizer's count, not the chunks'
+    await tokens.close()
+    await close_session(session)
+    await ledger.close()
+    await database.close()
+    await fake.close()
