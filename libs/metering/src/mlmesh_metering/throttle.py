@@ -388,7 +388,9 @@ class Throttle:
         if backend is not self.local:
             await self.local.settle(subject, call_id, actual)  # the in-process copy
         try:
-            await asyncio.wait_for(backend.settle(subject, call_id, actual), 1.0)
+            # (asyncio.timeout, not wait_for: no extra task per call.)
+            async with asyncio.timeout(1.0):
+                await backend.settle(subject, call_id, actual)
         except Exception as error:  # the reservation expires with its window
             log.warning("could not settle %s: %s", call_id, error)
 
