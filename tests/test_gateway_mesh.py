@@ -239,7 +239,11 @@ async def test_infer_and_embed_reach_triton(admin, full_mesh):
             details = await expect_error(gateway.Embed(bad), grpc.StatusCode.INVALID_ARGUMENT)
             assert [v.field for v in details.bad_request.field_violations] == [field]
         listed = await gateway.ListModels(rpc.ListModelsRequest(kind=pb.MODEL_KIND_LLM))
-        assert [m.model for m in listed.models] == ["tiny-llama"]
+        # The llm's model, and the same model behind vLLM's own server.
+        assert [(m.model, m.backend) for m in listed.models] == [
+            ("tiny-llama", pb.MODEL_BACKEND_LLM_SERVICE),
+            ("tiny-llama-vllm", pb.MODEL_BACKEND_OPENAI_COMPATIBLE),
+        ]
 
 
 async def deployer_experiment_versions(mesh) -> list[int]:
