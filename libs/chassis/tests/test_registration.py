@@ -213,3 +213,26 @@ async def test_a_failing_ready_hook_leaves_the_service_not_serving(caplog):
         assert "not ready" in caplog.text
     finally:
         await host.shutdown()
+
+
+async def test_http_readiness_is_a_200_on_loopback():
+    """What the runner asks of programs without grpc.health (vLLM's server,
+    the Flink supervisor)."""
+    import asyncio
+
+    from mlmesh_chassis.registration import http_ok
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        status = b"200 OK" if line.startswith(b"GET /health ") else b"404 Not Found"
+        writer.write(b"HTTP/1.0 " + status + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    assert await http_ok(port, "/health")
+    assert not await http_ok(port, "/other")
+    server.close()
+    await server.wait_closed()
+    assert not await http_ok(port, "/health")  # nothing listens

@@ -68,6 +68,28 @@ def route(prefix: str, write: Iterable[int], read: Iterable[int] | None = None) 
     return prefix, frozenset(write), frozenset(write if read is None else read)
 
 
+async def http_ok(port: int, path: str = "/") -> bool:
+    """Readiness of a program without grpc.health: ``GET path`` on loopback
+    answers 200 (2 s to connect, 5 s for the status line)."""
+    import asyncio
+
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), timeout=2.0
+        )
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), timeout=5.0)
+        return status.split(b" ")[1:2] == [b"200"]
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
 def _no_services() -> Sequence[descriptor.ServiceDescriptor]:
     return ()
 

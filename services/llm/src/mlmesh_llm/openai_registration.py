@@ -15,10 +15,9 @@ Imported by every service process (for the scopes): nothing heavy here.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from mlmesh_chassis.registration import RunContext, ServiceRegistration
+from mlmesh_chassis.registration import RunContext, ServiceRegistration, http_ok
 
 from mlmesh_llm.registration import vllm_env
 
@@ -78,21 +77,7 @@ def _prepare(ctx: RunContext) -> list[str]:
 
 async def _ready(port: int) -> bool:
     """vLLM's ``GET /health`` answers 200 (it needs no key)."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port), timeout=2.0
-        )
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        status = await asyncio.wait_for(reader.readline(), timeout=5.0)
-        return status.split(b" ")[1:2] == [b"200"]
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
+    return await http_ok(port, "/health")
 
 
 REGISTRATION = ServiceRegistration(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mlmesh_chassis.registration import RunContext, ServiceRegistration
+from mlmesh_chassis.registration import RunContext, ServiceRegistration, http_ok
 
 
 def _command(ctx: RunContext, port: int) -> list[str]:
@@ -33,23 +33,7 @@ def _command(ctx: RunContext, port: int) -> list[str]:
 
 async def _ready(port: int) -> bool:
     """The supervisor's readiness port answers 200 once the job runs."""
-    import asyncio
-
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port), timeout=2.0
-        )
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        status = await asyncio.wait_for(reader.readline(), timeout=5.0)
-        return status.split(b" ")[1:2] == [b"200"]
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
+    return await http_ok(port, "/")
 
 
 REGISTRATION = ServiceRegistration(
