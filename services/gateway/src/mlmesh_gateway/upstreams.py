@@ -348,6 +348,18 @@ async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(parts)
 
 
+def _copy_usage(event: dict[str, Any], response: llm_rpc.GenerateResponse) -> None:
+    """The event's OpenAI ``usage``, when it has one, into ``response``."""
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        response.usage.CopyFrom(
+            usage_pb2.Usage(
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        )
+
+
 def _whole(event: Any) -> llm_rpc.GenerateResponse:
     """The one llm chunk for a whole (non-streamed) completion."""
     if not isinstance(event, dict) or not event.get("choices"):
@@ -357,14 +369,7 @@ def _whole(event: Any) -> llm_rpc.GenerateResponse:
     text = message.get("content") if isinstance(message, dict) else choice.get("text")
     response = llm_rpc.GenerateResponse(text=str(text or ""))
     response.finish_reason = FINISH.get(choice.get("finish_reason"), llm_pb2.FINISH_REASON_STOP)  # type: ignore[assignment]
-    usage = event.get("usage")
-    if isinstance(usage, dict):
-        response.usage.CopyFrom(
-            usage_pb2.Usage(
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-            )
-        )
+    _copy_usage(event, response)
     # Until the usage settles it (or the tokenizer, without one): at most one
     # token per byte.
     response.token_count = response.usage.completion_tokens or len(response.text.encode())
@@ -391,14 +396,7 @@ def _chunk(event: Any) -> llm_rpc.GenerateResponse | None:
         reason = choice.get("finish_reason")
         if reason:
             response.finish_reason = FINISH.get(reason, llm_pb2.FINISH_REASON_STOP)  # type: ignore[assignment]
-    usage = event.get("usage")
-    if isinstance(usage, dict):
-        response.usage.CopyFrom(
-            usage_pb2.Usage(
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-            )
-        )
+    _copy_usage(event, response)
     if not response.text and not response.finish_reason and not response.HasField("usage"):
         return None
     return response
