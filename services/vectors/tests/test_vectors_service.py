@@ -473,7 +473,7 @@ async def test_a_read_replica_follows_the_primary(tmp_path):
         await expect_error(
             replica.stub.CountPoints(
                 rpc.CountPointsRequest(collection="things", min_write_sequence=10**9),
-                timeout=0.5,
+                timeout=1.5,
             ),
             grpc.StatusCode.UNAVAILABLE,
         )

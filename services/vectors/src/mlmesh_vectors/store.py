@@ -53,6 +53,8 @@ T = TypeVar("T")
 Role = Literal["primary", "replica", "cluster"]
 # The longest a read waits for its min_write_sequence.
 MAX_CONSISTENCY_WAIT_S = 2.0
+# How long before the caller's deadline such a wait gives up.
+_DEADLINE_MARGIN_S = 0.25
 # Page size when a delete by filter resolves the matching ids.
 _SCROLL_PAGE = 1000
 
@@ -195,7 +197,12 @@ class VectorStore:
                 f"no write {seq} was made (the newest is {self.applied})",
             )
         left = remaining_time()
-        timeout = MAX_CONSISTENCY_WAIT_S if left is None else min(left, MAX_CONSISTENCY_WAIT_S)
+        if left is None:
+            timeout = MAX_CONSISTENCY_WAIT_S
+        else:
+            # Give up a little before the caller's deadline, so the answer
+            # (UNAVAILABLE with the write reached) arrives while it still listens.
+            timeout = min(left - min(left / 4, _DEADLINE_MARGIN_S), MAX_CONSISTENCY_WAIT_S)
         follower = self.follower
         if not await asyncio.to_thread(follower.wait_applied, seq, timeout):
             raise Unavailable(
