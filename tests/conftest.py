@@ -72,7 +72,10 @@ def meshes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 env = {"MLMESH_REGISTRY_DATABASE_URL": request.getfixturevalue("postgres_url")}
                 process, ready = start_mesh(state_dir, env, services=mesh_of("registry"))
             else:
-                process, ready = start_mesh(state_dir, LLM_TEST_ENV)
+                # --observe: Phoenix and Prometheus too (tests/test_observe_mesh.py).
+                process, ready = start_mesh(
+                    state_dir, LLM_TEST_ENV, extra_args=("--observe", "--scrape-interval", "2s")
+                )
             started[backend] = (
                 process,
                 MeshInfo(

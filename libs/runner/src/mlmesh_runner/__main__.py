@@ -43,6 +43,23 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--services", default="", help="comma-separated subset of services to run (default: all)"
     )
+    observe = parser.add_argument_group(
+        "observe", "a trace store (Arize Phoenix) and Prometheus beside the mesh, on loopback"
+    )
+    observe.add_argument(
+        "--observe",
+        action="store_true",
+        help="start Phoenix and Prometheus; every service and Envoy export spans to Phoenix "
+        "(setup: scripts/setup-observe.sh)",
+    )
+    observe.add_argument("--phoenix-port", type=int, default=0, help="Phoenix UI/REST (0: any)")
+    observe.add_argument(
+        "--otlp-port", type=int, default=0, help="Phoenix's OTLP gRPC receiver (0: any)"
+    )
+    observe.add_argument("--prometheus-port", type=int, default=0, help="Prometheus (0: any)")
+    observe.add_argument(
+        "--scrape-interval", default="5s", help="Prometheus' scrape interval (default 5s)"
+    )
     return parser.parse_args()
 
 
@@ -62,6 +79,17 @@ async def _run(args: argparse.Namespace) -> None:
     if args.otlp:
         host, port = args.otlp.rsplit(":", 1)
         otlp = (host, int(port))
+    observer = None
+    if args.observe:
+        from mlmesh_runner.observe import Observer
+
+        observer = Observer(
+            args.state_dir,
+            phoenix_port=args.phoenix_port,
+            otlp_port=args.otlp_port,
+            prometheus_port=args.prometheus_port,
+            scrape_interval=args.scrape_interval,
+        )
     mesh = Mesh(
         args.state_dir,
         listen_port=args.port,
@@ -74,6 +102,7 @@ async def _run(args: argparse.Namespace) -> None:
             name: int(count) for name, count in (item.split("=", 1) for item in args.replicas)
         },
         regions=dict(item.split("=", 1) for item in args.region),
+        observer=observer,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,6 +120,16 @@ async def _run(args: argparse.Namespace) -> None:
                 f"  {mesh.admin_key()}\n"
                 f"  e.g. grpcurl -plaintext -H 'authorization: Bearer {mesh.admin_key()}' "
                 f"{mesh.address} list",
+                flush=True,
+            )
+        if observer is not None:
+            print(
+                f"traces: Phoenix {observer.phoenix_url} (project 'default'; OTLP gRPC "
+                f"{observer.otlp_url});\n"
+                f"  one trace: {observer.phoenix_url}/redirects/traces/TRACE_ID (the trace_id "
+                f"of a log line or of Envoy's access log)\n"
+                f"metrics: Prometheus {observer.prometheus_url} "
+                f"(targets: {observer.prometheus_url}/targets)",
                 flush=True,
             )
         print("Ctrl-C stops everything.", flush=True)

@@ -4,7 +4,9 @@ One listener routes gRPC by service prefix to each service's cluster, and
 plain HTTP by path prefix (the gateway's OpenAI-compatible ``/v1/``) to the
 service's HTTP cluster (HTTP/1.1, health-checked on ``/healthz``). Methods
 whose contract says `idempotency_level = NO_SIDE_EFFECTS` get their own route
-with a retry policy; nothing else is retried. Clusters have active gRPC
+with a retry policy; nothing else is retried. Browsers call the same gRPC
+API as gRPC-Web (the reviewers' page), bridged by Envoy's grpc_web filter
+on a route of their own per service. Clusters have active gRPC
 health checks, outlier detection and explicit circuit breakers. Admin listens
 on loopback only.
 
@@ -162,6 +164,22 @@ def _routes(upstreams: Iterable[Upstream]) -> list[dict[str, Any]]:
                     "route": {"cluster": upstream.writer_cluster, **action},
                 }
             )
+    # gRPC-Web (browsers, through GRPC_WEB_FILTER): the filter rewrites the
+    # content-type to application/grpc only after the route was chosen, so
+    # the gRPC routes' ``grpc`` match never takes these; one route per
+    # service takes them, to the cluster its writes go to, not retried.
+    for upstream in upstreams:
+        for service in upstream.services:
+            routes.append(
+                {
+                    "name": f"{service.full_name}:grpc-web",
+                    "match": {
+                        "prefix": f"/{service.full_name}/",
+                        "headers": [GRPC_WEB_CONTENT_TYPE],
+                    },
+                    "route": {"cluster": upstream.writer_cluster, **action},
+                }
+            )
     # Plain HTTP (the OpenAI-compatible surface): no retries (a completion is
     # not idempotent); streams (SSE) flow as they come, with no route timeout;
     # the client's disconnect reaches the service, which stops the work.
@@ -282,6 +300,25 @@ def _cluster(
     }
 
 
+# gRPC-Web (the reviewers' page): a browser's POST with content-type
+# application/grpc-web(+proto) is bridged to gRPC (HTTP/2, te: trailers) and
+# the answer's trailers come back as the body's last frame (flag 0x80). The
+# request's headers, ``authorization`` among them, reach the service as
+# metadata, which checks the key in process as for any gRPC call.
+GRPC_WEB_FILTER = {
+    "name": "envoy.filters.http.grpc_web",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"
+    },
+}
+
+# The content types the filter bridges (binary and base64 text), matched whole.
+GRPC_WEB_CONTENT_TYPE = {
+    "name": "content-type",
+    "string_match": {"safe_regex": {"regex": r"application/grpc-web(-text)?(\+proto)?"}},
+}
+
+
 _HEAP = "envoy.resource_monitors.fixed_heap"
 _OVERLOAD_MANAGER = {
     "refresh_interval": "0.25s",
@@ -397,6 +434,7 @@ def render(
             ],
         },
         "http_filters": [
+            GRPC_WEB_FILTER,
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -407,6 +445,18 @@ def render(
     }
     clusters = [cluster for u in upstreams for cluster in _clusters(u)]
     if otlp_endpoint:
+        # Every request is sampled (random_sampling defaults to 100%), also
+        # one whose caller sent its own x-request-id: by default Envoy reads
+        # the sampling decision from the request id, and a caller's id that
+        # is not a UUID it issued (the services' own ids are not) would
+        # leave that request untraced.
+        manager["request_id_extension"] = {
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                "use_request_id_for_trace_sampling": False,
+            }
+        }
         manager["tracing"] = {
             "provider": {
                 "name": "envoy.tracers.opentelemetry",
@@ -418,7 +468,14 @@ def render(
                     },
                     "service_name": "envoy",
                 },
-            }
+            },
+            # Span attributes (trace stores such as Phoenix keep these, not
+            # the resource): who made the span, and the request id every
+            # service's span and log line carries too.
+            "custom_tags": [
+                {"tag": "service.name", "literal": {"value": "envoy"}},
+                {"tag": "mlmesh.request_id", "request_header": {"name": "x-request-id"}},
+            ],
         }
         clusters.append(
             {

@@ -21,7 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
@@ -30,6 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlmesh_runner.catalog import CATALOG, KEY_DIRECTORY_SERVICE, RunContext, ServiceSpec
 from mlmesh_runner.envoy import Upstream, render
 from mlmesh_runner.keys import BootstrapKeys, ensure_bootstrap_keys
+
+if TYPE_CHECKING:
+    from mlmesh_runner.observe import Observer
 
 log = logging.getLogger("mlmesh.runner")
 # A Unix socket's path must fit in sockaddr_un (108 bytes on Linux).
@@ -202,6 +205,7 @@ class Mesh:
         catalog: list[ServiceSpec] | None = None,
         replicas: dict[str, int] | None = None,
         regions: dict[str, str] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         # How many processes of a service to run (default 1); Envoy balances them.
         self.replicas = dict(replicas or {})
@@ -222,6 +226,10 @@ class Mesh:
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
         self.keys: BootstrapKeys | None = None
+        # --observe: Phoenix (traces) and Prometheus (metrics) beside the mesh.
+        self.observer = observer
+        if observer is not None and otlp_endpoint is None:
+            self.otlp_endpoint = observer.otlp_endpoint
 
     async def start(self) -> dict[str, Any]:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
@@ -234,6 +242,8 @@ class Mesh:
         # Slow starters others need only the address of: started on a port
         # picked here, waited for once the rest is up (before Envoy).
         background: list[asyncio.Task[None]] = []
+        if self.observer is not None:  # its ports are known: the services start meanwhile
+            background.append(asyncio.create_task(self.observer.start()))
         try:
             for spec in self.catalog:
                 if spec.prepare is not None:
@@ -257,9 +267,25 @@ class Mesh:
         for spec in self.catalog:
             for instance in self.instances(spec):
                 self._watchers.append(asyncio.create_task(self._watch(spec, instance)))
+        self._write_targets()
         ready = self.describe()
         self._write_ready(ready)
         return ready
+
+    def _write_targets(self) -> None:
+        """Prometheus' targets: every instance's metrics port, Envoy's admin."""
+        if self.observer is None:
+            return
+        from mlmesh_runner.observe import Target
+
+        targets = [
+            Target(name.split(".", 1)[0], name, f"127.0.0.1:{child.ports['metrics_port']}")
+            for name, child in self.children.items()
+            if child.ports.get("metrics_port")
+        ]
+        if self.admin_address:
+            targets.append(Target("envoy", "envoy", self.admin_address))
+        self.observer.write_targets(targets)
 
     def _write_ready(self, ready: dict[str, Any]) -> None:
         """The ready file: addresses, ports, logs; never a secret (the admin
@@ -281,6 +307,7 @@ class Mesh:
             },
             "envoy_log": str(self.state / "logs" / "envoy.log"),
             "admin_key_file": str(self.keys.admin_file) if self.keys else "",
+            **(self.observer.describe() if self.observer is not None else {}),
         }
 
     def admin_key(self) -> str:
@@ -330,6 +357,8 @@ class Mesh:
         port_file = self.state / "run" / f"{instance}.port.json"
         env = {
             **spec.env(self.context()),
+            # --observe: spans to Phoenix (the caller's environment may say otherwise).
+            **(self.observer.service_env(spec.env_prefix) if self.observer else {}),
             **os.environ,
             **spec.fixed_env,
             f"{spec.env_prefix}PORT": str(port),
@@ -528,7 +557,9 @@ class Mesh:
                 await self._bring_up(spec, replacement)
                 backoff = 0.5
                 log.info("%s is back (restart %d)", instance, replacement.restarts)
-                # The same port, a new pid: keep the ready file true.
+                # The same port, a new pid (and metrics port): keep the ready
+                # file and Prometheus' targets true.
+                self._write_targets()
                 self._write_ready(self.describe())
             except (RuntimeError, TimeoutError) as error:
                 log.error("%s restart failed: %s", spec.name, error)
@@ -541,4 +572,6 @@ class Mesh:
             await self.envoy.stop(grace=5)
         for child in reversed(list(self.children.values())):
             await child.stop()
+        if self.observer is not None:  # last: it receives the others' final spans
+            await self.observer.stop()
         log.info("all stopped")
