@@ -15,7 +15,7 @@ TYPED := $(filter-out libs/contracts/src,$(wildcard libs/*/src services/*/src))
 
 ## run: set up (once) and start Envoy + every service; Ctrl-C stops all.
 run: setup
-	$(BIN)/mlmesh-run
+	$(BIN)/mlmesh-run $(if $(OBSERVE),--observe)
 
 ## test: set up, then contracts (lint, breaking), code lint, and the test suite.
 test: setup lint breaking pytest
@@ -31,6 +31,9 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy $(TYPED)
+	@command -v promtool >/dev/null || bash scripts/setup-observe.sh
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
 
 breaking:
 	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \

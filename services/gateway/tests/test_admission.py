@@ -111,11 +111,14 @@ async def test_the_token_quota_is_read_from_the_ledger_before_admission(admissio
         UsageEvent(key_id="key_q", call_id="c0", service=GENERATE, model="m", quantity=90)
     )
     quota = key("key_q", token_quota=100, token_quota_period=pb.QUOTA_PERIOD_DAY)
+    per_key = {"key_id": "key_q", "limit": "token_quota"}
+    before = REGISTRY.get_sample_value("mlmesh_throttle_rejections_total", per_key) or 0.0
     for service in (GENERATE, EMBED):
         with pytest.raises(ResourceExhausted) as refused:
             async with gate(quota, service, "m", reserve=20):
                 pass
         assert refused.value.violations[0].description == "token_quota"
+    assert REGISTRY.get_sample_value("mlmesh_throttle_rejections_total", per_key) == before + 2
     async with gate(quota, INFER, "m"):  # items are not tokens: no quota
         pass
     async with gate(quota, GENERATE, "m", reserve=10):  # 90 + 10 fits

@@ -14,6 +14,11 @@ Two kinds of failure, two policies:
   retried one event at a time, so one bad event never holds the others
   back; an event that fails on its own is dropped with an error log and the
   ``mlmesh_usage_events_dropped`` metric, never retried forever.
+
+Flush lag (``mlmesh_usage_flush_lag_seconds``, read at scrape time, nothing
+per event): how long the oldest event still queued has waited, 0 when none
+waits. An upper bound: after a flush, what is left was queued since that
+flush began, so its start stands for the oldest left.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
+import weakref
+from collections.abc import Iterator
 
 from mlmesh_chassis.errors import Unavailable
 from mlmesh_chassis.metrics import REGISTRY
 from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from mlmesh_metering.events import UsageEvent
 
@@ -44,6 +54,38 @@ WRITTEN = Counter(
     ["sink"],
     registry=REGISTRY,
 )
+
+
+class _QueueCollector(Collector):
+    """Per sink: events waiting and the flush lag, over the live batchers."""
+
+    def __init__(self) -> None:
+        self.batchers: weakref.WeakSet[UsageBatcher] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pending = GaugeMetricFamily(
+            "mlmesh_usage_events_pending", "Usage events queued, not written yet.", labels=["sink"]
+        )
+        lag = GaugeMetricFamily(
+            "mlmesh_usage_flush_lag_seconds",
+            "How long the oldest usage event not yet written has waited (0: none waits).",
+            labels=["sink"],
+        )
+        now = time.monotonic()
+        counts: dict[str, int] = {}
+        lags: dict[str, float] = {}
+        for batcher in list(self.batchers):
+            counts[batcher.name] = counts.get(batcher.name, 0) + batcher.pending
+            lags[batcher.name] = max(lags.get(batcher.name, 0.0), batcher.lag_seconds(now))
+        for name, count in sorted(counts.items()):
+            pending.add_metric([name], count)
+            lag.add_metric([name], lags[name])
+        yield pending
+        yield lag
+
+
+_QUEUES = _QueueCollector()
+REGISTRY.register(_QUEUES)
 
 
 class UsageBatcher(abc.ABC):
@@ -66,6 +108,10 @@ class UsageBatcher(abc.ABC):
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # time.monotonic() since which the oldest queued event has waited
+        # (None: nothing queued).
+        self._waiting_since: float | None = None
+        _QUEUES.batchers.add(self)
 
     @abc.abstractmethod
     async def _write(self, events: list[UsageEvent]) -> None:
@@ -74,6 +120,8 @@ class UsageBatcher(abc.ABC):
 
     async def record(self, event: UsageEvent) -> None:
         """Queues one event (returns at once; written within ``flush_s``)."""
+        if not self._pending:
+            self._waiting_since = time.monotonic()
         self._pending.append(event)
         self._recorded(event)
         if self._flusher is None or self._flusher.done():
@@ -89,6 +137,13 @@ class UsageBatcher(abc.ABC):
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def lag_seconds(self, now: float) -> float:
+        """How long the oldest queued event has waited, at most (0: none)."""
+        since = self._waiting_since
+        if since is None or not self._pending:
+            return 0.0
+        return max(now - since, 0.0)
 
     async def _flush_loop(self) -> None:
         backoff = self.backoff_s
@@ -122,6 +177,7 @@ class UsageBatcher(abc.ABC):
         flush (chasing them wrote a steady stream of calls a few rows at a
         time, at about 1 ms of CPU per write). Only this removes from the
         front."""
+        began = time.monotonic()
         left = len(self._pending)
         while left > 0 and self._pending:
             events = self._pending[: min(self.batch, left)]
@@ -139,6 +195,9 @@ class UsageBatcher(abc.ABC):
             WRITTEN.labels(self.name).inc(len(events))
             del self._pending[: len(events)]
             left -= len(events)
+        # What is left was queued after this flush began: its start bounds
+        # their wait (on an outage the raise above keeps the older bound).
+        self._waiting_since = began if self._pending else None
 
     async def _write_one_by_one(self, events: list[UsageEvent]) -> None:
         for event in events:

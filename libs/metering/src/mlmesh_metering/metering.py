@@ -33,10 +33,21 @@ from mlmesh_chassis.auth import CallAdmission, Principal, peer_target
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import QuotaViolation, ResourceExhausted
+from mlmesh_chassis.metrics import REGISTRY
+from prometheus_client import Counter
 
 from mlmesh_metering.batcher import UsageBatcher
 from mlmesh_metering.events import REQUEST_ID, UsageEvent, check_request_id
 from mlmesh_metering.throttle import Decision, Limits, Throttle
+
+# Per verified key (never a value read from the request): as many series as
+# the keys an admin made that hit a limit.
+THROTTLED = Counter(
+    "mlmesh_throttle_rejections",
+    "Calls refused by a key's limit (RESOURCE_EXHAUSTED), by key id and limit.",
+    ["key_id", "limit"],
+    registry=REGISTRY,
+)
 
 
 class MeteringSettings(ServiceSettings):
@@ -196,6 +207,7 @@ class Metering:
             call.subject, call.call_id, call.reserved, limits, stream
         )
         if not decision.admitted:
+            THROTTLED.labels(key_id, decision.violated).inc()
             if self.on_rejection is not None:
                 self.on_rejection(decision)
             raise over_limit(key_id, decision)

@@ -16,6 +16,7 @@ from mlmesh_deployer.config import DeployerSettings
 from mlmesh_deployer.deployer import TritonDeployer
 from mlmesh_deployer.registration import REGISTRATION
 from mlmesh_deployer.servicer import DeployerServicer
+from mlmesh_deployer.telemetry import export_triton_stats
 
 
 async def build_server(settings: DeployerSettings) -> ServiceHost:
@@ -49,6 +50,7 @@ async def build_server(settings: DeployerSettings) -> ServiceHost:
         admission=admission,
     )
     host.on_close.append(triton.close)
+    host.on_close.append(export_triton_stats(settings.triton_target))
     if meter is not None:
         host.on_close.append(meter.close)
     host.on_close.append(deployer.stop)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -57,6 +58,7 @@ from mlmesh_features.operations import (
 )
 from mlmesh_features.store import Change, FeastThread, FeatureStore
 from mlmesh_features.streaming.eventlog import EventLog
+from mlmesh_features.telemetry import ONLINE_READ_SECONDS
 
 T = TypeVar("T")
 
@@ -186,7 +188,11 @@ class FeatureServicer(features_service_pb2_grpc.FeatureServiceServicer):
         for view, features in by_view.items():
             view_keys = defs.join_keys(defs.feature_views[view])
             entities = [tuple(row[k] for k in view_keys) for row in rows]
-            found[view] = await self._store_call(self.store.read_rows(view, features, entities))
+            started = time.perf_counter()
+            try:
+                found[view] = await self._store_call(self.store.read_rows(view, features, entities))
+            finally:
+                ONLINE_READ_SECONDS.labels(view).observe(time.perf_counter() - started)
         names = [f"{v}__{f}" if request.full_feature_names else f for v, f in wanted]
         return _online_response(names, wanted, by_view, found, len(rows))
 

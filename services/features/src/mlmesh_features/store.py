@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from mlmesh_features import expressions as ex
+from mlmesh_features import telemetry
 from mlmesh_features.batch import EVENT_TIMESTAMP
 from mlmesh_features.definitions import SECTION_KINDS, Definitions, Source, parse
 from mlmesh_features.online import (
@@ -377,6 +378,12 @@ class FeatureStore:
         latest = rows.sort_values(EVENT_TIMESTAMP, kind="stable").drop_duplicates(keys, keep="last")
         encoded = WriteRows.from_frame(layout, latest, EVENT_TIMESTAMP, self.online.needs_text)
         self.online.write(layout, encoded)
+        view = self.definitions.feature_views[view_name]
+        source = self.definitions.sources.get(view.source)
+        newest = pd.Timestamp(latest[EVENT_TIMESTAMP].max())
+        if pd.notna(newest):
+            step = view.step.total_seconds() if view.step else 0.0
+            telemetry.written(view_name, source.kind if source else "", newest.timestamp(), step)
 
     def read(
         self, view_name: str, features: Sequence[str], entity_rows: Sequence[dict[str, Any]]

@@ -25,6 +25,7 @@ from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh_chassis.errors import QuotaViolation, ResourceExhausted
 from mlmesh_metering import Limits, MeteredCall, Metering
 from mlmesh_metering.ledger import UsageLedger
+from mlmesh_metering.metering import THROTTLED
 
 from mlmesh_gateway.telemetry import REJECTIONS, REQUESTS, TOKENS, annotate
 
@@ -107,6 +108,7 @@ class Admission:
         used = await self.ledger.tokens_since(key.id, start)
         if used + reserve > quota:
             REJECTIONS.labels("token_quota").inc()
+            THROTTLED.labels(key.id, "token_quota").inc()
             raise ResourceExhausted(
                 f"key {key.id} used {used} of its {quota} tokens this period",
                 [QuotaViolation(f"key:{key.id}", "token_quota")],

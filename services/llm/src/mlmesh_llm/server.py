@@ -18,6 +18,7 @@ from mlmesh_llm.engines.base import Engine
 from mlmesh_llm.models import ModelManager
 from mlmesh_llm.registration import REGISTRATION
 from mlmesh_llm.servicer import LlmServicer
+from mlmesh_llm.telemetry import export_engine_load
 
 
 def engine_factory(settings: LlmSettings):  # type: ignore[no-untyped-def]
@@ -85,6 +86,7 @@ async def build_server(settings: LlmSettings) -> ServiceHost:
         settings, register, error_domain="mlmesh.llm", ready=models.ready.wait, admission=admission
     )
     host.on_close.append(models.stop)
+    host.on_close.append(export_engine_load(lambda: models.loaded, settings.max_running))
     if meter is not None:
         host.on_close.append(meter.close)
     await models.start()
