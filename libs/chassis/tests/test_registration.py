@@ -48,6 +48,8 @@ def test_installed_services_start_in_their_declared_order():
         "registry",
         "llm",
         "vllmopenai",  # started in the background as soon as the llm is up
+        "review",
+        "monitor",  # after review: it submits low-confidence predictions there
         "triton",
         "deployer",
         "gateway",

@@ -108,7 +108,7 @@ class Log:
     def __init__(self) -> None:
         self.rows: list[tuple] = []
 
-    async def record(self, *row) -> None:
+    async def record(self, *row, comparison=None) -> None:
         self.rows.append(row)
 
 

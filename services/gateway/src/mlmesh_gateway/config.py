@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from mlmesh_metering import MeteringSettings
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 
@@ -52,6 +53,22 @@ class GatewaySettings(MeteringSettings):
     # Where the served versions' tokenizers are downloaded (prompt tokens are
     # counted in the gateway).
     tokenizer_cache_dir: Path = Path(".mlmesh/gateway-tokenizers")
+
+    # Prediction logging to the monitor (mlmesh_gateway.prediction_log):
+    # its address (empty: off); the share of calls logged, and per model
+    # ("digits=1.0,tiny-llama=0.1"); the queue's bound (a full queue drops
+    # and counts); batches of at most this many, sent at least this often;
+    # how long one send may take before its batch is dropped.
+    monitor_target: str = ""
+    prediction_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    prediction_sample_rates: str = ""
+    prediction_queue_size: int = Field(default=10_000, ge=1, le=1_000_000)
+    prediction_batch_size: int = Field(default=200, ge=1, le=500)
+    prediction_flush_seconds: float = Field(default=1.0, gt=0, le=60)
+    prediction_send_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # The review queue (mlmesh_gateway.shadows): shadow disagreements are
+    # submitted there, off the callers' path (empty: not submitted).
+    review_target: str = ""
 
 
 def names(value: str) -> list[str]:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import json_format
 from mlmesh.common.v1 import model_reference_pb2
 from mlmesh.gateway.v1 import gateway_pb2 as pb
 from mlmesh.llm.v1 import llm_service_pb2 as llm_rpc
@@ -37,8 +38,9 @@ from mlmesh_gateway.admission import Admission
 from mlmesh_gateway.balancer import Endpoint
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.llm_router import LlmRouter
+from mlmesh_gateway.prediction_log import GENERATE, PredictionLog
 from mlmesh_gateway.prompt_tokens import PromptTokens, byte_bound
-from mlmesh_gateway.shadows import ShadowRunner
+from mlmesh_gateway.shadows import ShadowComparison, ShadowRunner
 from mlmesh_gateway.telemetry import TIME_TO_FIRST_TOKEN, annotate
 from mlmesh_gateway.traffic_split import Split, TrafficSplit
 from mlmesh_gateway.upstreams import Upstream
@@ -68,8 +70,10 @@ class Generation:
         shadows: ShadowRunner,
         directory: ModelDirectory | None,
         tokens: PromptTokens | None,
+        predictions: PredictionLog | None = None,
     ) -> None:
         self.admission = admission
+        self.predictions = predictions or PredictionLog(None)
         self.router = router
         self.upstreams = dict(upstreams)
         self.split = split
@@ -111,13 +115,16 @@ class Generation:
             fallback = asked if split.experiment is not None else None
             counted = await self._count_llm(inner, region, fallback)
         max_tokens = max_tokens_of(inner.sampling)
-        async with self.admission(
-            key,
-            pb.PLATFORM_SERVICE_GENERATE,
-            model,
-            reserve=counted + max(max_tokens, 0),
-            request_id=inner.request_id,
-        ) as call:
+        async with (
+            self.admission(
+                key,
+                pb.PLATFORM_SERVICE_GENERATE,
+                model,
+                reserve=counted + max(max_tokens, 0),
+                request_id=inner.request_id,
+            ) as call,
+            self.predictions.observe(GENERATE, model, call, inner) as seen,
+        ):
             annotate(
                 **{
                     "gen_ai.system": "openai" if upstream is not None else "mlmesh",
@@ -134,6 +141,7 @@ class Generation:
                 outcome.call_id = call.call_id
             started = time.monotonic()
             text: list[str] = []
+            seen.text = text  # joined off the request path, if sampled
             reported_completion = False
             async for endpoint, chunk in router.stream(region, inner, fallback, whole):
                 if not text and not call.region:
@@ -219,8 +227,16 @@ class Generation:
         mirrored.model.CopyFrom(ModelReference(model=inner.model.model, version=split.shadow))
         mirrored.request_id = f"{call.call_id}-shadow"
 
-        async def difference() -> float:
-            return 0.0 if await self.router.complete(mirrored) == text else 1.0
+        async def difference() -> ShadowComparison:
+            shadow_text = await self.router.complete(mirrored)
+            if shadow_text == text:
+                return ShadowComparison(0.0)
+            prompt = (
+                inner.text
+                if inner.WhichOneof("prompt") == "text"
+                else json_format.MessageToJson(inner.chat)
+            )
+            return ShadowComparison(1.0, "generate", prompt, text, shadow_text)
 
         versions = (call.version, split.shadow)
         self.shadows.mirror(call.call_id, split.experiment, call.model, versions, difference)

@@ -42,6 +42,10 @@ def _env(ctx: RunContext) -> dict[str, str]:
         env["MLMESH_GATEWAY_REGION"] = ctx.region("gateway")
     if "triton" in ctx.ports:
         env["MLMESH_GATEWAY_TRITON_TARGET"] = ctx.address("triton")
+    if "monitor" in ctx.ports:
+        env["MLMESH_GATEWAY_MONITOR_TARGET"] = ctx.address("monitor")
+    if "review" in ctx.ports:
+        env["MLMESH_GATEWAY_REVIEW_TARGET"] = ctx.address("review")
     if "vllmopenai" in ctx.ports:
         import json
 
@@ -84,13 +88,14 @@ REGISTRATION = ServiceRegistration(
     ),
     # Last: it routes to the services it is given. Until it is up, services
     # verify the bootstrap keys they were seeded with.
-    after=("registry", "llm", "triton", "deployer", "vllmopenai"),
+    after=("registry", "llm", "triton", "deployer", "vllmopenai", "monitor", "review"),
     key_directory=True,
     # The OpenAI-compatible surface (mlmesh_gateway.openai_http).
     http_routes=("/v1/",),
-    # Its own key calls the llm replicas and reads the registry; it is the
-    # key directory itself.
-    key_scopes=("LLM", "REGISTRY_READ"),
+    # Its own key calls the llm replicas, reads the registry, logs sampled
+    # predictions to the monitor and submits shadow disagreements to the
+    # review queue; it is the key directory itself.
+    key_scopes=("LLM", "REGISTRY_READ", "MONITOR_INGEST", "REVIEW_SUBMIT"),
     env_prefix="MLMESH_GATEWAY_",
     env=_env,
 )

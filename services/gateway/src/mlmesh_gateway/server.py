@@ -28,6 +28,7 @@ from mlmesh_gateway.key_directory import KeyDirectory, KeyDirectoryServicer
 from mlmesh_gateway.keys import KeyStore
 from mlmesh_gateway.keys_servicer import KeyServicer
 from mlmesh_gateway.openai_http import OpenAIHttp
+from mlmesh_gateway.prediction_log import prediction_log
 from mlmesh_gateway.prompt_tokens import PromptTokens
 from mlmesh_gateway.registration import REGISTRATION
 from mlmesh_gateway.servicer import GatewayServicer
@@ -47,6 +48,8 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         version_table="alembic_version_gateway",
     )
     await database.migrate()
+    # Shadow comparisons; disagreements also go to the review queue.
+    shadow_log = ShadowLog(database, settings.review_target)
     keys = KeyStore(database)
     if settings.bootstrap_keys_file is not None:
         for entry in read_bootstrap_keys(settings.bootstrap_keys_file):
@@ -92,9 +95,10 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         names(settings.classic_models),
         names(settings.embedding_models),
         directory,
-        ShadowLog(database),
+        shadow_log,
         balanced,
         tokens,
+        prediction_log(settings),
     )
     # The OpenAI-compatible surface: bound before the port file is written.
     http = OpenAIHttp(gateway, view) if settings.http_port is not None else None
@@ -138,6 +142,8 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         starting.replace(settings.local_socket)
     if http is not None:
         host.on_close.append(http.close)
+    gateway.predictions.start()
+    host.on_close.append(gateway.predictions.close)
     if tokens is not None and directory is not None:
         warm = asyncio.create_task(_warm_tokenizers(directory, tokens, settings, upstreams))
         host.background.append(warm)
@@ -146,6 +152,7 @@ async def build_server(settings: GatewaySettings) -> ServiceHost:
         host.on_close.append(lambda: close_session(session))
     host.on_close.append(key_directory.close)
     host.on_close.append(database.close)
+    host.on_close.append(shadow_log.close)
     host.on_close.append(meter.close)
     host.on_close.append(llm.close)
     if triton is not None:

@@ -32,8 +32,9 @@ from mlmesh_gateway.catalog import Catalog
 from mlmesh_gateway.directory import ModelDirectory
 from mlmesh_gateway.embeddings import embedding_inputs, prompt_tokens_of, vectors_of
 from mlmesh_gateway.generate_messages import to_gateway, to_llm, uses_deprecated_request
-from mlmesh_gateway.generation import Generation
+from mlmesh_gateway.generation import Generation, Outcome
 from mlmesh_gateway.llm_router import LlmRouter
+from mlmesh_gateway.prediction_log import EMBED, INFER, PredictionLog
 from mlmesh_gateway.prompt_tokens import PromptTokens
 from mlmesh_gateway.shadows import ShadowLog, ShadowRunner
 from mlmesh_gateway.tensors import inputs_of, outputs_of, sent_typed, triton_parameters
@@ -70,8 +71,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         shadows: ShadowLog | None = None,
         upstreams: Mapping[str, tuple[Upstream, LatencyAwareBalancer]] | None = None,
         tokens: PromptTokens | None = None,
+        predictions: PredictionLog | None = None,
     ) -> None:
         self.admission = Admission(meter)
+        # Sampled calls for the monitor (off unless a monitor is configured).
+        self.predictions = predictions or PredictionLog(None)
         self.router = LlmRouter(llm)
         self.shadows = ShadowRunner(shadows)
         self.llm_split = TrafficSplit(directory, self.router.has_loaded, pin_served=False)
@@ -81,7 +85,14 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             for name, (spec, balancer) in (upstreams or {}).items()
         }
         self.generation = Generation(
-            self.admission, self.router, routed, self.llm_split, self.shadows, directory, tokens
+            self.admission,
+            self.router,
+            routed,
+            self.llm_split,
+            self.shadows,
+            directory,
+            tokens,
+            self.predictions,
         )
         self.catalog = Catalog(
             llm, routed, llm_models, classic_models, embedding_models, llm.home_region
@@ -92,14 +103,24 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         deprecated = uses_deprecated_request(request)
         inner = to_llm(request)  # the gateway's own message, or the deprecated llm one
         first = True
+        outcome = Outcome()
         stream = self.generation.stream(
-            key, inner, request.region, _headers(context), prefix="request." if deprecated else ""
+            key,
+            inner,
+            request.region,
+            _headers(context),
+            prefix="request." if deprecated else "",
+            outcome=outcome,
         )
         async for endpoint, chunk in stream:
-            if first:  # say which backend serves the stream
+            if first:  # say which backend serves the stream, and the call's id
                 first = False
                 await context.send_initial_metadata(
-                    (("x-mlmesh-backend", endpoint.address), ("x-mlmesh-region", endpoint.region))
+                    (
+                        ("x-mlmesh-backend", endpoint.address),
+                        ("x-mlmesh-region", endpoint.region),
+                        ("x-mlmesh-call-id", outcome.call_id),
+                    )
                 )
             yield to_gateway(chunk, endpoint.region, deprecated=deprecated)
 
@@ -110,9 +131,12 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self.triton.client()
         inputs = await inputs_of(request)
         parameters = triton_parameters(request.parameters)
-        async with self.admission(
-            key, pb.PLATFORM_SERVICE_INFER, model, request_id=request.id
-        ) as call:
+        async with (
+            self.admission(key, pb.PLATFORM_SERVICE_INFER, model, request_id=request.id) as call,
+            self.predictions.observe(INFER, model, call, request) as seen,
+        ):
+            context.set_trailing_metadata((("x-mlmesh-call-id", call.call_id),))
+            seen.inputs = inputs
             call.input_items = int(sum(array.size for array in inputs.values()))
             result = await self.triton.infer(
                 request.model,
@@ -123,6 +147,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 outputs=list(request.output_names) or None,
                 parameters=parameters,
             )
+            seen.outputs = result.outputs
         return rpc.InferResponse(
             model=ModelReference(model=model, version=call.version),
             id=request.id or call.call_id,
@@ -150,7 +175,10 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         model = reference.model
         authorize(key, pb.PLATFORM_SERVICE_EMBED, model)
         self.triton.client()
-        async with self.admission(key, pb.PLATFORM_SERVICE_EMBED, model) as call:
+        async with (
+            self.admission(key, pb.PLATFORM_SERVICE_EMBED, model) as call,
+            self.predictions.observe(EMBED, model, call, texts),
+        ):
             call.input_items = len(texts)
             inputs = embedding_inputs(texts)
             result = await self.triton.infer(reference, key.id, headers, call, inputs)

@@ -17,7 +17,13 @@ from mlmesh_inference.triton import InferResult, TritonClient
 from mlmesh_metering import MeteredCall
 
 from mlmesh_gateway.directory import ModelDirectory
-from mlmesh_gateway.shadows import ShadowRunner, max_abs_difference
+from mlmesh_gateway.shadows import (
+    SHADOW_TOLERANCE,
+    ShadowComparison,
+    ShadowRunner,
+    max_abs_difference,
+    render_tensors,
+)
 from mlmesh_gateway.traffic_split import TrafficSplit
 
 Parameters = Mapping[str, str | bool | int | float]
@@ -76,9 +82,19 @@ class TritonRouter:
         call.version = int(result.model_version or version or 0)
         if split.shadow and split.shadow != call.version and split.experiment is not None:
 
-            async def difference() -> float:
+            async def difference() -> ShadowComparison:
                 shadow = await run(split.shadow, f"{call.call_id}-shadow")
-                return max_abs_difference(result.outputs, shadow.outputs)
+                diff = max_abs_difference(result.outputs, shadow.outputs)
+                if diff <= SHADOW_TOLERANCE:
+                    return ShadowComparison(diff)
+                # Rendered for the review queue only when they disagree.
+                return ShadowComparison(
+                    diff,
+                    "infer",
+                    render_tensors(inputs),
+                    render_tensors(result.outputs),
+                    render_tensors(shadow.outputs),
+                )
 
             versions = (call.version, split.shadow)
             self.shadows.mirror(call.call_id, split.experiment, model, versions, difference)

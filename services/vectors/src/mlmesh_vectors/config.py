@@ -48,6 +48,12 @@ class VectorsSettings(MeteringSettings):
     # Threads running engine calls (the engine holds the GIL while it
     # searches: more threads do not search faster; replicas do).
     engine_threads: int = Field(default=2, ge=1, le=64)
+    # The human review queue (empty: content checks are not submitted):
+    # checks whose best violation-labelled match scored within
+    # review_near_margin of the policy's threshold (either side), and REVIEW
+    # decisions, are submitted there off the request path.
+    review_target: str = ""
+    review_near_margin: float = Field(default=0.02, ge=0, le=1)
 
     @property
     def is_primary(self) -> bool:

@@ -20,6 +20,8 @@ def _env(ctx: RunContext) -> dict[str, str]:
     env = {"MLMESH_VECTORS_ROOT": str(ctx.state / "vectors"), "MLMESH_VECTORS_DEMO": "on"}
     if "triton" in ctx.ports:
         env["MLMESH_VECTORS_TRITON_TARGET"] = ctx.address("triton")
+    if "review" in ctx.ports:
+        env["MLMESH_VECTORS_REVIEW_TARGET"] = ctx.address("review")
     return env
 
 
@@ -29,9 +31,11 @@ REGISTRATION = ServiceRegistration(
     services=_services,
     routes=(route("/mlmesh.vectors.", {S.PLATFORM_SERVICE_VECTORS}),),
     # It embeds texts and images with the models the deployer puts on Triton.
-    after=("triton", "deployer"),
-    # It meters its callers' requests into the gateway's ledger.
-    key_scopes=("KEY_DIRECTORY", "USAGE_RECORD"),
+    # Near-threshold content checks go to the review queue.
+    after=("triton", "deployer", "review"),
+    # It meters its callers' requests into the gateway's ledger, and submits
+    # near-threshold content checks to the review queue.
+    key_scopes=("KEY_DIRECTORY", "USAGE_RECORD", "REVIEW_SUBMIT"),
     env_prefix="MLMESH_VECTORS_",
     env=_env,
     # With replicas (mlmesh-run --replicas vectors=N), the first instance owns

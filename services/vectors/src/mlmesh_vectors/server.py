@@ -9,11 +9,13 @@ from mlmesh.vectors.v1 import vectors_service_pb2_grpc
 from mlmesh_chassis.server import ServiceHost, start_service
 from mlmesh_inference.triton import TritonClient
 from mlmesh_metering.metering import metered_calls
+from mlmesh_sdk.review import ReviewSubmitter
 
 from mlmesh_vectors.config import VectorsSettings
 from mlmesh_vectors.embedding import Embedder
 from mlmesh_vectors.policies import DecisionLog, Policies
 from mlmesh_vectors.registration import REGISTRATION
+from mlmesh_vectors.review_hook import ContentReviews
 from mlmesh_vectors.servicer import VectorServicer
 from mlmesh_vectors.store import VectorStore
 
@@ -28,12 +30,14 @@ async def build_server(settings: VectorsSettings) -> ServiceHost:
     admission, meter = metered_calls(settings, PLATFORM_SERVICE_VECTORS)
     embedder = Embedder(triton, settings.text_model, settings.image_model)
     policies = Policies(store)
+    submitter = ReviewSubmitter(settings.review_target) if settings.review_target else None
     servicer = VectorServicer(
         store,
         embedder,
         policies,
         decisions,
         settings.default_hnsw_ef,
+        ContentReviews(submitter, settings.review_near_margin),
     )
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
@@ -54,4 +58,6 @@ async def build_server(settings: VectorsSettings) -> ServiceHost:
         host.on_close.append(triton.close)
     if meter is not None:
         host.on_close.append(meter.close)
+    if submitter is not None:
+        host.on_close.append(submitter.close)
     return host

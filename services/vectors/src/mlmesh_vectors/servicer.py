@@ -26,6 +26,7 @@ from mlmesh_vectors import convert
 from mlmesh_vectors.embedding import DIMENSION, Embedded, Embedder
 from mlmesh_vectors.engine.base import Batch, CollectionSpec, Query, SearchOptions
 from mlmesh_vectors.policies import DecisionLog, Policies, decide
+from mlmesh_vectors.review_hook import ContentReviews
 from mlmesh_vectors.store import VectorStore
 
 DEFAULT_K = 10
@@ -41,12 +42,15 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
         policies: Policies,
         decisions: DecisionLog,
         default_ef: int = 64,
+        reviews: ContentReviews | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
         self.policies = policies
         self.decisions = decisions
         self.default_ef = default_ef
+        # Near-threshold checks go to the human review queue (None: not).
+        self.reviews = reviews or ContentReviews(None, 0.0)
 
     # ---- collections ---------------------------------------------------------
 
@@ -333,7 +337,7 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
         query = Query(
             vector=embedded.vectors[0],
             k=policy.max_matches,
-            score_threshold=policy.threshold - policy.review_margin,
+            score_threshold=policy.threshold - self.reviews.search_margin(policy),
         )
         results = await self.store.run(
             self.store.backend.search,
@@ -341,7 +345,10 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
             [query],
             SearchOptions(with_payload=True, hnsw_ef=self.default_ef),
         )
-        verdict = decide(policy, results[0])
+        # The decision sees the policy's own margin only (the search may reach
+        # further for the review queue's near-threshold checks).
+        floor = policy.threshold - policy.review_margin
+        verdict = decide(policy, [h for h in results[0] if h.score >= floor])
         decision_id = self.decisions.record(
             {
                 "key_id": current_principal().key_id,
@@ -351,6 +358,15 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
                 "evidence": [(e.id, e.label, round(e.score, 6)) for e in verdict.evidence],
                 "model": embedded.model,
             }
+        )
+        self.reviews.offer(
+            policy,
+            results[0],
+            verdict.decision,
+            decision_id,
+            embedded.model,
+            request.text if request.WhichOneof("content") == "text" else None,
+            len(request.image),
         )
         consumed("queries", 1)
         return rpc.CheckContentResponse(

@@ -1,0 +1,1 @@
+"""mlmesh monitor: model quality and drift after release."""

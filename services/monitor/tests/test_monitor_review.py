@@ -1,0 +1,126 @@
+"""Low-confidence predictions to the review queue: the monitor's check
+against the real review service (in process): over the model's rate its
+newest low-confidence predictions become LOW_CONFIDENCE items, once each;
+under the rate, nothing is sent."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
+from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_REVIEW, PLATFORM_SERVICE_REVIEW_SUBMIT
+from mlmesh.monitor.v1 import monitor_pb2 as pb
+from mlmesh.review.v1 import review_pb2 as rpb
+from mlmesh.review.v1 import review_service_pb2 as rrpc
+from mlmesh.review.v1 import review_service_pb2_grpc
+from mlmesh_chassis.database import Database
+from mlmesh_chassis.testing import directory_key, keyed_channel
+from mlmesh_monitor.db import monitor_database
+from mlmesh_monitor.review import LowConfidenceReview, Policy, parse_policies
+from mlmesh_monitor.store import MonitorStore
+
+KEY = "0123456789abcdef"
+
+
+def prediction(i: int, confidence: float, model: str = "digits") -> pb.Prediction:
+    p = pb.Prediction(
+        request_id=f"{model}-{i}",
+        kind=pb.PREDICTION_KIND_INFER,
+        model=model,
+        version=2,
+        key_id=KEY,
+        input_sha256="cd" * 32,
+        features=[float(i)] * 4,
+        scores=[confidence, 1 - confidence - 0.01, 0.01],
+        predicted_label="0",
+        confidence=confidence,
+        status="OK",
+    )
+    p.latency.FromMilliseconds(3)
+    p.time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=i + 1))
+    return p
+
+
+@pytest.fixture
+async def review(tmp_path: Path):
+    from mlmesh_review.config import ReviewSettings
+    from mlmesh_review.server import build_server
+
+    entries, secrets = [], {}
+    for name, scope in (
+        ("submit", PLATFORM_SERVICE_REVIEW_SUBMIT),
+        ("reviewer", PLATFORM_SERVICE_REVIEW),
+    ):
+        entry, secret = directory_key([scope])
+        entries.append(entry)
+        secrets[name] = secret
+    keys = tmp_path / "keys.json"
+    keys.write_text(json_format.MessageToJson(kd.WatchKeysResponse(snapshot=True, keys=entries)))
+    host = await build_server(
+        ReviewSettings(
+            port=0,
+            metrics_port=-1,
+            drain_seconds=0.0,
+            grace_seconds=1.0,
+            bootstrap_keys_file=keys,
+            root=tmp_path / "review",
+            registry_target="127.0.0.1:1",
+        )
+    )
+    submit_channel = keyed_channel(f"127.0.0.1:{host.port}", secrets["submit"])
+    reviewer_channel = keyed_channel(f"127.0.0.1:{host.port}", secrets["reviewer"])
+    yield (
+        review_service_pb2_grpc.ReviewServiceStub(submit_channel),
+        review_service_pb2_grpc.ReviewServiceStub(reviewer_channel),
+    )
+    await submit_channel.close()
+    await reviewer_channel.close()
+    await host.shutdown()
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    database: Database = monitor_database(f"sqlite+aiosqlite:///{tmp_path}/monitor.db")
+    await database.migrate()
+    yield MonitorStore(database)
+    await database.close()
+
+
+async def test_low_confidence_over_the_rate_goes_to_review_once(review, store):
+    submitter, reviewer = review
+    # digits: 10 of 30 under 0.6 (33% > 20%); minilm-ish "other": 1 of 30 (3%).
+    rows = [prediction(i, 0.3 if i < 10 else 0.95) for i in range(30)]
+    rows += [prediction(i, 0.3 if i < 1 else 0.95, model="other") for i in range(30)]
+    await store.log(rows)
+
+    async def submit(items):  # type: ignore[no-untyped-def]
+        response = await submitter.SubmitItems(rrpc.SubmitItemsRequest(items=items))
+        return response.created_count
+
+    check = LowConfidenceReview(
+        store,
+        parse_policies("digits=0.6:0.2,other=0.6:0.2"),
+        submit,
+        window=dt.timedelta(hours=1),
+        min_predictions=20,
+        max_items=100,
+    )
+    assert await check.check() == 10
+    assert await check.check() == 0  # sent already
+    listed = await reviewer.ListItems(
+        rrpc.ListItemsRequest(source=rpb.ITEM_SOURCE_LOW_CONFIDENCE, page_size=100)
+    )
+    assert sorted(i.source_id for i in listed.items) == sorted(f"digits-{i}" for i in range(10))
+    item = listed.items[0]
+    assert item.model == "digits" and item.model_version == "2"
+    assert item.context["threshold"] == "0.6" and '"label": "1"' in item.alternative_output
+
+
+def test_policies_are_parsed_strictly():
+    assert parse_policies("digits=0.6:0.2") == {"digits": Policy(0.6, 0.2)}
+    for bad in ("digits=0.6", "digits=2:0.1", "Digits=0.5:0.1", "digits=x:y"):
+        with pytest.raises(ValueError):
+            parse_policies(bad)

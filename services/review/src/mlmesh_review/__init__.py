@@ -1,0 +1,1 @@
+"""The human review queue (mlmesh.review.v1.ReviewService)."""
