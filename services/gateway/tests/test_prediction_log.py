@@ -199,3 +199,35 @@ async def test_the_flusher_sends_in_bounded_batches():
         await asyncio.sleep(0.01)
     assert len(recorder.sent) == 14
     await log.close()
+
+
+async def test_a_large_request_is_hashed_in_a_worker_thread(monkeypatch):
+    import threading
+
+    from mlmesh_gateway import prediction_log
+
+    threads: list[str] = []
+    real = prediction_log._input_hash
+
+    def spy(kind, request):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return real(kind, request)
+
+    monkeypatch.setattr(prediction_log, "_input_hash", spy)
+    recorder = Recorder()
+    log = PredictionLog(recorder, flush_seconds=3600)
+    small = gw.InferRequest(id="small")
+    large = gw.InferRequest(id="large")
+    large.inputs.add(name="x", datatype="UINT8", shape=[1, 262144], raw_contents=bytes(262144))
+    async with log.observe(INFER, "digits", call(), small):
+        pass
+    await log.flush()
+    async with log.observe(INFER, "digits", call(), large):
+        pass
+    await log.flush()
+    main = threading.current_thread().name
+    assert threads[0] == main and threads[1] != main
+    assert (
+        recorder.sent[1].input_sha256
+        == hashlib.sha256(large.SerializeToString(deterministic=True)).hexdigest()
+    )

@@ -132,6 +132,12 @@ async def _run(args: argparse.Namespace) -> None:
                 f"(targets: {observer.prometheus_url}/targets)",
                 flush=True,
             )
+        if any(spec.name == "review" for spec in mesh.catalog):
+            print(
+                f"review page: http://{mesh.address}/review/ (a key with the REVIEW scope: "
+                f"mlmesh keys create --scope REVIEW NAME)",
+                flush=True,
+            )
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
     finally:

@@ -81,11 +81,13 @@ class Admission:
                 stream=metered.stream,
             ) as call:
                 admitted = call
+                # The caller's own id gets a name of its own: mlmesh.request_id
+                # is the chassis' (x-request-id), which traces are found by.
                 annotate(
                     **{
                         "mlmesh.model": model,
                         "mlmesh.key_id": key.id,
-                        "mlmesh.request_id": request_id,
+                        "mlmesh.client_request_id": request_id or None,
                         "mlmesh.call_id": call.call_id,
                     }
                 )

@@ -58,6 +58,8 @@ MAX_BATCH = 500
 # built a batch stalled the loop for milliseconds (+1.1 ms Infer p99 in
 # bench/prediction_logging.py).
 SLICE = 8
+# Records of larger requests are built in a worker thread.
+INLINE_BYTES = 64 * 1024
 _MODEL = re.compile(r"[a-z][a-z0-9-]{1,62}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -219,8 +221,13 @@ class PredictionLog:
             QUEUED.set(len(self.queue))
             records: list[mpb.Prediction] = []
             for start in range(0, len(batch), SLICE):  # a few at a time, between requests
-                records.extend(build_records(batch[start : start + SLICE]))
-                await asyncio.sleep(0)
+                part = batch[start : start + SLICE]
+                if any(_heavy(observed) for observed in part):
+                    # Hashing a large request would stall every call on the loop.
+                    records.extend(await asyncio.to_thread(build_records, part))
+                else:
+                    records.extend(build_records(part))
+                    await asyncio.sleep(0)
             if len(records) < len(batch):
                 PREDICTIONS.labels("invalid").inc(len(batch) - len(records))
             if not records or self.send is None:
@@ -300,6 +307,15 @@ def build_record(o: Observed) -> mpb.Prediction | None:
     if o.text:
         record.output_text = "".join(o.text)[:MAX_TEXT]
     return record
+
+
+def _heavy(observed: Observed) -> bool:
+    """Whether building this record (serialising and hashing the request)
+    is too much work for the event loop."""
+    request = observed.request
+    if observed.kind == EMBED:
+        return sum(len(text) for text in request) > INLINE_BYTES
+    return bool(request.ByteSize() > INLINE_BYTES)
 
 
 def _input_hash(kind: int, request: Any) -> str:
