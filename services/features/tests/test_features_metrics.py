@@ -13,6 +13,7 @@ from mlmesh.features.v1 import features_service_pb2 as rpc
 from mlmesh.features.v1 import features_service_pb2_grpc
 from mlmesh_chassis.metrics import REGISTRY
 from mlmesh_chassis.testing import keyed_channel
+from mlmesh_features import telemetry
 from mlmesh_features.server import build_server
 
 
@@ -58,6 +59,9 @@ def _reads() -> float:
 
 
 async def test_reads_are_timed_and_freshness_follows_the_newest_write(stub):
+    # Freshness is per process and view: earlier tests' stores pushed to a
+    # view of the same name (maybe newer rows), so start this one afresh.
+    telemetry._newest.clear()
     now = timestamp_pb2.Timestamp()
     now.GetCurrentTime()
     await stub.Push(_push(now.seconds - 60))

@@ -189,3 +189,14 @@ async def test_without_a_review_queue_nothing_is_submitted(tmp_path: Path) -> No
         assert offered is False and log.reviews is None
     finally:
         await database.close()
+
+
+def test_rendered_string_tensors_are_cut_before_decoding():
+    # A BYTES element of a megabyte: a reviewer sees its first characters,
+    # and the render never decodes (or serialises) the whole of it.
+    huge = np.array([b"\xc3\xa9" * 500_000, b"short"], dtype=object)
+    shown = json.loads(render_tensors({"text": huge}))["text"]
+    assert shown["values"] == ["é" * 256, "short"]
+    assert shown["shape"] == [2] and shown["truncated"] is False
+    words = json.loads(render_tensors({"w": np.array(["x" * 10_000])}))["w"]["values"]
+    assert words == ["x" * 256]

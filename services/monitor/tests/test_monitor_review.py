@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import json_format
 from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
@@ -124,3 +125,27 @@ def test_policies_are_parsed_strictly():
     for bad in ("digits=0.6", "digits=2:0.1", "Digits=0.5:0.1", "digits=x:y"):
         with pytest.raises(ValueError):
             parse_policies(bad)
+
+
+async def test_low_confidence_passes_over_the_ids_already_sent(store):
+    # digits-0 is the newest (1 s ago), digits-4 the oldest.
+    await store.log([prediction(i, 0.3) for i in range(5)])
+    total, under, rows = await store.low_confidence(
+        "digits",
+        dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+        0.6,
+        2,
+        skip={"digits-0": None, "digits-1": None},
+    )
+    assert (total, under) == (5, 5)
+    # The limit counts only the ids not sent yet: the next two newest.
+    assert [r.request_id for r in rows] == ["digits-2", "digits-3"]
+    assert list(rows[0].features) == [2.0] * 4
+
+
+async def test_drift_reads_only_the_features_the_reference_needs(store):
+    # Stored vectors of 4 features; a reference up to index 1 reads 2.
+    await store.log([prediction(i, 0.9) for i in range(3)])
+    now = dt.datetime.now(dt.UTC)
+    blobs = await store.feature_rows("digits", 2, now - dt.timedelta(hours=1), now, 10, width=2)
+    assert sorted(blobs) == sorted(np.asarray([i, i], dtype="<f4").tobytes() for i in range(3))

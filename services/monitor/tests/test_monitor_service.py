@@ -46,8 +46,12 @@ def _keys_file(folder: Path) -> tuple[Path, dict[str, str]]:
         ("ingest", [PLATFORM_SERVICE_MONITOR_INGEST]),
         ("reader", [PLATFORM_SERVICE_MONITOR]),
         ("other", [PLATFORM_SERVICE_INFER]),
+        ("narrow", [PLATFORM_SERVICE_MONITOR]),
     ):
         entry, secret = directory_key(scopes)
+        if name == "narrow":  # a MONITOR key for the "team-*" models only
+            del entry.key.scopes.model_patterns[:]
+            entry.key.scopes.model_patterns.append("team-*")
         entries.append(entry)
         secrets[name] = secret
     path = folder / "keys.json"
@@ -62,6 +66,7 @@ class Monitor:
         self.ingest = monitor_service_pb2_grpc.MonitorServiceStub(channels["ingest"])
         self.reader = monitor_service_pb2_grpc.MonitorServiceStub(channels["reader"])
         self.other = monitor_service_pb2_grpc.MonitorServiceStub(channels["other"])
+        self.narrow = monitor_service_pb2_grpc.MonitorServiceStub(channels["narrow"])
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -461,3 +466,75 @@ async def test_long_reads_are_paged_without_losing_rows_at_equal_times(monitor, 
         rpc.GetDriftRequest(model="digits", version=1, window=hours(1), max_rows=7)
     )
     assert got.row_count == 7
+
+
+async def test_a_key_labels_and_reads_only_the_models_it_may_use(monitor):
+    """A MONITOR key whose model patterns allow "team-*" only: another
+    model's predictions are unknown ids to its feedback (left unlabelled),
+    and that model's figures, drift and references are PERMISSION_DENIED."""
+    await monitor.ingest.LogPredictions(
+        rpc.LogPredictionsRequest(
+            predictions=[prediction("theirs", "1"), prediction("mine", "1", model="team-a")]
+        )
+    )
+    got = await monitor.narrow.RecordFeedback(feedback(("theirs", "2"), ("mine", "1")))
+    assert (got.recorded_count, got.updated_count, got.unknown_count) == (1, 0, 1)
+    assert list(got.unknown_request_ids) == ["theirs"]
+    theirs = (await quality(monitor.reader)).versions[0].overall
+    assert theirs.request_count == 1 and theirs.labelled_count == 0
+    mine = await monitor.narrow.GetModelQuality(
+        rpc.GetModelQualityRequest(model="team-a", window=hours(1))
+    )
+    assert mine.versions[0].overall.labelled_count == 1
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    await expect_error(quality(monitor.narrow), denied)
+    await expect_error(
+        monitor.narrow.GetDrift(rpc.GetDriftRequest(model="digits", version=1, window=hours(1))),
+        denied,
+    )
+    await expect_error(
+        monitor.narrow.GetDriftReference(rpc.GetDriftReferenceRequest(model="digits")), denied
+    )
+    reference = pb.DriftReference(
+        model="digits",
+        features=[pb.FeatureBins(index=0, edges=[0.5], proportions=[0.5, 0.5])],
+    )
+    await expect_error(
+        monitor.narrow.SetDriftReference(rpc.SetDriftReferenceRequest(reference=reference)),
+        denied,
+    )
+    # The reader's key (every model) labels it.
+    again = await monitor.reader.RecordFeedback(feedback(("theirs", "2")))
+    assert again.recorded_count == 1
+
+
+def test_buckets_by_bisection_match_a_plain_filter():
+    from mlmesh_monitor.quality import by_version, figures
+    from mlmesh_monitor.store import QualityRow
+
+    end = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    start = end - dt.timedelta(hours=1)
+    bucket = dt.timedelta(minutes=7)
+    # Rows on and around the edges, two versions, out of order.
+    rows = [
+        QualityRow(
+            1 + i % 2,
+            start + dt.timedelta(minutes=(i * 13) % 61, seconds=(i * 7) % 3),
+            float(i),
+            "OK" if i % 5 else "INTERNAL",
+            str(i % 3),
+            str(i % 2),
+        )
+        for i in range(300)
+    ]
+    got = by_version(rows, start, end, bucket)
+    assert [v.version for v in got] == [1, 2]
+    for v in got:
+        mine = [r for r in rows if r.version == v.version]
+        assert len(v.buckets) == 9  # 8 of 7 minutes and one of 4
+        for b in v.buckets:
+            want = figures([r for r in mine if b.start <= r.time < b.end], b.start, b.end)
+            assert b == want
+        assert sum(b.request_count for b in v.buckets) == len(
+            [r for r in mine if start <= r.time < end]
+        )

@@ -39,3 +39,20 @@ async def test_submit_is_idempotent_on_postgres(review_pg: Review) -> None:
     again = await submit(rpc.SubmitItemsRequest(items=[shadow_item("pg-1")]))
     assert first.created_count == 1 and again.created_count == 0
     assert first.items[0].name == first.items[1].name == again.items[0].name
+
+
+async def test_list_pages_on_postgres(review_pg: Review) -> None:
+    # The page's size expression (length of the texts) on PostgreSQL.
+    submit = review_pg.stubs["submitter"].SubmitItems
+    made = await submit(
+        rpc.SubmitItemsRequest(
+            items=[shadow_item(f"pgpage-{n}", model="pgpages") for n in range(3)]
+        )
+    )
+    list_items = review_pg.stubs["reviewera"].ListItems
+    first = await list_items(rpc.ListItemsRequest(model="pgpages", page_size=2))
+    rest = await list_items(
+        rpc.ListItemsRequest(model="pgpages", page_size=2, page_token=first.next_page_token)
+    )
+    assert [i.name for i in [*first.items, *rest.items]] == [i.name for i in made.items]
+    assert not rest.next_page_token

@@ -406,3 +406,59 @@ async def test_decided_items_are_read_in_pages(review: Review) -> None:
         await database.close()
     exported = await a.ExportDataset(rpc.ExportDatasetRequest(model="paged"))
     assert exported.item_count == 5
+
+
+async def test_list_pages_are_bounded_by_their_text_not_only_their_count(
+    review: Review, monkeypatch
+) -> None:
+    """Large items (a user's report may carry ~36K characters, a source's
+    ~130K) make shorter pages: a page of 500 such items would pass the 16 MiB
+    message limit. The budget is lowered here so that a few items show it."""
+    from mlmesh_review import queue
+
+    monkeypatch.setattr(queue, "PAGE_CHARS", 100_000)
+    big = "é" * 16_000
+    made = await submit(
+        review,
+        *(
+            shadow_item(f"big-{n}", model="bigpages", inputs=big, primary_output=big)
+            for n in range(5)
+        ),
+    )
+    expected = [i.name for i in made.items]
+    stub = review.stubs["reviewera"]
+    seen: list[str] = []
+    sizes: list[int] = []
+    token = ""
+    while True:
+        page = await stub.ListItems(
+            rpc.ListItemsRequest(model="bigpages", page_size=500, page_token=token)
+        )
+        sizes.append(len(page.items))
+        seen += [i.name for i in page.items]
+        assert all(i.inputs == big for i in page.items)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == expected  # every item once, oldest first
+    assert sizes == [3, 2]  # 32K characters each: three fit in 100K
+    # One item larger than the budget still makes a page (of one).
+    monkeypatch.setattr(queue, "PAGE_CHARS", 10)
+    one = await stub.ListItems(rpc.ListItemsRequest(model="bigpages", page_size=500))
+    assert [i.name for i in one.items] == expected[:1] and one.next_page_token
+
+
+async def test_sources_cannot_submit_user_reports(review: Review) -> None:
+    """A user report's source id names its reporter: a source submitting one
+    could take a user's report in advance. Only ReportPrediction makes them."""
+    squat = shadow_item(f"{KEY_IDS['user']}/req-squat", source=pb.ITEM_SOURCE_USER_REPORT)
+    fine = shadow_item("fine-1", model="squat")
+    details = await expect_error(submit(review, fine, squat), INVALID)
+    assert details.bad_request is not None
+    assert [v.field for v in details.bad_request.field_violations] == ["items[1].source"]
+    # Nothing of the batch was written, and the user's own report is theirs.
+    listed = await review.stubs["reviewera"].ListItems(rpc.ListItemsRequest(model="squat"))
+    assert not listed.items
+    report = rpc.ReportPredictionRequest(request_id="req-squat", model="digits", reason="wrong")
+    mine = (await review.stubs["user"].ReportPrediction(report)).item
+    assert mine.submitter_key_id == KEY_IDS["user"]

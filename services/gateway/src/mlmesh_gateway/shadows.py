@@ -35,6 +35,9 @@ SHADOW_TOLERANCE = 1e-3
 SHADOW_TIMEOUT_S = 60.0
 # Values of each tensor shown to reviewers (the text is capped as well).
 REVIEW_TENSOR_VALUES = 256
+# Characters of each string value shown (a BYTES element may be megabytes:
+# it is cut before it is decoded).
+REVIEW_VALUE_CHARS = 256
 # The review queue's model names and source ids (mlmesh.review.v1.Item).
 _REVIEW_MODEL = re.compile(r"[a-z][a-z0-9-]{1,62}")
 _REVIEW_SOURCE_ID = re.compile(r"[\x20-\x7e]{1,128}")
@@ -53,15 +56,21 @@ class ShadowComparison:
     context: dict[str, str] = field(default_factory=dict)
 
 
+def _shown(value: object) -> str:
+    """A string element for a reviewer, cut to REVIEW_VALUE_CHARS (bytes are
+    cut before decoding, a little over for a split multi-byte character)."""
+    if isinstance(value, bytes):
+        return value[: 4 * REVIEW_VALUE_CHARS].decode("utf-8", "replace")[:REVIEW_VALUE_CHARS]
+    return (value if isinstance(value, str) else str(value))[:REVIEW_VALUE_CHARS]
+
+
 def render_tensors(tensors: Mapping[str, np.ndarray]) -> str:
     """Tensors as JSON for a reviewer: dtype, shape and the first values."""
     shown: dict[str, object] = {}
     for name, array in tensors.items():
         flat = np.asarray(array).ravel()[:REVIEW_TENSOR_VALUES]
         if flat.dtype.kind in "OSU":
-            values: list[object] = [
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat
-            ]
+            values: list[object] = [_shown(v) for v in flat]
         else:
             values = flat.tolist()
         shown[name] = {

@@ -57,7 +57,8 @@ class Analysis:
         limit = min(max_rows or self.settings.drift_max_rows, self.settings.drift_max_rows)
         end = dt.datetime.now(dt.UTC)
         start = end - window
-        blobs = await self.store.feature_rows(model, version, start, end, limit)
+        width = max(f.index for f in reference.features) + 1
+        blobs = await self.store.feature_rows(model, version, start, end, limit, width)
         rows, worst, features = await asyncio.to_thread(
             drift_math.drift, reference, blobs, self.settings.drift_min_rows
         )

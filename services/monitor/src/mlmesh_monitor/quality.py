@@ -5,6 +5,7 @@ servicer runs it in a worker thread."""
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import itertools
 import math
@@ -97,14 +98,19 @@ def by_version(
     versions: dict[int, list[QualityRow]] = {}
     for row in rows:
         versions.setdefault(row.version, []).append(row)
+    edges = bucket_edges(start, end, bucket) if bucket is not None else []
     result = []
     for version in sorted(versions):
         mine = versions[version]
         buckets: list[Figures] = []
-        if bucket is not None:
-            edges = bucket_edges(start, end, bucket)
+        if edges:
+            # Sorted by time once, each bucket a slice found by bisection:
+            # O(rows log rows), not O(rows x buckets).
+            ordered = sorted(mine, key=lambda r: r.time)
+            times = [r.time for r in ordered]
             for low, high in itertools.pairwise(edges):
-                buckets.append(figures([r for r in mine if low <= r.time < high], low, high))
+                first, last = bisect.bisect_left(times, low), bisect.bisect_left(times, high)
+                buckets.append(figures(ordered[first:last], low, high))
         result.append(VersionFigures(version, figures(mine, start, end), buckets))
     return result
 

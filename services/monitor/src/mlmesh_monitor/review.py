@@ -10,6 +10,7 @@ Checked by the periodic refresher, never per request."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime as dt
 import json
@@ -89,15 +90,18 @@ class LowConfidenceReview:
         since = (now or dt.datetime.now(dt.UTC)) - self.window
         sent = 0
         for model, policy in self.policies.items():
-            total, low, rows = await self.store.low_confidence(
-                model, since, policy.threshold, self.max_items + len(self._sent)
+            # Ids already sent are passed over in the store: only the items
+            # sent now are read whole.
+            total, low, fresh = await self.store.low_confidence(
+                model, since, policy.threshold, self.max_items, skip=self._sent
             )
             if total < self.min_predictions or low <= policy.max_rate * total:
                 continue
-            fresh = [r for r in rows if r.request_id not in self._sent][: self.max_items]
             if not fresh:
                 continue
-            items = [review_item(r, policy, low / total) for r in fresh]
+            rate = low / total
+            # Up to 100 items of up to 4096 features as JSON: off the loop.
+            items = await asyncio.to_thread(review_items, fresh, policy, rate)
             created = await self.submit(items)
             for r in fresh:
                 self._sent[r.request_id] = None
@@ -144,6 +148,10 @@ def review_item(p: pb.Prediction, policy: Policy, rate: float) -> object:
         },
         request_id=p.request_id,
     )
+
+
+def review_items(rows: list[pb.Prediction], policy: Policy, rate: float) -> list[object]:
+    return [review_item(r, policy, rate) for r in rows]
 
 
 def review_submitter(target: str) -> tuple[Submit, Callable[[], Awaitable[None]]]:

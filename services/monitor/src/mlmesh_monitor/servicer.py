@@ -3,13 +3,17 @@ domain; domain errors become statuses in the chassis)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from collections.abc import Callable
 
 from google.protobuf import duration_pb2
+from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_MONITOR
 from mlmesh.monitor.v1 import monitor_pb2 as pb
 from mlmesh.monitor.v1 import monitor_service_pb2 as rpc
 from mlmesh.monitor.v1 import monitor_service_pb2_grpc
-from mlmesh_chassis.errors import FieldViolation, InvalidArgument, NotFound
+from mlmesh_chassis.auth import authorize, current_principal
+from mlmesh_chassis.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 
 from mlmesh_monitor import drift as drift_math
 from mlmesh_monitor.analysis import Analysis
@@ -35,6 +39,28 @@ def _distinct(ids: list[str], field: str) -> None:
         seen.add(request_id)
     if violations:
         raise InvalidArgument.listing(violations, SHOWN_VIOLATIONS)
+
+
+def _may_use(model: str) -> None:
+    """PERMISSION_DENIED unless the caller's key may use ``model`` (its
+    model patterns): a key reads and writes only its own models' figures,
+    references and labels."""
+    authorize(current_principal().key, PLATFORM_SERVICE_MONITOR, model=model)
+
+
+def _model_filter() -> Callable[[str], bool]:
+    """Whether the caller's key may use a model (checked per prediction)."""
+    key = current_principal().key
+    authorize(key, PLATFORM_SERVICE_MONITOR)
+
+    def allowed(model: str) -> bool:
+        try:
+            authorize(key, PLATFORM_SERVICE_MONITOR, model=model)
+        except PermissionDenied:
+            return False
+        return True
+
+    return allowed
 
 
 def _duration(ms: float) -> duration_pb2.Duration:
@@ -84,7 +110,9 @@ class MonitorServicer(monitor_service_pb2_grpc.MonitorServiceServicer):
 
     async def RecordFeedback(self, request, context):  # type: ignore[no-untyped-def]
         _distinct([f.request_id for f in request.feedback], "feedback")
-        outcome = await self.store.feedback(list(request.feedback))
+        # Only predictions of models the key may use are labelled; the others
+        # are answered as unknown ids (nothing tells they exist).
+        outcome = await self.store.feedback(list(request.feedback), _model_filter())
         for name, count in (
             ("recorded", outcome.recorded),
             ("unchanged", outcome.unchanged),
@@ -103,6 +131,7 @@ class MonitorServicer(monitor_service_pb2_grpc.MonitorServiceServicer):
         )
 
     async def GetModelQuality(self, request, context):  # type: ignore[no-untyped-def]
+        _may_use(request.model)
         bucket = request.bucket.ToTimedelta() if request.HasField("bucket") else None
         start, end, versions = await self.analysis.quality(
             request.model, request.version, request.window.ToTimedelta(), bucket
@@ -124,11 +153,14 @@ class MonitorServicer(monitor_service_pb2_grpc.MonitorServiceServicer):
         return response
 
     async def SetDriftReference(self, request, context):  # type: ignore[no-untyped-def]
-        reference = drift_math.normalized(request.reference)
+        _may_use(request.reference.model)
+        # Up to 4096 features of 100 edges (~6 MB): checked off the loop.
+        reference = await asyncio.to_thread(drift_math.normalized, request.reference)
         stored = await self.store.set_reference(reference)
         return rpc.SetDriftReferenceResponse(reference=stored)
 
     async def GetDriftReference(self, request, context):  # type: ignore[no-untyped-def]
+        _may_use(request.model)
         reference = await self.store.reference(request.model, request.version)
         if reference is None:
             raise NotFound(
@@ -139,6 +171,7 @@ class MonitorServicer(monitor_service_pb2_grpc.MonitorServiceServicer):
         return rpc.GetDriftReferenceResponse(reference=reference)
 
     async def GetDrift(self, request, context):  # type: ignore[no-untyped-def]
+        _may_use(request.model)
         reference, start, end, rows, worst, features = await self.analysis.drift(
             request.model, request.version, request.window.ToTimedelta(), request.max_rows
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +71,15 @@ class MonitorStore:
                 await conn.execute(predictions.insert(), [_row(p, now) for p in fresh])
         return fresh, len(batch) - len(fresh)
 
-    async def feedback(self, items: Sequence[pb.Feedback]) -> FeedbackOutcome:
+    async def feedback(
+        self,
+        items: Sequence[pb.Feedback],
+        allowed: Callable[[str], bool] = lambda model: True,
+    ) -> FeedbackOutcome:
         """Joins labels to logged predictions (one transaction): first label,
-        same label (nothing changes), or a different one (replaced)."""
+        same label (nothing changes), or a different one (replaced). A
+        prediction of a model ``allowed`` refuses is left alone and counted
+        as unknown, like an id never logged (its existence is not told)."""
         outcome = FeedbackOutcome()
         now = dt.datetime.now(dt.UTC)
         async with self.database.write() as conn:
@@ -82,11 +88,11 @@ class MonitorStore:
             for start in range(0, len(ids), CHUNK):
                 chunk = ids[start : start + CHUNK]
                 result = await conn.execute(
-                    sa.select(predictions.c.request_id, predictions.c.label).where(
-                        predictions.c.request_id.in_(chunk)
-                    )
+                    sa.select(
+                        predictions.c.request_id, predictions.c.model, predictions.c.label
+                    ).where(predictions.c.request_id.in_(chunk))
                 )
-                labels.update({row.request_id: row.label for row in result})
+                labels.update({row.request_id: row.label for row in result if allowed(row.model)})
             for item in items:
                 if item.request_id not in labels:
                     outcome.unknown.append(item.request_id)
@@ -182,22 +188,23 @@ class MonitorStore:
             predictions.c.predicted_label,
             predictions.c.label,
         )
-        return [
-            QualityRow(
-                int(r.version),
-                utc(r.time),
-                float(r.latency_ms),
-                r.status,
-                r.predicted_label,
-                r.label,
-            )
-            for r in await self._newest(columns, where, limit)
-        ]
+        rows = await self._newest(columns, where, limit)
+        # Up to quality_max_rows objects: made in a worker thread.
+        return await asyncio.to_thread(_quality_rows, rows)
 
     async def feature_rows(
-        self, model: str, version: int, start: dt.datetime, end: dt.datetime, limit: int
+        self,
+        model: str,
+        version: int,
+        start: dt.datetime,
+        end: dt.datetime,
+        limit: int,
+        width: int = 4096,
     ) -> list[bytes]:
-        """A version's newest logged feature vectors in a window (at most ``limit``)."""
+        """A version's newest logged feature vectors in a window (at most
+        ``limit``), each cut to its first ``width`` features in the
+        database: a read holds limit x width floats, never the whole
+        vectors (up to 4096 each) when the reference needs fewer."""
         where = (
             (predictions.c.model == model)
             & (predictions.c.version == version)
@@ -206,8 +213,10 @@ class MonitorStore:
             & (predictions.c.status == "OK")
             & (sa.func.length(predictions.c.features) > 0)
         )
+        # substr over a BLOB (SQLite) or bytea (PostgreSQL) counts bytes.
+        head = sa.func.substr(predictions.c.features, 1, 4 * width, type_=sa.LargeBinary)
         return [
-            bytes(r.features) for r in await self._newest((predictions.c.features,), where, limit)
+            bytes(r.features) for r in await self._newest((head.label("features"),), where, limit)
         ]
 
     async def _newest(
@@ -252,11 +261,18 @@ class MonitorStore:
             return [(r.model, int(r.version)) for r in result]
 
     async def low_confidence(
-        self, model: str, since: dt.datetime, threshold: float, limit: int
+        self,
+        model: str,
+        since: dt.datetime,
+        threshold: float,
+        limit: int,
+        skip: Collection[str] = (),
     ) -> tuple[int, int, list[pb.Prediction]]:
         """A model's classifier predictions since ``since`` (answered, with a
         label): how many, how many under ``threshold``, and the newest of
-        those (at most ``limit``)."""
+        those whose request id is not in ``skip`` (at most ``limit``). Only
+        ids are read to pass over ``skip``; whole rows (features up to 16 KiB
+        each) only for the ``limit`` returned, made in a worker thread."""
         base = (
             (predictions.c.model == model)
             & (predictions.c.time >= since)
@@ -265,14 +281,37 @@ class MonitorStore:
         )
         low = base & (predictions.c.confidence < threshold)
         count = sa.select(sa.func.count()).select_from(predictions)
+        newest = (predictions.c.time.desc(), predictions.c.request_id.desc())
         async with self.database.read() as conn:
             total = int(await conn.scalar(count.where(base)) or 0)
             under = int(await conn.scalar(count.where(low)) or 0)
-            result = await conn.execute(
-                sa.select(predictions).where(low).order_by(predictions.c.time.desc()).limit(limit)
+            ids = await conn.execute(
+                sa.select(predictions.c.request_id)
+                .where(low)
+                .order_by(*newest)
+                .limit(limit + len(skip))
             )
-            rows = [_message(r) for r in result]
+            fresh = [r.request_id for r in ids if r.request_id not in skip][:limit]
+            result = await conn.execute(
+                sa.select(predictions).where(predictions.c.request_id.in_(fresh)).order_by(*newest)
+            )
+            raw = list(result)
+        rows = await asyncio.to_thread(lambda: [_message(r) for r in raw])
         return total, under, rows
+
+
+def _quality_rows(rows: Sequence[Any]) -> list[QualityRow]:
+    return [
+        QualityRow(
+            int(r.version),
+            utc(r.time),
+            float(r.latency_ms),
+            r.status,
+            r.predicted_label,
+            r.label,
+        )
+        for r in rows
+    ]
 
 
 async def _existing(conn, ids: list[str]) -> set[str]:  # type: ignore[no-untyped-def]

@@ -51,6 +51,11 @@ VERDICTS = ("PRIMARY_CORRECT", "ALTERNATIVE_CORRECT", "BOTH_CORRECT", "BOTH_WRON
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# A page of ListItems holds items of at most this many characters of text
+# in all (always at least one item): a character is at most 4 bytes of
+# UTF-8, so a page stays under the 16 MiB message limit however large the
+# items are (up to ~130 KiB of text each; 500 of them would not fit).
+PAGE_CHARS = 3 * 1024 * 1024
 MAX_EXPORT_ITEMS = 10_000
 _ITEM_ID = re.compile(r"[0-9a-f]{24}")
 
@@ -141,6 +146,20 @@ def effective_state(row: Any, now: int) -> str:
     return str(row.state)
 
 
+# The columns whose length makes an item's size on the wire.
+_TEXTS = (
+    items.c.source_id,
+    items.c.inputs,
+    items.c.primary_output,
+    items.c.alternative_output,
+    items.c.context,
+    items.c.request_id,
+    items.c.correct_label,
+    items.c.note,
+    items.c.escalation_reason,
+)
+
+
 def _live_claim_by_other(me: str, now: int) -> sa.ColumnElement[bool]:
     return sa.and_(
         items.c.state == CLAIMED, items.c.claim_holder != me, items.c.claim_expire_us > now
@@ -208,7 +227,8 @@ class ReviewQueue:
         if page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        query = sa.select(items).order_by(items.c.id).limit(size + 1)
+        chars = sum((sa.func.length(column) for column in _TEXTS), sa.literal(0))
+        query = sa.select(items.c.id, chars.label("chars")).order_by(items.c.id).limit(size + 1)
         if page_token:
             query = query.where(items.c.id > decode_token(page_token, filters))
         if filters.state:
@@ -218,9 +238,23 @@ class ReviewQueue:
         if filters.model:
             query = query.where(items.c.model == filters.model)
         async with self.db.read() as c:
-            rows = list((await c.execute(query)).all())
-        if len(rows) > size:
-            return rows[:size], encode_token(rows[size - 1].id, filters)
+            # The ids and sizes first; whole rows only for the page.
+            heads = list((await c.execute(query)).all())
+            chosen: list[str] = []
+            total = 0
+            for head in heads[:size]:
+                if chosen and total + int(head.chars or 0) > PAGE_CHARS:
+                    break
+                chosen.append(head.id)
+                total += int(head.chars or 0)
+            rows = []
+            if chosen:
+                found = await c.execute(
+                    sa.select(items).where(items.c.id.in_(chosen)).order_by(items.c.id)
+                )
+                rows = list(found.all())
+        if len(heads) > len(chosen):
+            return rows, encode_token(chosen[-1], filters)
         return rows, ""
 
     async def decided(
@@ -259,7 +293,7 @@ class ReviewQueue:
         sources: Sequence[str],
         decided_after_us: int,
         limit: int,
-        page_size: int = 500,
+        page_size: int = 100,
     ) -> AsyncIterator[list[Any]]:
         """At most ``limit`` DECIDED items in pages (bounded memory)."""
         after: tuple[int, str] | None = None

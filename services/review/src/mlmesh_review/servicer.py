@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from mlmesh.gateway.v1.gateway_pb2 import PlatformService as S
+from mlmesh.review.v1 import review_pb2 as pb
 from mlmesh.review.v1 import review_service_pb2 as rpc
 from mlmesh.review.v1 import review_service_pb2_grpc
 from mlmesh_chassis.auth import authorize, current_principal
+from mlmesh_chassis.errors import FieldViolation, InvalidArgument
 from mlmesh_sdk.registry import RegistryClient
 
 from mlmesh_review import export
@@ -36,6 +38,16 @@ class ReviewServicer(review_service_pb2_grpc.ReviewServiceServicer):
 
     async def SubmitItems(self, request, context):  # type: ignore[no-untyped-def]
         submitter = current_principal().key_id
+        # A user report's source id names its reporter (the verified key):
+        # only ReportPrediction makes them, or a source could take a user's
+        # report in advance (the same source id is one item).
+        reports = [
+            FieldViolation(f"items[{i}].source", "USER_REPORT items come from ReportPrediction")
+            for i, item in enumerate(request.items)
+            if item.source == pb.ITEM_SOURCE_USER_REPORT
+        ]
+        if reports:
+            raise InvalidArgument.listing(reports, 5)
         rows, created = await self.queue.submit([draft_of(i) for i in request.items], submitter)
         now = now_us()
         return rpc.SubmitItemsResponse(

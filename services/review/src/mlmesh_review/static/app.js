@@ -156,7 +156,9 @@ function defaults(schema) {
     if (repeated) out[name] = [];
     else if (type === "string") out[name] = "";
     else if (type === "bytes") out[name] = new Uint8Array(0);
-    else if (type === "map") out[name] = {};
+    // No prototype: a key such as "__proto__" (the contract's key pattern
+    // allows it) stays an entry the reviewer sees, never the object's parent.
+    else if (type === "map") out[name] = Object.create(null);
     else if (type === "message") out[name] = null;
     else if (type === "bool") out[name] = false;
     else out[name] = 0;
