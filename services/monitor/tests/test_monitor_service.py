@@ -538,3 +538,22 @@ def test_buckets_by_bisection_match_a_plain_filter():
         assert sum(b.request_count for b in v.buckets) == len(
             [r for r in mine if start <= r.time < end]
         )
+
+
+def test_a_window_lists_at_most_the_busiest_classes():
+    """Labels are callers' text: one QualityFigures lists the 100 classes
+    seen most often, says how many it left out, and its macro figures count
+    every class."""
+    import datetime as dt
+
+    from mlmesh_monitor.quality import MAX_LISTED_CLASSES, figures
+    from mlmesh_monitor.store import QualityRow
+
+    now = dt.datetime.now(dt.UTC)
+    rows = [QualityRow(1, now, 1.0, "OK", "0", "0") for _ in range(50)]
+    rows += [QualityRow(1, now, 1.0, "OK", "0", f"junk-{i}") for i in range(500)]
+    out = figures(rows, now - dt.timedelta(hours=1), now)
+    assert len(out.classes) == MAX_LISTED_CLASSES
+    assert out.classes_omitted == 501 - MAX_LISTED_CLASSES
+    assert out.classes[0].label == "0" and out.classes[0].support == 50  # the busiest stays
+    assert out.macro_recall == pytest.approx(1 / 501)  # class "0" recalled, 500 never

@@ -462,3 +462,41 @@ async def test_sources_cannot_submit_user_reports(review: Review) -> None:
     report = rpc.ReportPredictionRequest(request_id="req-squat", model="digits", reason="wrong")
     mine = (await review.stubs["user"].ReportPrediction(report)).item
     assert mine.submitter_key_id == KEY_IDS["user"]
+
+
+async def test_one_key_cannot_fill_the_queue_with_reports(review: Review) -> None:
+    """A key's undecided reports are capped (100 by default): the next one
+    is RESOURCE_EXHAUSTED with a QuotaFailure naming the key, until a
+    reviewer decides one."""
+    user = review.stubs["otheruser"]
+
+    def report(n: int) -> rpc.ReportPredictionRequest:
+        return rpc.ReportPredictionRequest(request_id=f"flood-{n}", model="digits", reason="x")
+
+    refused = None
+    for n in range(150):
+        try:
+            await user.ReportPrediction(report(n))
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refused = n
+            break
+    assert refused is not None, "150 reports were all queued"
+    details = await expect_error(
+        user.ReportPrediction(report(refused)), grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert details.quota_failure is not None
+    assert details.quota_failure.violations[0].subject == f"key:{KEY_IDS['otheruser']}"
+    listed = await review.stubs["reviewera"].ListItems(
+        rpc.ListItemsRequest(source=pb.ITEM_SOURCE_USER_REPORT, page_size=500)
+    )
+    waiting = [
+        i
+        for i in listed.items
+        if i.submitter_key_id == KEY_IDS["otheruser"] and i.state != pb.ITEM_STATE_DECIDED
+    ]
+    assert len(waiting) == 100
+    await review.stubs["reviewera"].SubmitVerdict(
+        rpc.SubmitVerdictRequest(name=waiting[0].name, verdict=pb.VERDICT_OTHER)
+    )
+    await user.ReportPrediction(report(refused))  # room again

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from mlmesh_monitor.store import QualityRow
 
+# The most classes one QualityFigures lists (the macro figures count all).
+MAX_LISTED_CLASSES = 100
+
 
 @dataclass(frozen=True)
 class ClassFigures:
@@ -38,6 +41,7 @@ class Figures:
     macro_precision: float = 0.0
     macro_recall: float = 0.0
     classes: list[ClassFigures] = field(default_factory=list)
+    classes_omitted: int = 0
 
 
 @dataclass
@@ -85,6 +89,12 @@ def figures(rows: Sequence[QualityRow], start: dt.datetime, end: dt.datetime) ->
         )
     out.macro_precision = sum(c.precision for c in out.classes) / len(out.classes)
     out.macro_recall = sum(c.recall for c in out.classes) / len(out.classes)
+    if len(out.classes) > MAX_LISTED_CLASSES:
+        # Labels are callers' text: list the classes seen most often.
+        busiest = sorted(out.classes, key=lambda c: (-(c.support + c.predicted), c.label))
+        kept = {c.label for c in busiest[:MAX_LISTED_CLASSES]}
+        out.classes_omitted = len(out.classes) - MAX_LISTED_CLASSES
+        out.classes = [c for c in out.classes if c.label in kept]
     return out
 
 

@@ -89,6 +89,7 @@ def _figures(f: Figures) -> pb.QualityFigures:
             )
             for c in f.classes
         ],
+        classes_omitted=f.classes_omitted,
     )
     out.start_time.FromDatetime(f.start)
     out.end_time.FromDatetime(f.end)

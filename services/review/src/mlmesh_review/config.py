@@ -26,6 +26,9 @@ class ReviewSettings(MeteringSettings):
     # SubmitItems refuses new items (RESOURCE_EXHAUSTED) while this many wait
     # OPEN: a runaway source cannot fill the disk.
     max_open_items: int = Field(default=100_000, ge=1, le=100_000_000)
+    # ReportPrediction refuses a key's new reports (RESOURCE_EXHAUSTED) while
+    # this many of its reports wait undecided: one key cannot fill the queue.
+    max_open_reports_per_key: int = Field(default=100, ge=1, le=1_000_000)
     # The reviewers' page (mlmesh_review.web) is served on this port when set
     # (0: any free port; the runner sets it). Unset: gRPC only.
     http_port: int | None = None

@@ -47,6 +47,8 @@ items = sa.Table(
     sa.UniqueConstraint("source", "source_id", name="uq_review_items_source"),
     sa.Index("ix_review_items_state", "state", "id"),
     sa.Index("ix_review_items_model_state", "model", "state", "decide_us"),
+    # A reporter's undecided reports are counted on every ReportPrediction.
+    sa.Index("ix_review_items_submitter_state", "submitter", "state"),
 )
 
 

@@ -206,9 +206,15 @@ def decode_token(token: str, filters: Filters) -> str:
 
 
 class ReviewQueue:
-    def __init__(self, database: Database, max_open_items: int = 100_000) -> None:
+    def __init__(
+        self,
+        database: Database,
+        max_open_items: int = 100_000,
+        max_open_reports_per_key: int = 100,
+    ) -> None:
         self.db = database
         self.max_open_items = max_open_items
+        self.max_open_reports_per_key = max_open_reports_per_key
         # The latest counts by effective state (refresh_stats).
         self.depth: dict[str, int] = dict.fromkeys(STATES, 0)
 
@@ -337,6 +343,26 @@ class ReviewQueue:
             await asyncio.sleep(every_s)
 
     # ---- writes ---------------------------------------------------------------
+
+    async def check_reporter(self, submitter: str) -> None:
+        """Refuses a new user report while ``submitter`` has as many
+        undecided ones as it may: one key cannot fill the queue."""
+        query = (
+            sa.select(sa.func.count())
+            .select_from(items)
+            .where(items.c.submitter == submitter, items.c.state != DECIDED)
+            .where(items.c.source == "USER_REPORT")
+        )
+        async with self.db.read() as c:
+            waiting = int((await c.execute(query)).scalar_one())
+        if waiting >= self.max_open_reports_per_key:
+            raise ResourceExhausted(
+                f"this key has {waiting} reports waiting for review (at most "
+                f"{self.max_open_reports_per_key}); retry once some are decided",
+                [QuotaViolation(f"key:{submitter}", "undecided reports at the maximum")],
+                retry_after_s=600.0,
+                undecided_reports=waiting,
+            )
 
     async def submit(self, drafts: Sequence[Draft], submitter: str) -> tuple[list[Any], int]:
         """Queues ``drafts`` (a source and source id already queued is

@@ -23,7 +23,7 @@ async def build_server(settings: ReviewSettings) -> ServiceHost:
     database = review_database(settings.database)
     await database.migrate()
     admission, meter = metered_calls(settings, PLATFORM_SERVICE_REVIEW)
-    queue = ReviewQueue(database, settings.max_open_items)
+    queue = ReviewQueue(database, settings.max_open_items, settings.max_open_reports_per_key)
     await queue.refresh_stats()
     # Exports are uploaded with this service's own key (its REGISTRY scope):
     # the client's interceptors add it.

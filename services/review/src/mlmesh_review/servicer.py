@@ -70,6 +70,7 @@ class ReviewServicer(review_service_pb2_grpc.ReviewServiceServicer):
             context={"suggested_label": request.suggested_label} if request.suggested_label else {},
             request_id=request.request_id,
         )
+        await self.queue.check_reporter(reporter)
         rows, _ = await self.queue.submit([draft], reporter)
         return rpc.ReportPredictionResponse(item=to_proto(rows[0], now_us()))
 

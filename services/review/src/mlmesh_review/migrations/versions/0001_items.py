@@ -42,3 +42,4 @@ def upgrade() -> None:
     )
     op.create_index("ix_review_items_state", "review_items", ["state", "id"])
     op.create_index("ix_review_items_model_state", "review_items", ["model", "state", "decide_us"])
+    op.create_index("ix_review_items_submitter_state", "review_items", ["submitter", "state"])
