@@ -50,7 +50,7 @@ async def test_an_infer_is_logged_joined_to_feedback_and_measured(full_mesh):
         monitor = monitor_service_pb2_grpc.MonitorServiceStub(channel)
         call = gateway.Infer(
             rpc.InferRequest(
-                model=model_reference_pb2.ModelReference(model="digits"),
+                model=model_reference_pb2.ModelReference(model="digits", alias="champion"),
                 inputs=[
                     pb.InferTensor(
                         name="pixels",
