@@ -12,17 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from google.protobuf import json_format
 from keyring import migrated_gateway_db
-from mlmesh.gateway.v1 import gateway_pb2 as g
-from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.registry.v1 import model_pb2
 from mlmesh.review.v1 import review_pb2
 from mlmesh.review.v1 import review_service_pb2 as review_rpc
 from mlmesh.review.v1.review_service_pb2_grpc import ReviewServiceStub
-from mlmesh_chassis.auth import ServiceIdentity, service_identity, set_service_identity
 from mlmesh_chassis.metrics import REGISTRY
-from mlmesh_chassis.testing import directory_key, keyed_channel
+from mlmesh_chassis.testing import acting_as, keyed_channel
 from mlmesh_gateway.shadows import (
     ShadowComparison,
     ShadowLog,
@@ -30,8 +26,7 @@ from mlmesh_gateway.shadows import (
     render_tensors,
     shadow_results,
 )
-from mlmesh_review.config import ReviewSettings
-from mlmesh_review.server import build_server
+from mlmesh_review.testing import local_review
 
 
 def experiment() -> model_pb2.Experiment:
@@ -55,35 +50,12 @@ class Queue:
 
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[Queue]:
-    """A review service whose bootstrap keys hold the gateway's service key
+    """A review service whose keys hold the gateway's service key
     (REVIEW_SUBMIT, this process's identity meanwhile) and a reviewer's."""
-    gateway_key, gateway_secret = directory_key([g.PLATFORM_SERVICE_REVIEW_SUBMIT])
-    reviewer_key, reviewer_secret = directory_key([g.PLATFORM_SERVICE_REVIEW])
-    keys = tmp_path / "keys.json"
-    keys.write_text(
-        json_format.MessageToJson(
-            kd.WatchKeysResponse(snapshot=True, keys=[gateway_key, reviewer_key])
-        )
-    )
-    (tmp_path / "gateway.key").write_text(gateway_secret)
-    previous = service_identity()
-    host = await build_server(
-        ReviewSettings(
-            port=0,
-            metrics_port=-1,
-            drain_seconds=0.0,
-            grace_seconds=1.0,
-            bootstrap_keys_file=keys,
-            root=tmp_path / "review",
-            registry_target="127.0.0.1:1",
-        )
-    )
-    set_service_identity(ServiceIdentity(tmp_path / "gateway.key"))
-    target = f"127.0.0.1:{host.port}"
-    async with keyed_channel(target, reviewer_secret) as channel:
-        yield Queue(target, ReviewServiceStub(channel))
-    await host.shutdown()
-    set_service_identity(previous)
+    async with local_review(tmp_path) as review:
+        with acting_as(review.submitter_secret, tmp_path):
+            async with keyed_channel(review.target, review.reviewer_secret) as channel:
+                yield Queue(review.target, ReviewServiceStub(channel))
 
 
 async def settle(runner: ShadowRunner, log: ShadowLog) -> None:

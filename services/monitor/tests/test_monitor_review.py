@@ -10,18 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf import json_format
-from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
-from mlmesh.gateway.v1.gateway_pb2 import PLATFORM_SERVICE_REVIEW, PLATFORM_SERVICE_REVIEW_SUBMIT
 from mlmesh.monitor.v1 import monitor_pb2 as pb
 from mlmesh.review.v1 import review_pb2 as rpb
 from mlmesh.review.v1 import review_service_pb2 as rrpc
 from mlmesh.review.v1 import review_service_pb2_grpc
 from mlmesh_chassis.database import Database
-from mlmesh_chassis.testing import directory_key, keyed_channel
+from mlmesh_chassis.testing import keyed_channel
 from mlmesh_monitor.db import monitor_database
 from mlmesh_monitor.review import LowConfidenceReview, Policy, parse_policies
 from mlmesh_monitor.store import MonitorStore
+from mlmesh_review.testing import local_review
 
 KEY = "0123456789abcdef"
 
@@ -47,39 +45,15 @@ def prediction(i: int, confidence: float, model: str = "digits") -> pb.Predictio
 
 @pytest.fixture
 async def review(tmp_path: Path):
-    from mlmesh_review.config import ReviewSettings
-    from mlmesh_review.server import build_server
-
-    entries, secrets = [], {}
-    for name, scope in (
-        ("submit", PLATFORM_SERVICE_REVIEW_SUBMIT),
-        ("reviewer", PLATFORM_SERVICE_REVIEW),
+    async with (
+        local_review(tmp_path) as local,
+        keyed_channel(local.target, local.submitter_secret) as submit_channel,
+        keyed_channel(local.target, local.reviewer_secret) as reviewer_channel,
     ):
-        entry, secret = directory_key([scope])
-        entries.append(entry)
-        secrets[name] = secret
-    keys = tmp_path / "keys.json"
-    keys.write_text(json_format.MessageToJson(kd.WatchKeysResponse(snapshot=True, keys=entries)))
-    host = await build_server(
-        ReviewSettings(
-            port=0,
-            metrics_port=-1,
-            drain_seconds=0.0,
-            grace_seconds=1.0,
-            bootstrap_keys_file=keys,
-            root=tmp_path / "review",
-            registry_target="127.0.0.1:1",
+        yield (
+            review_service_pb2_grpc.ReviewServiceStub(submit_channel),
+            review_service_pb2_grpc.ReviewServiceStub(reviewer_channel),
         )
-    )
-    submit_channel = keyed_channel(f"127.0.0.1:{host.port}", secrets["submit"])
-    reviewer_channel = keyed_channel(f"127.0.0.1:{host.port}", secrets["reviewer"])
-    yield (
-        review_service_pb2_grpc.ReviewServiceStub(submit_channel),
-        review_service_pb2_grpc.ReviewServiceStub(reviewer_channel),
-    )
-    await submit_channel.close()
-    await reviewer_channel.close()
-    await host.shutdown()
 
 
 @pytest.fixture

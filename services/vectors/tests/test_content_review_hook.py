@@ -9,17 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from google.protobuf import json_format
-from mlmesh.gateway.v1 import gateway_pb2 as g
-from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
 from mlmesh.review.v1 import review_pb2
 from mlmesh.review.v1 import review_service_pb2 as review_rpc
 from mlmesh.review.v1.review_service_pb2_grpc import ReviewServiceStub
 from mlmesh.vectors.v1 import vectors_pb2 as pb
-from mlmesh_chassis.auth import ServiceIdentity, service_identity, set_service_identity
-from mlmesh_chassis.testing import directory_key, keyed_channel
-from mlmesh_review.config import ReviewSettings
-from mlmesh_review.server import build_server
+from mlmesh_chassis.testing import acting_as, keyed_channel
+from mlmesh_review.testing import local_review
 from mlmesh_sdk.review import ReviewSubmitter
 from mlmesh_vectors.engine.base import Hit
 from mlmesh_vectors.review_hook import ContentReviews
@@ -51,35 +46,12 @@ def test_which_checks_are_near_the_threshold() -> None:
 
 @pytest.fixture
 async def reviewer(tmp_path: Path) -> AsyncIterator[tuple[str, ReviewServiceStub]]:
-    """A review service whose bootstrap keys hold this process's service key
+    """A review service whose keys hold this process's service key
     (REVIEW_SUBMIT, as the vector service's) and a reviewer's."""
-    submitter_key, submitter_secret = directory_key([g.PLATFORM_SERVICE_REVIEW_SUBMIT])
-    reviewer_key, reviewer_secret = directory_key([g.PLATFORM_SERVICE_REVIEW])
-    keys = tmp_path / "keys.json"
-    keys.write_text(
-        json_format.MessageToJson(
-            kd.WatchKeysResponse(snapshot=True, keys=[submitter_key, reviewer_key])
-        )
-    )
-    (tmp_path / "vectors.key").write_text(submitter_secret)
-    previous = service_identity()
-    host = await build_server(
-        ReviewSettings(
-            port=0,
-            metrics_port=-1,
-            drain_seconds=0.0,
-            grace_seconds=1.0,
-            bootstrap_keys_file=keys,
-            root=tmp_path / "review",
-            registry_target="127.0.0.1:1",
-        )
-    )
-    set_service_identity(ServiceIdentity(tmp_path / "vectors.key"))
-    target = f"127.0.0.1:{host.port}"
-    async with keyed_channel(target, reviewer_secret) as channel:
-        yield target, ReviewServiceStub(channel)
-    await host.shutdown()
-    set_service_identity(previous)
+    async with local_review(tmp_path) as review:
+        with acting_as(review.submitter_secret, tmp_path):
+            async with keyed_channel(review.target, review.reviewer_secret) as channel:
+                yield review.target, ReviewServiceStub(channel)
 
 
 async def test_near_checks_reach_the_review_queue(reviewer) -> None:

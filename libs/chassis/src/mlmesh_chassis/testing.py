@@ -176,3 +176,20 @@ def keyed_channel(target: str, secret: str) -> grpc.aio.Channel:
     from mlmesh_chassis.interceptors import api_key_interceptors
 
     return grpc.aio.insecure_channel(target, interceptors=api_key_interceptors(secret))
+
+
+@contextlib.contextmanager
+def acting_as(secret: str, folder: Path) -> Iterator[None]:
+    """This process's service identity is the key ``secret`` meanwhile (a
+    chassis global: what a service's own outgoing calls carry), then the
+    previous one again."""
+    from mlmesh_chassis.auth import ServiceIdentity, service_identity, set_service_identity
+
+    path = folder / f"service-{secrets.token_hex(4)}.key"
+    path.write_text(secret)
+    previous = service_identity()
+    set_service_identity(ServiceIdentity(path))
+    try:
+        yield
+    finally:
+        set_service_identity(previous)
