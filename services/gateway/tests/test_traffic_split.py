@@ -9,7 +9,7 @@ import pytest
 from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1 import model_pb2
 from mlmesh.registry.v1.model_pb2 import ModelVersion
-from mlmesh_gateway.shadows import ShadowRunner
+from mlmesh_gateway.shadows import ShadowComparison, ShadowRunner
 from mlmesh_gateway.traffic_split import Split, TrafficSplit
 from mlmesh_serving import ServedVersions
 
@@ -117,11 +117,11 @@ async def test_a_shadow_is_recorded_with_its_agreement():
     runner = ShadowRunner(log)  # type: ignore[arg-type]
     ab = experiment("ab", (1, 100), shadow=2)
 
-    async def close() -> float:
-        return 1e-4
+    async def close() -> ShadowComparison:
+        return ShadowComparison(1e-4)
 
-    async def far() -> float:
-        return 0.5
+    async def far() -> ShadowComparison:
+        return ShadowComparison(0.5)
 
     runner.mirror("call-1", ab, "digits", (1, 2), close)
     runner.mirror("call-2", ab, "digits", (1, 2), far)
@@ -138,7 +138,7 @@ async def test_shadows_never_queue_and_never_fail_the_caller(caplog: pytest.LogC
     ab = experiment("ab", (1, 100), shadow=2)
     release = asyncio.Event()
 
-    async def slow() -> float:
+    async def slow() -> ShadowComparison:
         await release.wait()
         raise RuntimeError("the shadow version broke")
 

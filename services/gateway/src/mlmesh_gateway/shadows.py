@@ -207,12 +207,12 @@ class ShadowRunner:
         experiment: model_pb2.Experiment,
         model: str,
         versions: tuple[int, int],
-        difference: Callable[[], Awaitable[float | ShadowComparison]],
+        difference: Callable[[], Awaitable[ShadowComparison]],
     ) -> None:
         """Runs ``difference()`` (the shadow's answer against the primary's:
-        the max absolute difference, or a ShadowComparison carrying the
-        texts a reviewer sees) for ``versions`` (primary, shadow) and
-        records it under the primary's ``call_id``."""
+        the max absolute difference and, when they disagree, the texts a
+        reviewer sees) for ``versions`` (primary, shadow) and records it
+        under the primary's ``call_id``."""
         shadows = self.shadows
         if shadows is None or self._running.locked():
             return
@@ -221,9 +221,8 @@ class ShadowRunner:
             async with self._running:
                 deadline_var.set(time.monotonic() + SHADOW_TIMEOUT_S)
                 try:
-                    found = await difference()
-                    comparison = found if isinstance(found, ShadowComparison) else None
-                    diff = found.diff if isinstance(found, ShadowComparison) else found
+                    comparison = await difference()
+                    diff = comparison.diff
                     await shadows.record(
                         call_id,
                         experiment.name,
