@@ -15,8 +15,6 @@ reason (the row keeps CLAIMED until the next change: nothing sweeps).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import re
@@ -37,6 +35,7 @@ from mlmesh_chassis.errors import (
     ResourceExhausted,
 )
 from mlmesh_chassis.metrics import REGISTRY
+from mlmesh_chassis.pagination import decode_page_token, encode_page_token
 from prometheus_client import Counter, Gauge
 from sqlalchemy import exc
 
@@ -135,8 +134,9 @@ class Filters:
     source: str = ""
     model: str = ""
 
-    def digest(self) -> str:
-        return f"{self.state}|{self.source}|{self.model}"
+    def query(self) -> dict[str, str]:
+        """What a page token is bound to."""
+        return {"state": self.state, "source": self.source, "model": self.model}
 
 
 def effective_state(row: Any, now: int) -> str:
@@ -183,25 +183,12 @@ def _state_clause(state: str, now: int) -> sa.ColumnElement[bool]:
     return items.c.state == state
 
 
-def encode_token(last_id: str, filters: Filters) -> str:
-    raw = json.dumps({"after": last_id, "filters": filters.digest()}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 def decode_token(token: str, filters: Filters) -> str:
-    bad = InvalidArgument.field("page_token", "is not a token this list returned")
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError) as error:
-        raise bad from error
-    if not isinstance(value, dict):
-        raise bad
-    after, digest = value.get("after"), value.get("filters")
+    """The item id a page token continues after (the chassis' key token,
+    bound to the filters)."""
+    after = decode_page_token(token, filters.query())
     if not isinstance(after, str) or not _ITEM_ID.fullmatch(after):
-        raise bad
-    if digest != filters.digest():
-        raise InvalidArgument.field("page_token", "was made for other filters")
+        raise InvalidArgument.field("page_token", "is not a token this list returned")
     return after
 
 
@@ -260,7 +247,7 @@ class ReviewQueue:
                 )
                 rows = list(found.all())
         if len(heads) > len(chosen):
-            return rows, encode_token(chosen[-1], filters)
+            return rows, encode_page_token(chosen[-1], filters.query())
         return rows, ""
 
     async def decided(

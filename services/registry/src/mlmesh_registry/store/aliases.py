@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh_chassis.errors import Aborted, FailedPrecondition, NotFound
+from mlmesh_chassis.pagination import decode_page_token
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mlmesh_registry import db
@@ -24,7 +25,7 @@ from mlmesh_registry.store.base import (
     page,
     timestamp,
 )
-from mlmesh_registry.validation import decode_page_token, page_size
+from mlmesh_registry.validation import page_size
 
 Action = pb.AliasEvent.Action
 # How far back a rollback looks for the alias' last real change.

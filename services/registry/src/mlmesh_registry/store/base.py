@@ -16,10 +16,11 @@ from google.protobuf.message import Message
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import InvalidArgument, NotFound
+from mlmesh_chassis.pagination import encode_page_token
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mlmesh_registry import db
-from mlmesh_registry.validation import MAX_PAGE_BYTES, encode_page_token
+from mlmesh_registry.validation import MAX_PAGE_BYTES
 
 
 class StoreBase:

@@ -24,6 +24,7 @@ from mlmesh_chassis.errors import (
     InvalidArgument,
     NotFound,
 )
+from mlmesh_chassis.pagination import decode_page_token
 from mlmesh_chassis.validation import violations_of
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,7 +40,7 @@ from mlmesh_registry.store.base import (
     page,
     timestamp,
 )
-from mlmesh_registry.validation import decode_page_token, page_size
+from mlmesh_registry.validation import page_size
 
 Action = pb.ExperimentEvent.Action
 DEFAULT_STICKINESS_KEY = "api_key"

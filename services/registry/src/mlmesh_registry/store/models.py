@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh_chassis.errors import AlreadyExists
+from mlmesh_chassis.pagination import decode_page_token
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mlmesh_registry import db
@@ -25,7 +26,7 @@ from mlmesh_registry.store.base import (
     replace_tags,
     tagged,
 )
-from mlmesh_registry.validation import decode_page_token, page_size
+from mlmesh_registry.validation import page_size
 
 
 class ModelStore(StoreBase):

@@ -11,6 +11,7 @@ from mlmesh.common.v1.model_reference_pb2 import ModelReference
 from mlmesh.registry.v1 import model_pb2 as pb
 from mlmesh.registry.v1 import registry_service_pb2 as rpc
 from mlmesh_chassis.errors import FailedPrecondition, NotFound
+from mlmesh_chassis.pagination import decode_page_token
 
 from mlmesh_registry import db
 from mlmesh_registry.store.base import (
@@ -26,7 +27,7 @@ from mlmesh_registry.store.base import (
     tagged,
 )
 from mlmesh_registry.store.models import insert_model
-from mlmesh_registry.validation import decode_page_token, page_size
+from mlmesh_registry.validation import page_size
 
 
 class VersionStore(StoreBase):
