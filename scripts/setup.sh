@@ -17,6 +17,9 @@ if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
   echo "installing uv"
   "$PYTHON" -m pip install -q "uv==0.13.8"
 fi
+# torch's CPU build, which the lock takes from wheels/ (find-links): copied
+# from a local wheel folder (see scripts/torch-wheel.sh).
+bash scripts/torch-wheel.sh
 # Every workspace member (libs/*, services/*, found by glob) and the dev tools.
 "$PYTHON" -m uv sync --frozen --all-packages --python "$PYTHON" -q
 # Stubs are generated, never committed: regenerate when a proto is newer.
