@@ -60,6 +60,15 @@ def _check(env: Path) -> None:
     )
 
 
+def usable(env: Path) -> bool:
+    """Whether ``env`` has Flink's distribution and a Java runtime (without the
+    pins' stamp: an image's environment, built from the same pins, may not
+    carry the repository's requirements file to compare with)."""
+    return (flink_home(env) / "bin" / "jobmanager.sh").is_file() and (
+        java_home(env) / "bin" / "java"
+    ).is_file()
+
+
 FLINK = SideEnvironment(
     ROOT / "services" / "features" / "flink-requirements.txt", _check, ROOT, python=PYTHON
 )

@@ -18,6 +18,17 @@ the streaming path under the runner, in the foreground.
 
 SIGTERM (the runner's Ctrl-C) stops the demo streamer, cancels the job (its
 checkpoints are retained) and stops the cluster.
+
+**External mode** (``--jobmanager http://HOST:REST_PORT``: a cluster run as
+separate processes or containers, ``python -m mlmesh_features.streaming.cluster
+jobmanager|taskmanager``): the supervisor starts and stops no cluster. It waits
+for the jobmanager and a taskmanager, asks the jobmanager where checkpoints go
+(``execution.checkpointing.dir``: a folder this process must see at the same
+path), cancels a leftover job of its own (``cluster.JOB_NAME``, e.g. from a
+supervisor that was killed), submits from the newest retained checkpoint,
+streams the demo events and serves readiness as above; SIGTERM cancels the
+job (checkpoints retained) and leaves the cluster up. ``--ready-port`` fixes
+the readiness port (a container's health check); 0 is the kernel's choice.
 """
 
 from __future__ import annotations
@@ -38,7 +49,14 @@ from mlmesh_features import expressions as ex
 from mlmesh_features.definitions import Definitions, Source
 from mlmesh_features.store import FeatureStore
 from mlmesh_features.streaming import flinkenv, jobspec
-from mlmesh_features.streaming.cluster import FlinkCluster, FlinkError
+from mlmesh_features.streaming.cluster import (
+    JOB_NAME,
+    FlinkCluster,
+    FlinkError,
+    FlinkRest,
+    check_host,
+    check_port,
+)
 from mlmesh_features.streaming.eventlog import EventLog
 
 log = logging.getLogger("mlmesh.features.streaming")
@@ -80,14 +98,27 @@ def free_port_pair() -> int:
 
 
 class Streaming:
-    """The cluster, its job and the demo streamer."""
+    """The cluster (its own, or an external one at ``jobmanager``), its job
+    and the demo streamer."""
 
-    def __init__(self, root: Path, home: Path, env: Path, *, demo: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        home: Path,
+        env: Path,
+        *,
+        demo: bool,
+        jobmanager: str | None = None,
+        wait_s: float = 300.0,
+    ) -> None:
         self.root = root
         self.home = home
         self.env = env
         self.demo = demo
-        self.cluster: FlinkCluster | None = None
+        self.jobmanager = jobmanager
+        self.wait_s = wait_s
+        self.cluster: FlinkRest | None = None
+        self._local: FlinkCluster | None = None
         self.job_id: str | None = None
         self.stopping = threading.Event()
         self._streamer: threading.Thread | None = None
@@ -101,7 +132,11 @@ class Streaming:
         if not spec["views"]:
             log.info("no streamed views in the definitions in force: no Flink job to run")
             return
-        if not flinkenv.provisioned(self.env):
+        if self.jobmanager is not None:
+            # An image's Flink env carries no pins' stamp: its pieces must be there.
+            if not flinkenv.usable(self.env):
+                raise FlinkError(f"no Flink distribution and Java in {self.env}")
+        elif not flinkenv.provisioned(self.env):
             # The rest of the mesh runs; the streamed views keep their batch values.
             log.error(
                 "the Flink environment %s is not provisioned (python -m "
@@ -114,9 +149,12 @@ class Streaming:
         for source in spec["sources"].values():
             # Flink's file source fails on a folder that is not there yet.
             Path(source["path"]).mkdir(parents=True, exist_ok=True)
-        self.cluster = FlinkCluster(self.home, self.env, free_port_pair())
-        self.cluster.start()
-        log.info("flink cluster up: %s", self.cluster.url)
+        if self.jobmanager is not None:
+            self.cluster = self._external(self.jobmanager)
+        else:
+            self._local = self.cluster = FlinkCluster(self.home, self.env, free_port_pair())
+            self._local.start()
+            log.info("flink cluster up: %s", self.cluster.url)
         self.job_id = self._submit(path)
         if self.demo:
             sources = [defs.sources[name] for name in spec["sources"]]
@@ -124,6 +162,23 @@ class Streaming:
                 target=self._stream_demo, args=(sources,), name="demo-events", daemon=True
             )
             self._streamer.start()
+
+    def _external(self, url: str) -> FlinkRest:
+        """The external cluster at ``url``, once it is up, with no job of ours
+        left running on it."""
+        cluster = FlinkRest(url, self.home, self.env)
+        cluster.prepare_client()
+        log.info("waiting for the flink cluster at %s", cluster.url)
+        cluster.wait_until_up(self.wait_s)
+        checkpoints = cluster.checkpoints_from_jobmanager()
+        log.info("flink cluster up: %s (checkpoints in %s)", cluster.url, checkpoints)
+        for job_id, state in cluster.jobs_named(JOB_NAME):
+            if state not in ("CANCELED", "FAILED", "FINISHED"):
+                # A supervisor killed before it could cancel left it running:
+                # two jobs would write the same output.
+                log.warning("cancelling job %s (%s) left by an earlier run", job_id, state)
+                cluster.cancel(job_id)
+        return cluster
 
     def _submit(self, spec: Path) -> str:
         assert self.cluster is not None
@@ -183,8 +238,10 @@ class Streaming:
         if self.job_id is not None:
             with contextlib.suppress(FlinkError, OSError):
                 self.cluster.cancel(self.job_id)  # its checkpoints are retained
-        self.cluster.stop()
-        log.info("flink cluster stopped")
+                log.info("job %s cancelled", self.job_id)
+        if self._local is not None:
+            self._local.stop()
+            log.info("flink cluster stopped")
 
 
 class Stopped(Exception):
@@ -201,8 +258,10 @@ def _demo_value(column: str, kind: str, rng: random.Random) -> Any:
     return rng.choice(["home", "search", "product", "cart", "checkout"])
 
 
-def _serve_readiness(streaming: Streaming) -> ThreadingHTTPServer:
-    """GET / on a loopback port: 200 once the job runs, 503 before."""
+def _serve_readiness(
+    streaming: Streaming, host: str = "127.0.0.1", port: int = 0
+) -> ThreadingHTTPServer:
+    """GET / on ``host:port``: 200 once the job runs, 503 before."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -219,7 +278,7 @@ def _serve_readiness(streaming: Streaming) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="readiness", daemon=True).start()
     return server
 
@@ -230,9 +289,35 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True, help="the Flink cluster's folder")
     parser.add_argument("--env", type=Path, default=flinkenv.DEFAULT_ENV)
     parser.add_argument("--demo", action="store_true", help="stream demo events")
+    parser.add_argument(
+        "--jobmanager",
+        default=None,
+        help="http://HOST:REST_PORT of an external cluster (start and stop none)",
+    )
+    parser.add_argument("--ready-host", default="127.0.0.1", help="the readiness address")
+    parser.add_argument("--ready-port", type=int, default=0, help="0: the kernel's choice")
+    parser.add_argument(
+        "--wait", type=float, default=300.0, help="seconds to wait for an external cluster"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s flink %(message)s")
-    streaming = Streaming(args.root, args.home, args.env, demo=args.demo)
+    try:
+        if args.jobmanager is not None:
+            FlinkRest(args.jobmanager, args.home, args.env)  # checks the URL
+        ready_host = check_host(args.ready_host)
+        ready_port = check_port(args.ready_port, zero=True)
+        if not 1.0 <= args.wait <= 3600.0:
+            raise ValueError(f"--wait must be 1 to 3600 seconds: {args.wait}")
+    except ValueError as error:
+        parser.error(str(error))
+    streaming = Streaming(
+        args.root,
+        args.home,
+        args.env,
+        demo=args.demo,
+        jobmanager=args.jobmanager,
+        wait_s=args.wait,
+    )
     stop = threading.Event()
 
     def on_signal(*_: Any) -> None:
@@ -242,7 +327,7 @@ def main() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    readiness = _serve_readiness(streaming)
+    readiness = _serve_readiness(streaming, ready_host, ready_port)
     failed = False
     try:
         streaming.start()
