@@ -33,7 +33,7 @@ def test_network_policies_validate_against_the_kubernetes_schema():
         validate.validate(policy, "1.37.0", strict=True)
 
 
-def test_only_the_gateway_and_deployer_reach_triton_and_only_over_grpc():
+def test_only_the_gateway_deployer_and_vectors_reach_triton_and_only_over_grpc():
     kserve = yaml.safe_load((ROOT / "deploy/kserve/triton-runtime.yaml").read_text())
     (grpc_port,) = [p["containerPort"] for p in kserve["spec"]["predictor"]["model"]["ports"]]
     policies = [
@@ -49,9 +49,12 @@ def test_only_the_gateway_and_deployer_reach_triton_and_only_over_grpc():
         for rule in policy["spec"].get("ingress", []):
             # every rule names its peers (an absent `from` admits everyone) ...
             peers = rule["from"]
+            # the gateway (inference), the deployer (model control), vectors
+            # (embeddings: MLMESH_VECTORS_TRITON_TARGET)
             assert {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in peers} <= {
                 "gateway",
                 "deployer",
+                "vectors",
             }
             assert all(set(p) == {"podSelector"} for p in peers)  # no ipBlock, no namespaces
             # ... and admits gRPC only: HTTP (8080) and metrics (8002) stay closed
@@ -82,19 +85,27 @@ def test_envoy_admin_is_never_exposed():
             assert f"targetPort: {admin_port}\n" not in text, path
 
 
-def test_every_chassis_service_takes_traffic_only_from_the_mesh():
+def test_every_chassis_service_takes_traffic_only_from_named_pods_of_the_mesh():
+    """Default deny, then one policy per chassis service that names its
+    callers (Envoy and the services that call it) by pod label; the exact
+    table is in tests/test_k8s_manifests.py."""
     from mlmesh_runner.catalog import CATALOG
 
+    policies = network_policies()
+    deny = policies["default-deny-ingress"]
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     chassis = {s.name for s in CATALOG if s.port_discovery == "port-file"}
-    policy = network_policies()["mesh-services-from-the-mesh-only"]
-    (selector,) = policy["spec"]["podSelector"]["matchExpressions"]
-    assert selector["key"] == "app.kubernetes.io/name" and selector["operator"] == "In"
-    assert chassis <= set(selector["values"]), chassis - set(selector["values"])
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    for rule in policy["spec"]["ingress"]:
-        assert rule["from"] == [
-            {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "mlmesh"}}}
-        ]
+    for name in chassis:
+        policy = policies[f"{name}-from-its-callers"]
+        assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": name}}
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule["from"] and rule["ports"], name  # named peers, named ports
+            assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "envoy"}}} in rule[
+                "from"
+            ]
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, name  # this namespace, no ipBlock
 
 
 def test_the_flink_deployment_runs_the_streaming_job_exactly_once():

@@ -73,7 +73,19 @@ def cluster() -> dict[str, Any]:
 
 
 def deployment() -> dict[str, Any]:
-    return one("batch-service.yaml", "Deployment")
+    """The batch service's workload: a StatefulSet of one (Envoy's writer is
+    its pod 0, batch-0.batch)."""
+    return one("batch-service.yaml", "StatefulSet")
+
+
+def service_config() -> dict[str, str]:
+    (config,) = [
+        d
+        for d in docs("batch-service.yaml")
+        if d["kind"] == "ConfigMap"
+        and {"configMapRef": {"name": d["metadata"]["name"]}} in batch_container()["envFrom"]
+    ]
+    return dict(config["data"])
 
 
 def rayjob() -> dict[str, Any]:
@@ -109,7 +121,10 @@ def all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def env(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    """A container's plain values: its ConfigMap's (the batch service's) and its own."""
+    values = service_config() if container.get("envFrom") else {}
+    values.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return values
 
 
 def batch_container() -> dict[str, Any]:
@@ -195,7 +210,14 @@ def test_the_kustomization_builds_the_cluster_and_the_service():
         [kubectl, "kustomize", str(KUBERAY)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(built) if d)
-    assert kinds == ["Deployment", "PersistentVolumeClaim", "RayCluster", "Service"]
+    assert kinds == [
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "RayCluster",
+        "Service",
+        "StatefulSet",
+    ]
 
 
 # --- KubeRay's fields, without its schema -------------------------------------
@@ -232,12 +254,18 @@ def test_the_cluster_runs_the_ray_the_batch_service_pins():
     (line,) = [line for line in pyproject.splitlines() if '"ray[' in line]
     version = line.split("==")[1].strip('",')
     assert cluster()["spec"]["rayVersion"] == version
-    images = {c["image"] for pod in pod_templates().values() for c in all_containers(pod)}
-    # one image everywhere: the drivers, the head and the workers share Ray,
-    # Python and mlmesh_batch; named like the other manifests' images
-    assert len(images) == 1, images
-    (image,) = images
-    assert image.startswith("mlmesh/") and ":" in image
+    images = {
+        c["image"]
+        for name, pod in pod_templates().items()
+        for c in all_containers(pod)
+        if (name, c["name"]) != ("batch service", "batch")
+    }
+    # one Ray image on every Ray node and client: the head, the workers, the
+    # drivers' sidecar node and the submitter share Ray and Python; the
+    # service runs the batch image, built FROM the same services
+    # environment (deploy/docker). Tags come from deploy/k8s's overlays.
+    assert images == {"mlmesh/ray"}, images
+    assert batch_container()["image"] == "mlmesh/batch"
 
 
 def test_the_rayjob_runs_the_driver_on_the_cluster():
@@ -378,7 +406,8 @@ def test_the_service_settings_are_batch_settings_and_point_at_the_cluster(monkey
     from mlmesh_batch.config import BatchSettings
 
     container = batch_container()
-    names = {e["name"] for e in container["env"] if e["name"].startswith("MLMESH_BATCH_")}
+    names = {e["name"] for e in container["env"]} | set(service_config())
+    names = {n for n in names if n.startswith("MLMESH_BATCH_")}
     unknown = {
         n
         for n in names
@@ -408,7 +437,8 @@ def test_the_service_settings_are_batch_settings_and_point_at_the_cluster(monkey
 def test_one_service_instance_owns_the_jobs():
     spec = deployment()["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"]["type"] == "Recreate"  # never two at once
+    # a StatefulSet never runs two pods of one ordinal: never two at once
+    assert deployment()["kind"] == "StatefulSet" and spec["serviceName"] == "batch"
     mounts = {m["mountPath"]: m["name"] for m in batch_container()["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     root = env(batch_container())["MLMESH_BATCH_ROOT"]
@@ -445,18 +475,26 @@ def test_the_service_serves_grpc_health_on_its_port():
     service = one("batch-service.yaml", "Service")
     labels = deployment()["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
-    (service_port,) = service["spec"]["ports"]
+    (service_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
     assert service_port["targetPort"] == "grpc"
     assert service["metadata"]["name"] == REGISTRATION.name
+    # headless, so that Envoy's writer (batch-0.batch) resolves
+    assert service["spec"]["clusterIP"] == "None"
 
 
 def test_the_ray_pods_and_the_service_are_in_the_mesh():
-    """The mesh's NetworkPolicy admits traffic to the registry, the gateway
-    and the batch pod (its raylet included) only from pods of the mesh."""
+    """The Ray pods reach the registry (model downloads) and the batch pod's
+    raylet, and each other; the NetworkPolicies name them by KubeRay's label."""
     for name, pod in pod_templates().items():
         assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mlmesh", name
-    policies = yaml.safe_load_all((ROOT / "deploy/network/network-policies.yaml").read_text())
-    (mesh,) = [p for p in policies if p["metadata"]["name"] == "mesh-services-from-the-mesh-only"]
-    (selector,) = mesh["spec"]["podSelector"]["matchExpressions"]
+    policies = {
+        p["metadata"]["name"]: p
+        for p in yaml.safe_load_all((ROOT / "deploy/network/network-policies.yaml").read_text())
+    }
+    ray = {"podSelector": {"matchLabels": {"ray.io/cluster": cluster()["metadata"]["name"]}}}
     labels = deployment()["spec"]["template"]["metadata"]["labels"]
-    assert labels["app.kubernetes.io/name"] in selector["values"]
+    batch = policies["batch-ray"]
+    assert batch["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert batch["spec"]["ingress"] == [{"from": [ray]}]
+    assert ray in policies["registry-from-its-callers"]["spec"]["ingress"][0]["from"]
+    assert policies["ray-cluster"]["spec"]["podSelector"] == ray["podSelector"]
