@@ -28,6 +28,9 @@ from typing import Literal
 from google.protobuf import descriptor
 
 ENTRY_POINT_GROUP = "mlmesh.services"
+# The display name of a service's bootstrap key (the operator's tooling makes
+# one per service; metering finds ``billed_by`` services' key ids by it).
+SERVICE_KEY_NAME = "service {}"
 DEFAULT_REGION = "local"
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9]{0,30}")
 ENV_PREFIX_PATTERN = re.compile(r"MLMESH_[A-Z][A-Z0-9]{0,30}_")
@@ -37,14 +40,17 @@ ENV_PREFIX_PATTERN = re.compile(r"MLMESH_[A-Z][A-Z0-9]{0,30}_")
 class RunContext:
     """What a registration's callables may use when the runner starts it:
     the state directory, the instances started so far (``llm``, ``llm.1``,
-    ...) and the region each instance is placed in."""
+    ...), the region each instance is placed in, and the host each instance
+    is reached at (default 127.0.0.1; Compose's bridge networks name each
+    service's container)."""
 
     state: Path
     ports: dict[str, int]
     regions: dict[str, str] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)
 
     def address(self, service: str) -> str:
-        return f"127.0.0.1:{self.ports[service]}"
+        return f"{self.hosts.get(service, '127.0.0.1')}:{self.ports[service]}"
 
     def region(self, instance: str) -> str:
         return self.regions.get(instance, DEFAULT_REGION)
@@ -155,7 +161,7 @@ class ServiceRegistration:
     # Services whose calls to it are billed elsewhere, so it does not meter
     # them again (the gateway bills the application's key for the traffic it
     # relays to the llm). Their service keys' ids reach it as
-    # <env_prefix>UNMETERED_KEY_IDS.
+    # <env_prefix>UNMETERED_SERVICES (resolved through the bootstrap keys).
     billed_by: tuple[str, ...] = ()
     # Whether its first instance is the only writer: with replicas, Envoy
     # sends its writing methods (those not NO_SIDE_EFFECTS) to the first

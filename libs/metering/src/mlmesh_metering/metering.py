@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlmesh_chassis.auth import CallAdmission, Principal, peer_target
+from mlmesh_chassis.auth import CallAdmission, Principal, peer_target, read_bootstrap_keys
 from mlmesh_chassis.config import ServiceSettings
 from mlmesh_chassis.database import Database
 from mlmesh_chassis.errors import QuotaViolation, ResourceExhausted
 from mlmesh_chassis.metrics import REGISTRY
+from mlmesh_chassis.registration import SERVICE_KEY_NAME
 from prometheus_client import Counter
 
 from mlmesh_metering.batcher import UsageBatcher
@@ -71,6 +72,12 @@ class MeteringSettings(ServiceSettings):
     # gateway's service key on the llm): an operator's setting, never a
     # caller's. Their calls pass unmetered.
     unmetered_key_ids: str = ""
+    # The same by service name ("gateway"): each name's service key id is
+    # read from the bootstrap key directory (``bootstrap_keys_file``, where
+    # the operator's tooling names a service's key "service <name>"), for
+    # deployments whose key ids exist only once the keys are made (Compose's
+    # init step). A name the directory lacks is an error at start.
+    unmetered_services: str = ""
 
 
 @dataclass
@@ -339,5 +346,25 @@ def metered_calls(
     if not (settings.usage_target or settings.usage_target_file):
         return None, None
     meter = Metering.from_settings(settings, service=service)
-    unmetered = frozenset(i for i in settings.unmetered_key_ids.split(",") if i)
-    return call_admission(meter, unmetered), meter
+    return call_admission(meter, unmetered_key_ids(settings)), meter
+
+
+def unmetered_key_ids(settings: MeteringSettings) -> frozenset[str]:
+    """The key ids whose calls pass unmetered: ``unmetered_key_ids`` and the
+    service keys of ``unmetered_services`` (from the bootstrap directory)."""
+    ids = {i for i in settings.unmetered_key_ids.split(",") if i}
+    names = [n.strip() for n in settings.unmetered_services.split(",") if n.strip()]
+    if not names:
+        return frozenset(ids)
+    if settings.bootstrap_keys_file is None:
+        raise ValueError("unmetered_services needs bootstrap_keys_file (the key directory)")
+    by_name = {
+        entry.key.display_name: entry.key.id
+        for entry in read_bootstrap_keys(settings.bootstrap_keys_file)
+    }
+    for name in names:
+        key_id = by_name.get(SERVICE_KEY_NAME.format(name))
+        if not key_id:
+            raise ValueError(f"unmetered service {name[:40]!r} has no key in the bootstrap keys")
+        ids.add(key_id)
+    return frozenset(ids)

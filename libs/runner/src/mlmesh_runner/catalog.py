@@ -8,6 +8,8 @@ nothing here names it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlmesh_chassis.registration import (
     RunContext,
     ServiceRegistration,
@@ -24,9 +26,40 @@ CATALOG: list[ServiceSpec] = list(registrations())
 # service follows its directory.
 KEY_DIRECTORY_SERVICE = key_directory_service()
 
+
+def service_env(
+    spec: ServiceSpec,
+    ctx: RunContext,
+    *,
+    instance: str,
+    port: int,
+    port_file: Path,
+    http_port: int,
+    key_env: dict[str, str],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A service's environment as two layers: its registration's defaults
+    (which the caller's environment may override) and what is fixed (its
+    registration's fixed_env, its port, port file, instance, HTTP port, key
+    settings). The runner and the Compose generator both start a service
+    with these."""
+    defaults = dict(spec.env(ctx))
+    fixed = {
+        **spec.fixed_env,
+        f"{spec.env_prefix}PORT": str(port),
+        f"{spec.env_prefix}PORT_FILE": str(port_file),
+        # Which instance it is (``vectors``, ``vectors.1``, ...).
+        f"{spec.env_prefix}INSTANCE": instance,
+        **({f"{spec.env_prefix}HTTP_PORT": str(http_port)} if spec.http_routes else {}),
+        **key_env,
+        "PYTHONUNBUFFERED": "1",
+    }
+    return defaults, fixed
+
+
 __all__ = [
     "CATALOG",
     "KEY_DIRECTORY_SERVICE",
     "RunContext",
     "ServiceSpec",
+    "service_env",
 ]

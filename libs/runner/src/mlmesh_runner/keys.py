@@ -9,19 +9,31 @@ services can call each other before the gateway is up. Rotate a service's
 key with KeyService.RotateKey and write the new secret into its file: the
 service re-reads it within a second. In Kubernetes the same files are
 Secrets (deploy/).
+
+``python -m mlmesh_runner.keys --state DIR`` makes them for every registered
+service (Compose's init step); it prints no secret.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import json_format
+from mlmesh_chassis.registration import SERVICE_KEY_NAME
+
+if TYPE_CHECKING:
+    from mlmesh_chassis.registration import ServiceRegistration
 
 ADMIN = "admin"
+# The bootstrap key directory, in the secrets folder.
+DIRECTORY_FILE = "bootstrap-keys.json"
 
 
 @dataclass(frozen=True)
@@ -45,9 +57,12 @@ def _private_file(path: Path, make: str) -> str:
 
 
 def ensure_bootstrap_keys(
-    state: Path, services: Iterable[tuple[str, Iterable[str]]]
+    state: Path,
+    services: Iterable[tuple[str, Iterable[str]]],
+    admin_file: Path | None = None,
 ) -> BootstrapKeys:
-    """Makes (once) the admin key and a key per ``(service, scope names)``
+    """Makes (once) the admin key (``<state>/admin.key`` unless
+    ``admin_file`` says otherwise) and a key per ``(service, scope names)``
     (names such as "REGISTRY_READ"), and writes the bootstrap directory."""
     from mlmesh.gateway.v1 import gateway_pb2 as pb
     from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
@@ -60,7 +75,7 @@ def ensure_bootstrap_keys(
     folder = state / "secrets"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     entries = []
-    admin_file = state / "admin.key"
+    admin_file = admin_file or state / "admin.key"
     wanted = [(ADMIN, admin_file, ["ADMIN"])]
     service_files = {}
     for name, scopes in services:
@@ -72,7 +87,7 @@ def ensure_bootstrap_keys(
         service_ids[name] = secret.split("_")[1]
         key = pb.Key(
             id=service_ids[name],
-            display_name=f"bootstrap {name}" if name == ADMIN else f"service {name}",
+            display_name=f"bootstrap {name}" if name == ADMIN else SERVICE_KEY_NAME.format(name),
             state=pb.KEY_STATE_ACTIVE,
             scopes=pb.KeyScopes(
                 services=[pb.PlatformService.Value(f"PLATFORM_SERVICE_{s}") for s in scopes],  # type: ignore[misc]
@@ -80,7 +95,7 @@ def ensure_bootstrap_keys(
             ),
         )
         entries.append(kd.DirectoryKey(key=key, secret_sha256=secret_sha256(secret)))
-    directory_file = folder / "bootstrap-keys.json"
+    directory_file = folder / DIRECTORY_FILE
     text = json_format.MessageToJson(kd.WatchKeysResponse(snapshot=True, keys=entries))
     tmp = directory_file.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
@@ -90,3 +105,111 @@ def ensure_bootstrap_keys(
     tmp.replace(directory_file)
     service_ids.pop(ADMIN)
     return BootstrapKeys(admin_file, service_files, directory_file, service_ids)
+
+
+def key_env(
+    spec: ServiceRegistration,
+    secrets_dir: Path,
+    key_directory: str | None,
+    directory_at: dict[str, str],
+    local_socket: Path | None = None,
+) -> dict[str, str]:
+    """A chassis service's key settings: its own key's file, the bootstrap
+    keys it starts from, the services it does not meter (by name, resolved
+    through the bootstrap keys), and where the key directory (and the
+    ledger) is: ``directory_at`` is ``{"TARGET": "unix:..." or "host:port"}``
+    or ``{"TARGET_FILE": port file}``. The key directory's own service gets
+    ``local_socket`` (when given) instead. The runner and the Compose
+    generator both take a service's key settings from here."""
+    prefix = spec.env_prefix
+    env = {
+        f"{prefix}SERVICE_KEY_FILE": str(secrets_dir / f"{spec.name}.key"),
+        f"{prefix}BOOTSTRAP_KEYS_FILE": str(secrets_dir / DIRECTORY_FILE),
+    }
+    if spec.billed_by:
+        env[f"{prefix}UNMETERED_SERVICES"] = ",".join(spec.billed_by)
+    if key_directory is None:
+        return env
+    if spec.name == key_directory:
+        if local_socket is not None:
+            env[f"{prefix}LOCAL_SOCKET"] = str(local_socket)
+        return env
+    for name, value in directory_at.items():
+        env[f"{prefix}KEYS_{name}"] = value
+        if "USAGE_RECORD" in spec.key_scopes:
+            # Its usage goes into the gateway's ledger (RecordUsage).
+            env[f"{prefix}USAGE_{name}"] = value
+    return env
+
+
+def keyed(catalog: Iterable[ServiceRegistration]) -> list[tuple[str, tuple[str, ...]]]:
+    """The services that get a key (the chassis services, which write a port
+    file) and their keys' scopes."""
+    return [(s.name, s.key_scopes) for s in catalog if s.port_discovery == "port-file"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlmesh_runner.keys",
+        description="Make (once) the bootstrap keys of every registered service.",
+    )
+    parser.add_argument("--state", type=Path, required=True, help="writes <state>/secrets/")
+    parser.add_argument(
+        "--admin-file", type=Path, default=None, help="the admin key (default <state>/admin.key)"
+    )
+    parser.add_argument(
+        "--database-dir",
+        type=Path,
+        default=None,
+        help="also make (once) a database password there: db.password (the server's) and "
+        "pgpass (libpq's PGPASSFILE, for --database-user)",
+    )
+    parser.add_argument("--database-user", default="mlmesh")
+    parser.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also make (once) a random token in <state>/secrets/NAME (e.g. Ray's auth token)",
+    )
+    args = parser.parse_args(argv)
+    from mlmesh_runner.catalog import CATALOG
+
+    os.umask(0o077)
+    keys = ensure_bootstrap_keys(args.state, keyed(CATALOG), args.admin_file)
+    print(
+        f"bootstrap keys: {len(keys.service_files)} services, directory {keys.directory_file}, "
+        f"admin key in {keys.admin_file}",
+        flush=True,
+    )
+    for name in args.token:
+        if not TOKEN_NAME.fullmatch(name):
+            raise SystemExit(f"--token {name[:40]!r} is not {TOKEN_NAME.pattern}")
+        _private_file(args.state / "secrets" / name, secrets.token_hex(32))
+        print(f"token {name} in {args.state / 'secrets'}", flush=True)
+    if args.database_dir is not None:
+        ensure_database_password(args.database_dir, args.database_user)
+        print(f"database password in {args.database_dir}", flush=True)
+
+
+USER_PATTERN = re.compile(r"[A-Za-z0-9_]{1,63}")
+TOKEN_NAME = re.compile(r"[a-z][a-z0-9-]{0,40}")
+
+
+def ensure_database_password(folder: Path, user: str) -> Path:
+    """Makes (once) a database password: ``db.password`` (what the server
+    is initialised with) and ``pgpass`` (libpq's password file: clients
+    name it in PGPASSFILE, so no URL or environment holds the password),
+    both mode 0600. Returns the pgpass file."""
+    if not USER_PATTERN.fullmatch(user):
+        raise ValueError(f"database user {user[:40]!r} is not {USER_PATTERN.pattern}")
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # URL-safe characters only: nothing pgpass or a URL would need escaped.
+    password = _private_file(folder / "db.password", secrets.token_urlsafe(24))
+    pgpass = folder / "pgpass"
+    _private_file(pgpass, f"*:*:*:{user}:{password}")
+    return pgpass
+
+
+if __name__ == "__main__":
+    main()

@@ -27,9 +27,15 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlmesh_runner.catalog import CATALOG, KEY_DIRECTORY_SERVICE, RunContext, ServiceSpec
+from mlmesh_runner.catalog import (
+    CATALOG,
+    KEY_DIRECTORY_SERVICE,
+    RunContext,
+    ServiceSpec,
+    service_env,
+)
 from mlmesh_runner.envoy import Upstream, render
-from mlmesh_runner.keys import BootstrapKeys, ensure_bootstrap_keys
+from mlmesh_runner.keys import BootstrapKeys, ensure_bootstrap_keys, key_env, keyed
 
 if TYPE_CHECKING:
     from mlmesh_runner.observe import Observer
@@ -235,10 +241,7 @@ class Mesh:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         (self.state / "run").mkdir(parents=True, exist_ok=True)
         (self.state / "run").chmod(0o700)  # the gateway's socket lives here
-        self.keys = ensure_bootstrap_keys(
-            self.state,
-            [(s.name, s.key_scopes) for s in self.catalog if s.port_discovery == "port-file"],
-        )
+        self.keys = ensure_bootstrap_keys(self.state, keyed(self.catalog))
         # Slow starters others need only the address of: started on a port
         # picked here, waited for once the rest is up (before Envoy).
         background: list[asyncio.Task[None]] = []
@@ -355,19 +358,21 @@ class Mesh:
     ) -> Child:
         instance = instance or spec.name
         port_file = self.state / "run" / f"{instance}.port.json"
+        defaults, fixed = service_env(
+            spec,
+            self.context(),
+            instance=instance,
+            port=port,
+            port_file=port_file,
+            http_port=http_port,
+            key_env=self._key_env(spec),
+        )
         env = {
-            **spec.env(self.context()),
+            **defaults,
             # --observe: spans to Phoenix (the caller's environment may say otherwise).
             **(self.observer.service_env(spec.env_prefix) if self.observer else {}),
             **os.environ,
-            **spec.fixed_env,
-            f"{spec.env_prefix}PORT": str(port),
-            f"{spec.env_prefix}PORT_FILE": str(port_file),
-            # Which instance it is (``vectors``, ``vectors.1``, ...).
-            f"{spec.env_prefix}INSTANCE": instance,
-            **({f"{spec.env_prefix}HTTP_PORT": str(http_port)} if spec.http_routes else {}),
-            **self._key_env(spec),
-            "PYTHONUNBUFFERED": "1",
+            **fixed,
         }
         argv = list(spec.command(self.context(), port))
         log_path = self.state / "logs" / f"{instance}.log"
@@ -393,38 +398,24 @@ class Mesh:
                 await wait_healthy(child.ports["port"], "mlmesh.keys", timeout_s, child)
 
     def _key_env(self, spec: ServiceSpec) -> dict[str, str]:
-        """A chassis service's own key, the bootstrap keys it starts from, and
-        where the key directory (and the ledger) is: its service's Unix socket
-        in the private run folder, or its TCP port when the socket's path is
-        too long."""
+        """A chassis service's key settings (keys.key_env): the key directory
+        is its service's Unix socket in the private run folder, or its port
+        file when the socket's path is too long."""
         if self.keys is None or spec.name not in self.keys.service_files:
             return {}
-        env = {
-            f"{spec.env_prefix}SERVICE_KEY_FILE": str(self.keys.service_files[spec.name]),
-            f"{spec.env_prefix}BOOTSTRAP_KEYS_FILE": str(self.keys.directory_file),
-        }
-        if spec.billed_by:
-            env[f"{spec.env_prefix}UNMETERED_KEY_IDS"] = ",".join(
-                self.keys.service_ids[name] for name in spec.billed_by
-            )
-        if KEY_DIRECTORY_SERVICE is None:
-            return env
         socket = self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.sock"
         on_socket = len(str(socket)) < UNIX_PATH_MAX
-        if spec.name == KEY_DIRECTORY_SERVICE:
-            if on_socket:
-                env[f"{spec.env_prefix}LOCAL_SOCKET"] = str(socket)
-            return env
         if on_socket:
             where = {"TARGET": f"unix:{socket}"}
         else:
             where = {"TARGET_FILE": str(self.state / "run" / f"{KEY_DIRECTORY_SERVICE}.port.json")}
-        for name, value in where.items():
-            env[f"{spec.env_prefix}KEYS_{name}"] = value
-            if "USAGE_RECORD" in spec.key_scopes:
-                # Its usage goes into the gateway's ledger (RecordUsage).
-                env[f"{spec.env_prefix}USAGE_{name}"] = value
-        return env
+        return key_env(
+            spec,
+            self.keys.directory_file.parent,
+            KEY_DIRECTORY_SERVICE,
+            where,
+            local_socket=socket if on_socket else None,
+        )
 
     async def _bring_up(self, spec: ServiceSpec, child: Child) -> None:
         """Starts ``child``, learns its port, waits until it is ready."""
