@@ -11,14 +11,15 @@ BREAKING_AGAINST ?= .git\#branch=main
 # (the generated contracts are excluded in pyproject.toml).
 TYPED := $(filter-out libs/contracts/src,$(wildcard libs/*/src services/*/src))
 
-.PHONY: run test setup gen lint breaking pytest bench clean
+.PHONY: run test setup gen lint breaking pytest compose-smoke images compose-up compose-down bench clean
 
 ## run: set up (once) and start Envoy + every service; Ctrl-C stops all.
 run: setup
 	$(BIN)/mlmesh-run $(if $(OBSERVE),--observe)
 
-## test: set up, then contracts (lint, breaking), code lint, and the test suite.
-test: setup lint breaking pytest
+## test: set up, then contracts (lint, breaking), code lint, the test suite,
+## and the mesh in containers (images, Compose, checks through Envoy).
+test: setup lint breaking pytest compose-smoke
 
 setup:
 	@scripts/setup.sh
@@ -34,6 +35,7 @@ lint:
 	@command -v promtool >/dev/null || bash scripts/setup-observe.sh
 	promtool check rules deploy/prometheus/rules/*.yml
 	promtool test rules deploy/prometheus/tests/*.yml
+	bash scripts/checkov.sh
 
 breaking:
 	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \
@@ -43,6 +45,22 @@ breaking:
 pytest:
 	@scripts/ensure-services.sh
 	$(BIN)/python -m pytest
+
+## compose-smoke: Docker engine, images, `docker-compose up`, the checks through
+## Envoy, down/up on the volumes, teardown (scripts/compose-smoke.sh).
+compose-smoke: setup
+	bash scripts/compose-smoke.sh
+
+## images: every image (deploy/docker/Dockerfile), on a local base where no registry answers.
+images: setup
+	bash scripts/docker-engine.sh
+	bash scripts/build-images.sh
+
+## compose-up / compose-down: the whole mesh in containers (deploy/compose/), state in named volumes.
+compose-up: images
+	docker-compose -f deploy/compose/docker-compose.yml up -d
+compose-down:
+	docker-compose -f deploy/compose/docker-compose.yml down
 
 bench:
 	$(BIN)/python bench/envoy_overhead.py
