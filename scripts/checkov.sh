@@ -15,14 +15,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Under make, PATH starts with .venv/bin, whose python has no uv: install
+# with the machine's Python, as scripts/setup.sh does.
+PATH=$(printf '%s' "$PATH" | tr ':' '\n' | grep -vxF "$PWD/.venv/bin" | paste -sd: -)
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -m uv --version >/dev/null 2>&1 || "$PYTHON" -m pip install -q "uv==0.13.8"
+
 env=.envs/checkov
 reqs=scripts/checkov-requirements.txt
 stamp="$env/.requirements.sha256"
 want="$(sha256sum "$reqs" | cut -d' ' -f1)"
 if [ ! -x "$env/bin/checkov" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing checkov into $env" >&2
-  python3.11 -m uv venv --quiet --allow-existing --python python3.11 "$env"
-  python3.11 -m uv pip install --quiet --python "$env/bin/python" -r "$reqs"
+  # --no-config: the workspace's [tool.uv] settings (find-links) are not checkov's
+  "$PYTHON" -m uv venv --quiet --no-config --allow-existing --python "$PYTHON" "$env"
+  "$PYTHON" -m uv pip install --quiet --no-config --python "$env/bin/python" -r "$reqs"
   echo "$want" >"$stamp"
 fi
 

@@ -131,7 +131,9 @@ PY
     done
     echo "make run: ready (.mlmesh/ready.json) in $(($(date +%s) - started)) s" >>"$PROOF_WORK/summary"
     key=$(cat .mlmesh/admin.key)
-    .venv/bin/grpcurl -plaintext -H "authorization: Bearer $key" 127.0.0.1:8080 list \
+    # the key reaches grpcurl through its environment, never its argv (ps shows argv)
+    MLMESH_PROOF_KEY=$key .venv/bin/grpcurl -plaintext -expand-headers \
+      -H 'authorization: Bearer ${MLMESH_PROOF_KEY}' 127.0.0.1:8080 list \
       >"$PROOF_WORK/grpcurl-list.txt"
     grep -q '^mlmesh.gateway.v1.GatewayService$' "$PROOF_WORK/grpcurl-list.txt"
     echo "through Envoy: grpcurl list -> $(wc -l <"$PROOF_WORK/grpcurl-list.txt") services" >>"$PROOF_WORK/summary"
@@ -230,7 +232,7 @@ if [ "$working_tree" = 1 ]; then
 fi
 for path in "${overlays[@]}"; do
   path=${path#"$SRC"/}
-  case "$path" in /*|../*|*/../*) echo "overlay outside the checkout: $path" >&2; exit 2 ;; esac
+  case "$path" in ''|.|..|/*|../*|*/..|*/../*) echo "overlay outside the checkout: ${path:0:80}" >&2; exit 2 ;; esac
   if [ -e "$SRC/$path" ]; then
     mkdir -p "$work/mlmesh/$(dirname "$path")"
     cp -a "$SRC/$path" "$work/mlmesh/$path"

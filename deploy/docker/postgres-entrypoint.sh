@@ -4,8 +4,12 @@
 #
 # Env: PGDATA (default /state/pgdata), PGPORT (5433), MLMESH_POSTGRES_LISTEN (127.0.0.1),
 #      MLMESH_POSTGRES_USER (mlmesh), MLMESH_POSTGRES_DB (mlmesh),
-#      MLMESH_POSTGRES_PASSWORD_FILE: a file holding the password; without it, local
-#      (127.0.0.1 / socket) connections are trusted and nothing else may connect.
+#      MLMESH_POSTGRES_PASSWORD_FILE: a file holding the password (scram-sha-256 logins);
+#      MLMESH_POSTGRES_TRUST_LOCAL=1 instead: no password, local (127.0.0.1 / socket)
+#      connections trusted, nothing else may connect. One of the two is required (with
+#      host networking every local user could otherwise log in as the superuser);
+#      MLMESH_POSTGRES_HBA_NETWORK=samenet: password logins from the container's own
+#      networks too (a bridge network), written on first start only.
 set -eu
 bin=/usr/local/lib/pgbin
 : "${PGDATA:=/state/pgdata}" "${PGPORT:=5433}"
@@ -32,7 +36,16 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
 	if [ -n "${MLMESH_POSTGRES_PASSWORD_FILE:-}" ]; then
 		pwfile="--pwfile=$MLMESH_POSTGRES_PASSWORD_FILE"
 		auth=scram-sha-256
+	elif [ "${MLMESH_POSTGRES_TRUST_LOCAL:-}" != 1 ]; then
+		echo "postgres-entrypoint: set MLMESH_POSTGRES_PASSWORD_FILE (or MLMESH_POSTGRES_TRUST_LOCAL=1)" >&2
+		exit 2
 	fi
+	hba_net="${MLMESH_POSTGRES_HBA_NETWORK:-}"
+	case "$hba_net" in '' | samenet) ;; *)
+		echo "postgres-entrypoint: MLMESH_POSTGRES_HBA_NETWORK must be samenet or empty" >&2
+		exit 2
+		;;
+	esac
 	# shellcheck disable=SC2086
 	"$bin/initdb" --username="$user" --encoding=UTF8 --locale=C.UTF-8 \
 		--auth-local="$auth" --auth-host="$auth" $pwfile >&2
@@ -43,6 +56,8 @@ local all all trust
 host all all 127.0.0.1/32 trust
 host all all ::1/128 trust
 HBA
+	elif [ -n "$hba_net" ]; then
+		echo "host all all $hba_net scram-sha-256" >>"$PGDATA/pg_hba.conf"
 	fi
 	"$bin/postgres" --single -D "$PGDATA" -c unix_socket_directories=/tmp postgres >/dev/null <<SQL
 CREATE DATABASE $db OWNER $user;

@@ -287,6 +287,20 @@ def test_the_script_fails_plainly_without_a_source(tmp_path: Path) -> None:
     assert url in done.stderr
 
 
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "0", "1e9", "soon"])
+def test_an_unbounded_or_malformed_timeout_is_refused(tmp_path: Path, timeout: str) -> None:
+    """nan or inf would remove the overall deadline of a download."""
+    done = _script(
+        tmp_path / "wheels",
+        MLMESH_WHEEL_DIR="",
+        MLMESH_TORCH_INDEX_URL=_closed_port_url(),
+        MLMESH_TORCH_TIMEOUT=timeout,
+    )
+    assert done.returncode == 2
+    assert "MLMESH_TORCH_TIMEOUT" in done.stderr
+    assert not (tmp_path / "wheels").exists() or _files(tmp_path / "wheels") == []
+
+
 def test_the_script_accepts_the_real_wheel(tmp_path: Path) -> None:
     """The pin is the file set-up put in wheels/ (hard-linked, not copied)."""
     real = ROOT / "wheels" / torchwheel.PIN.filename

@@ -320,3 +320,39 @@ def test_each_role_gets_its_own_conf_naming_the_shared_checkpoints(tmp_path: Pat
     assert conf["taskmanager.host"] == "flink-tm"
     assert conf["taskmanager.rpc.port"] == "18084" and conf["taskmanager.data.port"] == 18085
     assert conf["taskmanager.memory.process.size"] == flink_cluster.TASKMANAGER_MEMORY
+
+
+class _Answer:
+    """A REST answer of ``body`` (what urlopen returns, as a context manager)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __enter__(self) -> _Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read(self, limit: int = -1) -> bytes:
+        return self.body if limit < 0 else self.body[:limit]
+
+
+def test_the_rest_apis_answers_are_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Job ids go into URLs only when they are Flink job ids; an answer over
+    the cap is not parsed."""
+    good = "0123456789abcdef0123456789abcdef"
+    jobs = (
+        b'{"jobs": [{"jid": "%s", "state": "RUNNING", "name": "%s"},'
+        b' {"jid": "../../jobmanager/config?x=", "state": "RUNNING", "name": "%s"},'
+        b' {"jid": 7, "state": "RUNNING", "name": "%s"}]}'
+        % (good.encode(), JOB_NAME.encode(), JOB_NAME.encode(), JOB_NAME.encode())
+    )
+    rest = FlinkRest("http://127.0.0.1:1", tmp_path, tmp_path)
+    monkeypatch.setattr(flink_cluster.urllib.request, "urlopen", lambda *a, **k: _Answer(jobs))
+    assert rest.jobs_named(JOB_NAME) == [(good, "RUNNING")]
+    with pytest.raises(ValueError, match="not a Flink job id"):
+        rest.cancel("../../x")
+    huge = b"[" + b" " * flink_cluster.MAX_REST_BYTES + b"]"
+    monkeypatch.setattr(flink_cluster.urllib.request, "urlopen", lambda *a, **k: _Answer(huge))
+    assert rest.jobs_named(JOB_NAME) == []

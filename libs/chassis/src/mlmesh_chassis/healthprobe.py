@@ -36,9 +36,9 @@ USAGE = 64
 MAX_TIMEOUT_S = 60.0
 MAX_PORT_FILE_BYTES = 4096
 # host:port with a DNS name, an IPv4 address or a bracketed IPv6 address.
-_TARGET = re.compile(r"^(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})):(\d{1,5})$")
+_TARGET = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})):(\d{1,5})")
 # A fully qualified gRPC service name (or the empty name).
-_SERVICE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?$")
+_SERVICE = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?")
 
 
 class ProbeUsageError(ValueError):

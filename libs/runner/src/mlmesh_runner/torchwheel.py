@@ -39,6 +39,7 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import math
 import os
 import sys
 import tempfile
@@ -399,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         timeout_s = float(env.get("MLMESH_TORCH_TIMEOUT", DEFAULT_TIMEOUT_S))
     except ValueError:
-        _stderr("MLMESH_TORCH_TIMEOUT must be a number of seconds")
+        timeout_s = -1.0
+    # nan or inf would remove the overall deadline
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= 86_400):
+        _stderr("MLMESH_TORCH_TIMEOUT must be a number of seconds in (0, 86400]")
         return 2
     try:
         ensure(

@@ -81,6 +81,12 @@ class FlinkError(RuntimeError):
 # ---- validation (every value here may come from a command line or env) ------------
 
 
+# A Flink job id (JobID: 16 bytes, printed as 32 hex digits).
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+# The most a REST answer may hold (a jobs overview, a job's metrics).
+MAX_REST_BYTES = 16 * 1024 * 1024
+
+
 def check_host(host: str) -> str:
     """``host`` if it is an IP address or a DNS name, else ValueError."""
     try:
@@ -88,7 +94,7 @@ def check_host(host: str) -> str:
     except ValueError:
         pass
     if not _HOSTNAME.fullmatch(host) or ".." in host:
-        raise ValueError(f"not a host name or IP address: {host!r}")
+        raise ValueError(f"not a host name or IP address: {host[:80]!r}")
     return host
 
 
@@ -102,7 +108,7 @@ def check_port(port: int, *, zero: bool = False) -> int:
 def check_memory(size: str) -> str:
     """A Flink memory size like 768m or 1g."""
     if not _MEMORY.fullmatch(size):
-        raise ValueError(f"not a memory size like 768m or 1g: {size!r}")
+        raise ValueError(f"not a memory size like 768m or 1g: {size[:40]!r}")
     return size
 
 
@@ -112,7 +118,7 @@ def parse_jobmanager_url(url: str) -> tuple[str, int]:
     try:
         port = parts.port
     except ValueError as error:
-        raise ValueError(f"bad port in {url!r}") from error
+        raise ValueError(f"bad port in {url[:120]!r}") from error
     if (
         parts.scheme != "http"
         or not parts.hostname
@@ -123,7 +129,7 @@ def parse_jobmanager_url(url: str) -> tuple[str, int]:
         or parts.username
         or parts.password
     ):
-        raise ValueError(f"not http://HOST:PORT: {url!r}")
+        raise ValueError(f"not http://HOST:PORT: {url[:120]!r}")
     return check_host(parts.hostname), check_port(port)
 
 
@@ -305,9 +311,13 @@ class FlinkRest:
         """(id, state) of the cluster's jobs called ``name``."""
         overview = self._rest("/jobs/overview") or {}
         return [
-            (str(job["jid"]), str(job["state"]))
+            (job["jid"], str(job["state"]))
             for job in overview.get("jobs", [])
+            # the REST API's answer is data: a job id goes into URLs only
+            # when it is one (32 hex digits)
             if job.get("name") == name
+            and isinstance(job.get("jid"), str)
+            and JOB_ID.fullmatch(job["jid"])
         ]
 
     def submit(self, job: Path, job_spec: Path, from_checkpoint: str | None = None) -> str:
@@ -409,6 +419,8 @@ class FlinkRest:
 
     def cancel(self, job_id: str) -> None:
         """Cancels the job (its checkpoints are retained) and waits until it is."""
+        if not JOB_ID.fullmatch(job_id):
+            raise ValueError(f"not a Flink job id: {job_id[:40]!r}")
         request = urllib.request.Request(f"{self.url}/jobs/{job_id}?mode=cancel", method="PATCH")
         with urllib.request.urlopen(request, timeout=10):
             pass
@@ -432,7 +444,10 @@ class FlinkRest:
         """The REST API's JSON answer, or None if it is not up (or 404)."""
         try:
             with urllib.request.urlopen(self.url + path, timeout=5) as response:
-                return json.loads(response.read())
+                body = response.read(MAX_REST_BYTES + 1)
+            if len(body) > MAX_REST_BYTES:
+                raise ValueError(f"{path[:80]}: answer over {MAX_REST_BYTES} bytes")
+            return json.loads(body)
         except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
             return None
 
