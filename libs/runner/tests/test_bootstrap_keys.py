@@ -4,6 +4,7 @@ share, and the database password file."""
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -121,7 +122,64 @@ def test_tokens_are_made_once_private_and_named_safely(tmp_path):
     assert len(value) == 64 and _mode(token) == 0o600
     main(["--state", str(tmp_path), "--token", "ray-token"])
     assert token.read_text().strip() == value
-    for hostile in ("../escape", "a/b", "", "X"):
+    for hostile in (
+        "../escape",
+        "a/b",
+        "",
+        "X",
+        ".key",
+        "a..b",
+        "gateway.key",
+        "bootstrap-keys.json",
+    ):
         with pytest.raises(SystemExit):
             main(["--state", str(tmp_path), "--token", hostile])
     assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "secrets" / "bootstrap-keys.tmp").exists()
+
+
+def test_token_files_go_where_they_are_asked_for(tmp_path):
+    """Compose gives Ray's token and vLLM's API key volumes of their own."""
+    ray = tmp_path / "raytoken" / "ray-token"
+    vllm = tmp_path / "vllmkey" / "vllmopenai-api.key"
+    state = tmp_path / "state"
+    main(["--state", str(state), "--token-file", str(ray), "--token-file", str(vllm)])
+    for path in (ray, vllm):
+        assert re.fullmatch(r"[0-9a-f]{64}", path.read_text().strip())
+        assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+    assert not (state / "secrets" / ray.name).exists()
+    value = vllm.read_text()
+    main(["--state", str(state), "--token-file", str(vllm)])
+    assert vllm.read_text() == value
+    # vLLM's launcher takes the file as it is (never rewrites it).
+    openai_server = pytest.importorskip("mlmesh_llm.openai_server")
+    assert openai_server.ensure_api_key(vllm) == value.strip()
+    for hostile in (tmp_path / "x" / "gateway.key", tmp_path / "x" / ".hidden", tmp_path / ".."):
+        with pytest.raises(SystemExit):
+            main(["--state", str(state), "--token-file", str(hostile)])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_service_key_goes_where_it_is_asked_for(tmp_path):
+    """Compose keeps batch's key (its Ray nodes read it too) in a volume of
+    its own; the bootstrap directory still holds it."""
+    batch = tmp_path / "batchkey" / "batch.key"
+    main(["--state", str(tmp_path), "--key-file", f"batch={batch}"])
+    secret = batch.read_text().strip()
+    assert _mode(batch) == 0o600 and _mode(batch.parent) == 0o700
+    assert not (tmp_path / "secrets" / "batch.key").exists()
+    assert (tmp_path / "secrets" / "gateway.key").exists()
+    entries = read_bootstrap_keys(tmp_path / "secrets" / "bootstrap-keys.json")
+    assert secret.split("_")[1] in [entry.key.id for entry in entries]
+    main(["--state", str(tmp_path), "--key-file", f"batch={batch}"])
+    assert batch.read_text().strip() == secret
+    hostile = [
+        "batch",
+        "batch=",
+        f"nosuch={tmp_path / 'x' / 'nosuch.key'}",
+        f"batch={tmp_path / 'x' / 'gateway.key'}",
+    ]
+    for given in hostile:
+        with pytest.raises(SystemExit):
+            main(["--state", str(tmp_path / "other"), "--key-file", given])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "other").exists()

@@ -5,6 +5,7 @@ checks, and no secret."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -71,7 +72,11 @@ def test_every_service_runs_as_the_runner_would_on_the_host_network(main_file):
             env = service["environment"]
             port = compose.PortPlan.of(CATALOG).grpc[spec.name]
             assert env[f"{spec.env_prefix}PORT"] == str(port)
-            assert env[f"{spec.env_prefix}SERVICE_KEY_FILE"] == f"/state/secrets/{spec.name}.key"
+            assert env[f"{spec.env_prefix}SERVICE_KEY_FILE"] == (
+                str(compose.BATCH_KEY)
+                if spec.name == "batch"
+                else f"/state/secrets/{spec.name}.key"
+            )
             assert f"127.0.0.1:{port}" in service["healthcheck"]["test"]
             assert spec.services()[0].full_name in service["healthcheck"]["test"]
             if spec.billed_by:
@@ -109,7 +114,6 @@ def test_state_is_in_named_volumes(main_file):
             assert source in declared, (name, mount)
         if name in {s.name for s in CATALOG}:
             assert f"{name}-state:/state" in service["volumes"]
-            assert any(m.startswith("secrets:/state/secrets") for m in service["volumes"])
     # Services that share files share a volume: Triton's model repository.
     assert (
         "shared-triton-repository:/state/triton-repository"
@@ -192,7 +196,7 @@ def test_flink_and_ray_run_as_clusters_of_their_own_sharing_state(main_file):
         assert "shared-batch:/state/batch" in services[name]["volumes"], name
     assert "shared-ray:/state/ray" in batch["volumes"]
     assert "shared-ray:/state/ray" in services["ray-head"]["volumes"]
-    assert "ray-token" in services["keys"]["command"]
+    assert str(compose.RAY_TOKEN) in services["keys"]["command"]
     # Ray's ports never take one of the mesh's.
     used = set(compose.ports()["grpc"].values()) | {compose.ENVOY_PORT, compose.FLINK_REST_PORT}
     for name in ("ray-head", "ray-worker"):
@@ -201,3 +205,80 @@ def test_flink_and_ray_run_as_clusters_of_their_own_sharing_state(main_file):
                 assert not 18000 <= int(arg.split("=")[1]) < 19000
             elif arg.endswith("-port") is False and "-port=" in arg:
                 assert int(arg.split("=")[1]) not in used
+
+
+def _mounts_of(service: dict, volume: str) -> list[str]:
+    return [m for m in service.get("volumes", []) if m.split(":", 1)[0] == volume]
+
+
+def test_only_the_keys_step_writes_a_secret(main_file):
+    """A container that could write into a secrets' volume could plant a key
+    (an ADMIN one in bootstrap-keys.json) that every service trusts."""
+    writable = {}
+    for name, service in main_file["services"].items():
+        for volume in [*compose.SECRET_VOLUMES, "admin"]:
+            for mount in _mounts_of(service, volume):
+                if not mount.endswith(":ro"):
+                    writable.setdefault(volume, set()).add(name)
+    assert writable == {
+        volume: {"keys", "volumes-init"} for volume in [*compose.SECRET_VOLUMES, "admin"]
+    }
+
+
+def test_each_container_mounts_only_the_secrets_it_names(main_file):
+    services = main_file["services"]
+    for name in ("triton", "flink", "flink-jobmanager", "flink-taskmanager", "ray-head"):
+        assert not _mounts_of(services[name], "secrets"), name
+    assert not _mounts_of(services["ray-worker"], "secrets")
+    for spec in CATALOG:
+        mounts = _mounts_of(services[spec.name], "secrets")
+        if spec.port_discovery == "port-file":  # its own key, the bootstrap keys
+            assert mounts == ["secrets:/state/secrets:ro"], spec.name
+        else:
+            assert not mounts, spec.name
+        if spec.prepare is not None:  # the operator's act: the admin key only
+            assert not _mounts_of(services[f"{spec.name}-prepare"], "secrets"), spec.name
+    # Ray's token: its own volume, read-only where Ray runs or is called.
+    for name, service in services.items():
+        mounts = _mounts_of(service, "raytoken")
+        if name in ("ray-head", "ray-worker", "batch"):
+            assert mounts == [f"raytoken:{compose.RAY_TOKEN_DIR}:ro"], name
+            assert service["environment"]["RAY_AUTH_TOKEN_PATH"] == str(compose.RAY_TOKEN)
+        elif name not in ("keys", "volumes-init"):
+            assert not mounts, name
+    assert services["batch"]["environment"]["MLMESH_BATCH_RAY_TOKEN_FILE"] == str(compose.RAY_TOKEN)
+    # Batch's key: its own volume, read by batch and by its drivers' actors on
+    # the Ray nodes (as the KubeRay pods mount its Secret).
+    for name, service in services.items():
+        mounts = _mounts_of(service, "batchkey")
+        if name in ("ray-head", "ray-worker", "batch"):
+            assert mounts == [f"batchkey:{compose.BATCH_KEY_DIR}:ro"], name
+        elif name not in ("keys", "volumes-init"):
+            assert not mounts, name
+    batch_env = services["batch"]["environment"]
+    assert batch_env["MLMESH_BATCH_SERVICE_KEY_FILE"] == str(compose.BATCH_KEY)
+    keys = services["keys"]["command"]
+    assert keys[keys.index(f"batch={compose.BATCH_KEY}") - 1] == "--key-file"
+    # vLLM's API key: its own volume, read by vLLM's server and the gateway.
+    vllm = services["vllmopenai"]
+    assert vllm["volumes"] == [
+        "vllmopenai-state:/state",
+        f"vllmkey:{compose.VLLM_KEY_DIR}:ro",
+    ]
+    argv = vllm["command"]
+    assert argv[argv.index("--api-key-file") + 1] == str(compose.VLLM_KEY)
+    upstreams = json.loads(services["gateway"]["environment"]["MLMESH_GATEWAY_OPENAI_UPSTREAMS"])
+    assert [u["api_key_file"] for u in upstreams.values()] == [str(compose.VLLM_KEY)]
+    assert f"vllmkey:{compose.VLLM_KEY_DIR}:ro" in services["gateway"]["volumes"]
+    assert keys[keys.index(str(compose.VLLM_KEY)) - 1] == "--token-file"
+    for name, service in services.items():
+        if name not in ("keys", "volumes-init", "vllmopenai", "gateway"):
+            assert not _mounts_of(service, "vllmkey"), name
+    # No secrets' path is left where its container does not mount it.
+    for name, service in services.items():
+        named = compose.state_paths(
+            [*service.get("command", []), *service.get("environment", {}).values()]
+        )
+        for volume, folder in compose.SECRET_VOLUMES.items():
+            if any(p.startswith(f"{folder}/") for p in named):
+                assert _mounts_of(service, volume), (name, volume)

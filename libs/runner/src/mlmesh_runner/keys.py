@@ -11,7 +11,9 @@ service re-reads it within a second. In Kubernetes the same files are
 Secrets (deploy/).
 
 ``python -m mlmesh_runner.keys --state DIR`` makes them for every registered
-service (Compose's init step); it prints no secret.
+service (Compose's init step), and on request a database password and
+random tokens (Ray's, vLLM's API key), each where it is asked for (Compose
+gives each a volume of its own); it prints no secret.
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ def ensure_bootstrap_keys(
     state: Path,
     services: Iterable[tuple[str, Iterable[str]]],
     admin_file: Path | None = None,
+    key_files: dict[str, Path] | None = None,
 ) -> BootstrapKeys:
     """Makes (once) the admin key (``<state>/admin.key`` unless
     ``admin_file`` says otherwise) and a key per ``(service, scope names)``
-    (names such as "REGISTRY_READ"), and writes the bootstrap directory."""
+    (names such as "REGISTRY_READ"), each in ``<state>/secrets/<name>.key``
+    unless ``key_files`` names another file, and writes the bootstrap
+    directory."""
     from mlmesh.gateway.v1 import gateway_pb2 as pb
     from mlmesh.gateway.v1 import key_directory_service_pb2 as kd
     from mlmesh_chassis.auth import secret_sha256
@@ -79,7 +84,7 @@ def ensure_bootstrap_keys(
     wanted = [(ADMIN, admin_file, ["ADMIN"])]
     service_files = {}
     for name, scopes in services:
-        service_files[name] = folder / f"{name}.key"
+        service_files[name] = (key_files or {}).get(name, folder / f"{name}.key")
         wanted.append((name, service_files[name], list(scopes)))
     service_ids = {}
     for name, path, scopes in wanted:
@@ -170,30 +175,69 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="also make (once) a random token in <state>/secrets/NAME (e.g. Ray's auth token)",
+        help="also make (once) a random token in <state>/secrets/NAME",
+    )
+    parser.add_argument(
+        "--token-file",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="also make (once) a random token in PATH, its folder made mode 0700 when missing "
+        "(e.g. Ray's auth token or vLLM's API key, in a folder of their own)",
+    )
+    parser.add_argument(
+        "--key-file",
+        action="append",
+        default=[],
+        metavar="SERVICE=PATH",
+        help="SERVICE's key in PATH (its name SERVICE.key) instead of <state>/secrets/: "
+        "Compose's batch, whose Ray nodes read it too, in a folder of its own",
     )
     args = parser.parse_args(argv)
     from mlmesh_runner.catalog import CATALOG
 
+    services = keyed(CATALOG)
+    key_files: dict[str, Path] = {}
+    for given in args.key_file:
+        name, _, path = given.partition("=")
+        if name not in dict(services) or not path or Path(path).name != f"{name}.key":
+            raise SystemExit(
+                f"--key-file {given[:60]!r}: not SERVICE=PATH, SERVICE a keyed service's name "
+                "and PATH's file name SERVICE.key"
+            )
+        key_files[name] = Path(path)
+    # Never a bootstrap key's or the directory's file (nor its temporary).
+    reserved = {f"{name}.key" for name, _ in services} | {
+        DIRECTORY_FILE,
+        Path(DIRECTORY_FILE).with_suffix(".tmp").name,
+    }
+    for given in [*args.token, *(path.name for path in args.token_file)]:
+        if not TOKEN_NAME.fullmatch(given) or given in reserved:
+            raise SystemExit(
+                f"token {given[:60]!r}: a token's file name is {TOKEN_NAME.pattern}, "
+                "never a bootstrap key's"
+            )
+    tokens = [args.state / "secrets" / name for name in args.token] + list(args.token_file)
     os.umask(0o077)
-    keys = ensure_bootstrap_keys(args.state, keyed(CATALOG), args.admin_file)
+    keys = ensure_bootstrap_keys(args.state, services, args.admin_file, key_files)
     print(
         f"bootstrap keys: {len(keys.service_files)} services, directory {keys.directory_file}, "
         f"admin key in {keys.admin_file}",
         flush=True,
     )
-    for name in args.token:
-        if not TOKEN_NAME.fullmatch(name):
-            raise SystemExit(f"--token {name[:40]!r} is not {TOKEN_NAME.pattern}")
-        _private_file(args.state / "secrets" / name, secrets.token_hex(32))
-        print(f"token {name} in {args.state / 'secrets'}", flush=True)
+    for path in tokens:
+        # 64 hex characters: what Ray and vLLM's server accept.
+        _private_file(path, secrets.token_hex(32))
+        print(f"token {path.name} in {path.parent}", flush=True)
     if args.database_dir is not None:
         ensure_database_password(args.database_dir, args.database_user)
         print(f"database password in {args.database_dir}", flush=True)
 
 
 USER_PATTERN = re.compile(r"[A-Za-z0-9_]{1,63}")
-TOKEN_NAME = re.compile(r"[a-z][a-z0-9-]{0,40}")
+# A token's file name: no folder, no leading dot; one suffix at most.
+TOKEN_NAME = re.compile(r"[a-z][a-z0-9-]{0,40}(?:\.[a-z0-9]{1,8})?")
 
 
 def ensure_database_password(folder: Path, user: str) -> Path:
