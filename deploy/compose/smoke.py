@@ -33,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlmesh_runner.catalog import CATALOG, KEY_DIRECTORY_SERVICE
 from mlmesh_runner.compose import ENVOY_ADMIN_PORT, ENVOY_PORT, PortPlan
+from mlmesh_runner.envoy import healthy_clusters
 
 ENVOY = f"127.0.0.1:{ENVOY_PORT}"
 MLMESH = Path(sys.executable).with_name("mlmesh")
@@ -52,19 +53,6 @@ def admin_json(path: str) -> Any:
     url = f"http://127.0.0.1:{ENVOY_ADMIN_PORT}{path}"
     with urllib.request.urlopen(url, timeout=3) as reply:
         return json.loads(reply.read())
-
-
-def healthy_clusters() -> set[str]:
-    healthy = set()
-    for cluster in admin_json("/clusters?format=json").get("cluster_statuses", []):
-        statuses = cluster.get("host_statuses", [])
-        if statuses and all(
-            s.get("health_status", {}).get("eds_health_status") == "HEALTHY"
-            and not s["health_status"].get("failed_active_health_check")
-            for s in statuses
-        ):
-            healthy.add(cluster["name"])
-    return healthy
 
 
 async def serving(port: int, service: str) -> bool:
@@ -93,7 +81,7 @@ async def wait(timeout_s: float) -> None:
     while True:
         missing: list[str] = []
         try:
-            missing += sorted(routed - healthy_clusters())
+            missing += sorted(routed - healthy_clusters(admin_json("/clusters?format=json")))
         except OSError:
             missing.append("envoy (admin not answering)")
         if not missing:

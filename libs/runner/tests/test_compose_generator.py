@@ -282,3 +282,24 @@ def test_each_container_mounts_only_the_secrets_it_names(main_file):
         for volume, folder in compose.SECRET_VOLUMES.items():
             if any(p.startswith(f"{folder}/") for p in named):
                 assert _mounts_of(service, volume), (name, volume)
+
+
+def test_a_cluster_is_healthy_only_when_every_host_is() -> None:
+    """One reading of Envoy's /clusters serves the runner and the smoke test."""
+    from mlmesh_runner.envoy import healthy_clusters
+
+    def host(status: str, failed: bool = False) -> dict[str, object]:
+        return {
+            "health_status": {"eds_health_status": status, "failed_active_health_check": failed}
+        }
+
+    answer = {
+        "cluster_statuses": [
+            {"name": "registry", "host_statuses": [host("HEALTHY"), host("HEALTHY")]},
+            {"name": "gateway", "host_statuses": [host("HEALTHY"), host("UNHEALTHY")]},
+            {"name": "llm", "host_statuses": [host("HEALTHY", failed=True)]},
+            {"name": "batch", "host_statuses": []},
+        ]
+    }
+    assert healthy_clusters(answer) == {"registry"}
+    assert healthy_clusters({}) == set()

@@ -47,7 +47,7 @@ from mlmesh_runner.catalog import (
     ServiceSpec,
     service_env,
 )
-from mlmesh_runner.envoy import Upstream, render
+from mlmesh_runner.envoy import RUN_FLAGS, Upstream, render
 from mlmesh_runner.keys import key_env
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -874,12 +874,7 @@ def compose_file(catalog: Sequence[ServiceSpec]) -> dict[str, Any]:
                 "/etc/envoy/envoy.yaml",
                 "--concurrency",
                 "2",
-                "--log-level",
-                "warn",
-                "--drain-time-s",
-                "1",
-                "--parent-shutdown-time-s",
-                "2",
+                *RUN_FLAGS,
                 # On the host's network its hot-restart sockets would meet
                 # another Envoy's (`make run`'s); a container restarts whole.
                 "--disable-hot-restart",

@@ -48,6 +48,26 @@ class Upstream:
         return f"{self.cluster}_primary" if self.primary is not None else self.cluster
 
 
+# How every Envoy of the mesh runs (the runner's and Compose's): warnings
+# only, and a short drain, since clients retry on another replica.
+RUN_FLAGS = ("--log-level", "warn", "--drain-time-s", "1", "--parent-shutdown-time-s", "2")
+
+
+def healthy_clusters(clusters: dict[str, Any]) -> set[str]:
+    """The clusters of an admin ``/clusters?format=json`` answer whose every
+    host is HEALTHY and passes its active health check."""
+    healthy = set()
+    for cluster in clusters.get("cluster_statuses", []):
+        statuses = cluster.get("host_statuses", [])
+        if statuses and all(
+            s.get("health_status", {}).get("eds_health_status") == "HEALTHY"
+            and not s["health_status"].get("failed_active_health_check")
+            for s in statuses
+        ):
+            healthy.add(cluster["name"])
+    return healthy
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

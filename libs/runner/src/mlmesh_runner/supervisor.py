@@ -34,7 +34,7 @@ from mlmesh_runner.catalog import (
     ServiceSpec,
     service_env,
 )
-from mlmesh_runner.envoy import Upstream, render
+from mlmesh_runner.envoy import RUN_FLAGS, Upstream, healthy_clusters, render
 from mlmesh_runner.keys import BootstrapKeys, ensure_bootstrap_keys, key_env, keyed
 
 if TYPE_CHECKING:
@@ -476,12 +476,7 @@ class Mesh:
                 "--use-dynamic-base-id",
                 "--concurrency",
                 str(self.envoy_concurrency),
-                "--log-level",
-                "warn",
-                "--drain-time-s",
-                "1",
-                "--parent-shutdown-time-s",
-                "2",
+                *RUN_FLAGS,
             ],
             dict(os.environ),
             self.state / "logs" / "envoy.log",
@@ -509,15 +504,7 @@ class Mesh:
         names = {spec.name for spec in self.catalog if spec.routed}
         while True:
             clusters = await asyncio.to_thread(self._admin_json, "/clusters?format=json")
-            healthy = set()
-            for cluster in clusters.get("cluster_statuses", []):
-                statuses = cluster.get("host_statuses", [])
-                if statuses and all(
-                    s.get("health_status", {}).get("eds_health_status") == "HEALTHY"
-                    and not s["health_status"].get("failed_active_health_check")
-                    for s in statuses
-                ):
-                    healthy.add(cluster["name"])
+            healthy = healthy_clusters(clusters)
             if names <= healthy:
                 return
             if time.monotonic() > deadline:
