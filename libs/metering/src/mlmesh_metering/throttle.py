@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from mlmesh_metering.resp import RespClient, Script
+
 log = logging.getLogger("mlmesh.metering.throttle")
 WINDOW_S = 60.0
 
@@ -284,9 +286,12 @@ class RedisThrottle:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
         )
+        # redis-py for the rare calls (``used``, tests' inspection); the two
+        # calls every request makes go through the lean pipelined client.
         self._redis = redis.Redis(connection_pool=pool)
-        self._admit = self._redis.register_script(_ADMIT)
-        self._settle = self._redis.register_script(_SETTLE)
+        self._fast = RespClient(url, timeout_s)
+        self._admit = Script(_ADMIT)
+        self._settle = Script(_SETTLE)
         self.stream_lease_ms = int(stream_lease_s * 1000)
         self.window_ms = int(window_s * 1000)
 
@@ -300,9 +305,10 @@ class RedisThrottle:
         self, subject: str, call_id: str, tokens: int, limits: Limits, stream: bool = True
     ) -> Decision:
         now_ms = int(time.time() * 1000)
-        admitted, retry_ms, violated = await self._admit(
-            keys=self._keys(subject),
-            args=[
+        admitted, retry_ms, violated = await self._fast.evalsha(
+            self._admit,
+            self._keys(subject),
+            [
                 now_ms,
                 self.window_ms,
                 call_id,
@@ -318,7 +324,7 @@ class RedisThrottle:
 
     async def settle(self, subject: str, call_id: str, actual: int) -> None:
         _, th, _, sz, tt = self._keys(subject)
-        await self._settle(keys=[th, sz, tt], args=[call_id, actual])
+        await self._fast.evalsha(self._settle, [th, sz, tt], [call_id, actual])
 
     async def used(self, subject: str) -> int:
         """Tokens reserved in the window (as of the subject's last decision)."""
@@ -334,6 +340,7 @@ class RedisThrottle:
         return int(total)
 
     async def close(self) -> None:
+        await self._fast.close()
         await self._redis.aclose()
         await self._pool.disconnect()
 

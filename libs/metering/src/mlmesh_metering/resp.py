@@ -1,0 +1,202 @@
+"""A lean Redis client for the throttle's two hot calls (admit, settle).
+
+Every Generate pays one admit and one settle. Through redis-py's asyncio
+client each cost about 0.1 ms of the gateway's CPU (its connection pool,
+retry wrapper, command packing and reply parsing in Python): about a fifth
+of the gateway's whole CPU per request on the OpenAI surface
+(``bench/openai_gateway.py``). This client does only what those calls need,
+with hiredis (C) packing commands and parsing replies:
+
+- one connection, pipelined: concurrent calls are written as they come and
+  their replies are matched in order (Redis answers a connection's commands
+  in the order sent), so there is no pool to take from and give back;
+- ``EVALSHA`` with the script loaded on ``NOSCRIPT`` (a restarted Redis);
+- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) and
+  ``unix:///path/to/socket[?db=N]``; ``AUTH`` and ``SELECT`` on connect;
+- every call bounded by ``timeout_s``, the connect included. A call that
+  times out closes the connection (its reply could still come, and the
+  replies after it would be read as the wrong calls' otherwise): the calls
+  in flight on it fail with ``ConnectionError`` and the next call connects
+  again. The throttle treats both as Redis being unreachable (its outage
+  policy).
+
+Error replies raise ``RespError`` with Redis' message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import ssl
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+DEFAULT_PORT = 6379
+
+
+class RespError(Exception):
+    """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``)."""
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: requests written in order, replies matched in order."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as error:
+                self.abort(ConnectionError(f"Redis protocol error: {error}"))
+                return
+            if reply is False:
+                return
+            if not self.waiting:  # a reply nobody asked for: the stream is off
+                self.abort(ConnectionError("Redis sent a reply no call was waiting for"))
+                return
+            future = self.waiting.popleft()
+            if not future.done():  # done: its caller gave up (timeout, cancel)
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"Redis connection lost: {exc or 'closed'}"))
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        if self.closed or self.transport is None:
+            raise ConnectionError("Redis connection closed")
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        self.transport.write(packed)
+        return future
+
+    def abort(self, error: Exception) -> None:
+        self._fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
+class Script:
+    """A Lua script called by its SHA1 (``EVALSHA``), loaded when Redis lacks it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class RespClient:
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "a Redis URL is redis://host[:port][/db], rediss://... or unix:///path"
+            )
+        query = parse_qs(parts.query)
+        self.socket = parts.path if parts.scheme == "unix" else ""
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or DEFAULT_PORT
+        self.username = unquote(parts.username) if parts.username else ""
+        self.password = unquote(parts.password) if parts.password else ""
+        self.password = self.password or query.get("password", [""])[0]
+        db = query.get("db", [""])[0] if self.socket else parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError("the Redis database in the URL is a number (redis://host:port/0)")
+        self.db = int(db) if db else 0
+        self.ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+        self.timeout_s = timeout_s
+        self._protocol: _Protocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def execute(self, *args: Any) -> Any:
+        """One command; its reply (bytes, int, list...); ``RespError`` for an error reply."""
+        protocol = await self._connection()
+        future = protocol.send(hiredis.pack_command(args))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reply = await future
+        except TimeoutError:
+            protocol.abort(ConnectionError("a Redis call timed out"))
+            raise
+        if isinstance(reply, hiredis.ReplyError):
+            raise RespError(str(reply))
+        return reply
+
+    async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RespError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+        await self.execute("SCRIPT", "LOAD", script.source)
+        return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and not protocol.closed and protocol.transport is not None:
+            protocol.closed = True
+            protocol.transport.close()
+
+    async def _connection(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed and self._loop is loop:
+            return protocol
+        if self._loop is not loop or self._connecting is None:
+            # First use, or a new event loop (tests): the old connection
+            # belongs to the old loop.
+            self._loop, self._protocol, self._connecting = loop, None, asyncio.Lock()
+        async with self._connecting:
+            protocol = self._protocol
+            if protocol is not None and not protocol.closed:
+                return protocol
+            async with asyncio.timeout(self.timeout_s):
+                if self.socket:
+                    _, protocol = await loop.create_unix_connection(_Protocol, self.socket)
+                else:
+                    _, protocol = await loop.create_connection(
+                        _Protocol, self.host, self.port, ssl=self.ssl
+                    )
+                try:
+                    if self.password:
+                        auth = (
+                            ("AUTH", self.username, self.password)
+                            if self.username
+                            else (
+                                "AUTH",
+                                self.password,
+                            )
+                        )
+                        await self._checked(protocol, auth)
+                    if self.db:
+                        await self._checked(protocol, ("SELECT", self.db))
+                except BaseException:
+                    protocol.abort(ConnectionError("Redis connection set-up failed"))
+                    raise
+            self._protocol = protocol
+            return protocol
+
+    @staticmethod
+    async def _checked(protocol: _Protocol, args: tuple[Any, ...]) -> None:
+        reply = await protocol.send(hiredis.pack_command(args))
+        if isinstance(reply, hiredis.ReplyError):
+            raise RespError(str(reply))
