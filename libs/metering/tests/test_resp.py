@@ -141,3 +141,25 @@ async def test_redis_going_away_fails_the_call_and_the_client_reconnects(redis_s
 def test_bad_urls_are_refused(url):
     with pytest.raises(ValueError):
         RespClient(url)
+
+
+async def test_a_posted_call_runs_before_the_calls_after_it(client):
+    """post_evalsha writes at once; later calls on the client run after it."""
+    script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert not RespClient("redis://127.0.0.1:1/0").post_evalsha(script, ["k"], [1])  # no connection
+    await client.execute("PING")
+    assert not client.post_evalsha(script, ["posted"], [1])  # not run on this connection yet
+    assert await client.evalsha(script, ["posted"], [0]) == 0
+    for _ in range(100):
+        assert client.post_evalsha(script, ["posted"], [1])
+    assert await client.execute("GET", "posted") == b"100"
+
+
+async def test_a_posted_call_is_rerun_when_redis_lacks_the_script(client):
+    script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1]) -- posted")
+    assert await client.evalsha(script, ["loaded"], [0]) == 0
+    await client.execute("SCRIPT", "FLUSH")  # by hand, while connected
+    assert client.post_evalsha(script, ["loaded"], [5])
+    await client.close()  # waits for the replies due, the re-run included
+    await client.execute("PING")
+    assert await client.execute("GET", "loaded") == b"5"

@@ -283,3 +283,19 @@ async def _heals(throttle: RedisThrottle) -> None:
     assert (await throttle.admit("key:heal", "r6", 1000, limits)).admitted
     assert await _stored(throttle, "key:heal") == (1000, 1000)
     assert await throttle.used("key:heal") == 1000
+
+
+async def test_a_settle_not_waited_for_is_seen_by_the_replicas_next_calls(redis_server):
+    """wait=False (what Metering uses): the settle is written before the
+    call returns, and this replica's later reads and decisions see it."""
+    url, _stop, _start = redis_server
+    throttle = Throttle(url, redis_timeout_s=5.0)
+    try:
+        await throttle.redis._redis.flushall()
+        limits = Limits(tokens_per_minute=1000)
+        assert (await throttle.admit("key:w", "a", 900, limits)).admitted
+        await throttle.settle("key:w", "a", 100, wait=False)
+        assert await throttle.redis.used("key:w") == 100
+        assert (await throttle.admit("key:w", "b", 900, limits)).admitted
+    finally:
+        await throttle.close()

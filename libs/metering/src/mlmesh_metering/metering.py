@@ -229,7 +229,8 @@ class Metering:
 
     async def _finish(self, call: MeteredCall, stream: bool) -> None:
         if stream:
-            await self.throttle.settle(call.subject, call.call_id, call.used)
+            # Written to Redis before the answer goes out; its reply is not waited for.
+            await self.throttle.settle(call.subject, call.call_id, call.used, wait=False)
         await self.sink.record(call.event())
 
     async def record(

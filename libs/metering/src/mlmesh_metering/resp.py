@@ -13,6 +13,8 @@ with hiredis (C) packing commands and parsing replies:
 - ``EVALSHA`` with the script loaded on ``NOSCRIPT`` (a restarted Redis);
 - ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) and
   ``unix:///path/to/socket[?db=N]``; ``AUTH`` and ``SELECT`` on connect;
+- a call whose reply nobody needs before going on (the settle) can be
+  written and its reply checked later (``post_evalsha``);
 - every call bounded by ``timeout_s``, the connect included. A call that
   times out closes the connection (its reply could still come, and the
   replies after it would be read as the wrong calls' otherwise): the calls
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 import ssl
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -35,6 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 
 DEFAULT_PORT = 6379
+log = logging.getLogger("mlmesh.metering.resp")
 
 
 class RespError(Exception):
@@ -49,6 +53,7 @@ class _Protocol(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.scripts: set[str] = set()  # SHA1s this connection has run
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -126,6 +131,7 @@ class RespClient:
         self._protocol: _Protocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
+        self._posted: set[asyncio.Task[Any]] = set()  # NOSCRIPT re-runs of posted calls
 
     async def execute(self, *args: Any) -> Any:
         """One command; its reply (bytes, int, list...); ``RespError`` for an error reply."""
@@ -143,14 +149,68 @@ class RespClient:
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except RespError as error:
             if not str(error).startswith("NOSCRIPT"):
                 raise
-        await self.execute("SCRIPT", "LOAD", script.source)
-        return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            await self.execute("SCRIPT", "LOAD", script.source)
+            reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        if self._protocol is not None:
+            self._protocol.scripts.add(script.sha)
+        return reply
+
+    def post_evalsha(self, script: Script, keys: list[str], args: list[Any]) -> bool:
+        """Writes an ``EVALSHA`` now and checks its reply later, without
+        waiting for it: False when there is no open connection to write to
+        or none that has run this script yet (the caller then awaits
+        ``evalsha``). Later calls on this client are written after it on
+        the same connection, so Redis runs them after it. A failed reply is
+        logged; ``NOSCRIPT`` (the script cache flushed by hand meanwhile)
+        loads the script and runs the call again, in a task: only then can
+        a later call run first."""
+        protocol = self._protocol
+        if (
+            protocol is None
+            or protocol.closed
+            or script.sha not in protocol.scripts
+            or self._loop is not asyncio.get_running_loop()
+        ):
+            return False
+        packed = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        future = protocol.send(packed)
+
+        def checked(done: asyncio.Future[Any]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            reply = None if error is not None else done.result()
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                task = asyncio.get_running_loop().create_task(self.evalsha(script, keys, args))
+                self._posted.add(task)
+                task.add_done_callback(self._posted_done)
+            elif error is not None or isinstance(reply, hiredis.ReplyError):
+                log.warning("a pipelined Redis call failed: %s", error or reply)
+
+        future.add_done_callback(checked)
+        return True
+
+    def _posted_done(self, task: asyncio.Task[Any]) -> None:
+        self._posted.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a pipelined Redis call failed: %s", task.exception())
 
     async def close(self) -> None:
+        """Waits (up to the timeout) for the replies still due, then closes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while loop.time() < deadline:
+            protocol = self._protocol
+            open_ = protocol is not None and not protocol.closed and self._loop is loop
+            due = [f for f in protocol.waiting if not f.done()] if open_ and protocol else []
+            due += list(self._posted)  # (a NOSCRIPT re-run starts when its reply comes)
+            if not due:
+                break
+            await asyncio.wait(due, timeout=deadline - loop.time())
         protocol, self._protocol = self._protocol, None
         if protocol is not None and not protocol.closed and protocol.transport is not None:
             protocol.closed = True

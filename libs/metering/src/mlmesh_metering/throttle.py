@@ -39,8 +39,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlmesh_metering.resp import RespClient, Script
-
 log = logging.getLogger("mlmesh.metering.throttle")
 WINDOW_S = 60.0
 
@@ -277,6 +275,10 @@ class RedisThrottle:
     ) -> None:
         import redis.asyncio as redis
 
+        # (Imported here, as redis is: a service without Redis limits, such
+        # as the llm in vLLM's environment, needs neither package.)
+        from mlmesh_metering.resp import RespClient, Script
+
         # A pool that waits for a free connection (up to the timeout) rather
         # than failing at once, which would read as an outage under load.
         self._pool = pool = redis.BlockingConnectionPool.from_url(
@@ -322,21 +324,26 @@ class RedisThrottle:
         violated = violated.decode() if isinstance(violated, bytes) else str(violated)
         return Decision(bool(admitted), int(retry_ms) / 1000, violated, self.name)
 
-    async def settle(self, subject: str, call_id: str, actual: int) -> None:
+    async def settle(self, subject: str, call_id: str, actual: int, wait: bool = True) -> None:
+        """``wait=False``: the settle is written to Redis now and its reply
+        checked later (a request's answer need not wait for it); this
+        replica's later calls run after it, as they share its connection."""
         _, th, _, sz, tt = self._keys(subject)
-        await self._fast.evalsha(self._settle, [th, sz, tt], [call_id, actual])
+        keys, args = [th, sz, tt], [call_id, actual]
+        if wait or not self._fast.post_evalsha(self._settle, keys, args):
+            await self._fast.evalsha(self._settle, keys, args)
 
     async def used(self, subject: str) -> int:
-        """Tokens reserved in the window (as of the subject's last decision)."""
+        """Tokens reserved in the window (as of the subject's last decision;
+        read after this replica's settles, on the same connection)."""
         _, th, _, _, tt = self._keys(subject)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(tt)
-            pipe.exists(th)
-            total, present = await pipe.execute()
+        total, present = await asyncio.gather(
+            self._fast.execute("GET", tt), self._fast.execute("EXISTS", th)
+        )
         if not present:
             return 0
         if total is None or int(total) < 0:  # not kept yet: the next decision recounts it
-            return sum(int(v) for v in await self._redis.hvals(th))
+            return sum(int(v) for v in await self._fast.execute("HVALS", th))
         return int(total)
 
     async def close(self) -> None:
@@ -388,16 +395,18 @@ class Throttle:
             self._where[call_id] = self.local
         return decision
 
-    async def settle(self, subject: str, call_id: str, actual: int) -> None:
+    async def settle(self, subject: str, call_id: str, actual: int, wait: bool = True) -> None:
+        """``wait=False``: Redis' reply is not waited for (see RedisThrottle.settle)."""
         backend = self._where.pop(call_id, None)
         if backend is None:
             return
-        if backend is not self.local:
-            await self.local.settle(subject, call_id, actual)  # the in-process copy
+        await self.local.settle(subject, call_id, actual)  # (for Redis: the in-process copy)
+        if backend is self.local:
+            return
         try:
             # (asyncio.timeout, not wait_for: no extra task per call.)
             async with asyncio.timeout(1.0):
-                await backend.settle(subject, call_id, actual)
+                await backend.settle(subject, call_id, actual, wait)
         except Exception as error:  # the reservation expires with its window
             log.warning("could not settle %s: %s", call_id, error)
 
