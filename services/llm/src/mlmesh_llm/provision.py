@@ -58,8 +58,8 @@ WORKSPACE = (
 )
 # Packages vLLM pins to other versions than the services' lock has: these
 # take vLLM's (numpy<2.4 through numba and mistral-common, lark==1.2.2,
-# setuptools==78.1.1, transformers<5.20).
-VLLM_PINS = ("numpy", "lark", "setuptools", "transformers")
+# setuptools==78.1.1, transformers<5.20, fastapi<0.137).
+VLLM_PINS = ("numpy", "lark", "setuptools", "transformers", "fastapi")
 # vLLM's CPU build asks for these, but PyPI's builds fail to import beside
 # the CPU torch ("operator torchvision::nms does not exist"); the llm uses
 # none of them (images are decoded with Pillow).
