@@ -154,7 +154,11 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
             ),
         )
 
-    async def _search_one(self, request: Any, spec: CollectionSpec, vector: Any) -> list[Any]:
+    async def _search_one(
+        self, request: Any, spec: CollectionSpec, vector: Any, points: Any
+    ) -> None:
+        """Searches for ``vector`` with the request's settings; the hits are
+        added to ``points`` (the response's)."""
         query = self._query(request, spec, vector)
         results = await self.store.run(
             self.store.backend.search,
@@ -163,34 +167,35 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
             self._options(request),
         )
         consumed("queries", 1)
-        return [convert.hit_message(hit) for hit in results[0]]
+        convert.add_hits(points, results[0])
 
     async def Search(self, request, context):  # type: ignore[no-untyped-def]
         await self.store.caught_up(request.min_write_sequence)
         spec = await self.store.spec(request.collection)
-        vector = convert.vector_of(request.vector, spec, "vector")
-        return rpc.SearchResponse(points=await self._search_one(request, spec, vector))
+        vector = convert.vector_of(request, spec, "vector")
+        response = rpc.SearchResponse()
+        await self._search_one(request, spec, vector, response.points)
+        return response
 
     async def SearchBatch(self, request, context):  # type: ignore[no-untyped-def]
+        """Every query checked and converted at once (one vector matrix, a
+        repeated filter converted once), one engine call on one worker
+        thread for the batch, one usage event."""
         await self.store.caught_up(request.min_write_sequence)
         spec = await self.store.spec(request.collection)
-        queries = []
-        for i, item in enumerate(request.queries):
-            vector = convert.vector_of(item.vector, spec, f"queries[{i}].vector")
-            queries.append(
-                Query(
-                    vector=vector,
-                    k=item.top_k or DEFAULT_K,
-                    filter=(
-                        convert.filter_of(item.filter, spec, f"queries[{i}].filter")
-                        if item.HasField("filter")
-                        else None
-                    ),
-                    score_threshold=(
-                        item.score_threshold if item.HasField("score_threshold") else None
-                    ),
-                )
+        items = request.queries
+        vectors, filters = convert.batch_queries_of(items, spec)
+        queries = [
+            Query(
+                vector=vectors[i],
+                k=item.top_k or DEFAULT_K,
+                filter=filters[i],
+                score_threshold=(
+                    item.score_threshold if item.HasField("score_threshold") else None
+                ),
             )
+            for i, item in enumerate(items)
+        ]
         results = await self.store.run(
             self.store.backend.search,
             spec.name,
@@ -198,11 +203,11 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
             self._options(request),
         )
         consumed("queries", len(queries))
-        return rpc.SearchBatchResponse(
-            results=[
-                rpc.SearchResult(points=[convert.hit_message(h) for h in hits]) for hits in results
-            ]
-        )
+        response = rpc.SearchBatchResponse()
+        add_result = response.results.add
+        for hits in results:
+            convert.add_hits(add_result().points, hits)
+        return response
 
     async def Recommend(self, request, context):  # type: ignore[no-untyped-def]
         await self.store.caught_up(request.min_write_sequence)
@@ -218,7 +223,9 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
             self._options(request),
         )
         consumed("queries", 1)
-        return rpc.RecommendResponse(points=[convert.hit_message(h) for h in hits])
+        response = rpc.RecommendResponse()
+        convert.add_hits(response.points, hits)
+        return response
 
     # ---- snapshots -----------------------------------------------------------
 
@@ -289,9 +296,9 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
         await self.store.caught_up(request.min_write_sequence)
         spec = await self._embedding_collection(request.collection)
         embedded = await self.embedder.texts([request.text])
-        return rpc.SearchTextResponse(
-            points=await self._search_one(request, spec, embedded.vectors[0])
-        )
+        response = rpc.SearchTextResponse()
+        await self._search_one(request, spec, embedded.vectors[0], response.points)
+        return response
 
     async def UpsertImages(self, request, context):  # type: ignore[no-untyped-def]
         spec = await self._embedding_collection(request.collection)
@@ -306,9 +313,9 @@ class VectorServicer(vectors_service_pb2_grpc.VectorServiceServicer):
         await self.store.caught_up(request.min_write_sequence)
         spec = await self._embedding_collection(request.collection)
         embedded = await self.embedder.images([request.image], "image")
-        return rpc.SearchImageResponse(
-            points=await self._search_one(request, spec, embedded.vectors[0])
-        )
+        response = rpc.SearchImageResponse()
+        await self._search_one(request, spec, embedded.vectors[0], response.points)
+        return response
 
     # ---- content policies -----------------------------------------------------
 

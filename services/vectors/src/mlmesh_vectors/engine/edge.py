@@ -87,6 +87,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from mlmesh_vectors.engine.base import (
+    FULL_SCAN_THRESHOLD_KB,
     ID_KEY,
     Batch,
     CollectionExists,
@@ -391,14 +392,42 @@ class EdgeBackend:
     def search(
         self, collection: str, queries: Sequence[Query], options: SearchOptions
     ) -> list[list[Hit]]:
+        """Several queries are one ``query_batch`` (planned and run together
+        by the engine); what they share (search parameters, the payload
+        selector, a filter object several queries hold) is made once."""
         col = self._get(collection)
-        requests = [self._request(col.spec, q.vector, q, options) for q in queries]
+        with_payload, params = self._search_settings(col.spec, options)
+        # The engine's filter of each distinct Filter object (the servicer
+        # hands one object to every query of a batch with the same filter).
+        filters: dict[int, qe.Filter | None] = {}
+        requests = []
+        for query in queries:
+            key = id(query.filter)
+            if key not in filters:
+                filters[key] = _edge_filter(query.filter)
+            requests.append(
+                qe.QueryRequest(
+                    limit=query.k,
+                    query=qe.Query.Nearest(query.vector.tolist()),
+                    filter=filters[key],
+                    score_threshold=query.score_threshold,
+                    with_payload=with_payload,
+                    with_vector=options.with_vector,
+                    params=params,
+                )
+            )
         with self._using(col) as shard:
             if len(requests) == 1:
                 results = [shard.query(requests[0])]
             else:
                 results = shard.query_batch(qe.QueryBatchRequest(requests))
-        return [[_hit(point, options) for point in points] for points in results]
+        if options.with_payload or options.with_vector:
+            return [[_hit(point, options) for point in points] for points in results]
+        # Ids and scores only: the payload holds the caller's id alone.
+        return [
+            [Hit(p.payload[ID_KEY], p.score) for p in points]  # type: ignore[index]
+            for points in results
+        ]
 
     def recommend(
         self,
@@ -581,8 +610,9 @@ class EdgeBackend:
             hnsw_config=qe.HnswIndexConfig(
                 m=spec.hnsw_m,
                 ef_construct=spec.hnsw_ef_construct,
-                # Segments big enough to index are searched through the index.
-                full_scan_threshold=self._threshold_kb,
+                # Filters matching fewer vectors than this are searched
+                # exactly (engine/base.py FULL_SCAN_THRESHOLD_KB).
+                full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
             ),
             quantization_config=_quantization(spec.quantization),
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=self._threshold_kb),
@@ -667,20 +697,28 @@ class EdgeBackend:
         options: SearchOptions,
         exclude: Iterable[str] = (),
     ) -> qe.QueryRequest:
-        quantized = spec.quantization != "none"
+        with_payload, params = self._search_settings(spec, options)
         return qe.QueryRequest(
             limit=query.k,
             query=qe.Query.Nearest(vector.tolist()),
             filter=_edge_filter(query.filter, exclude),
             score_threshold=query.score_threshold,
-            with_payload=True if options.with_payload else _ID_ONLY,
+            with_payload=with_payload,
             with_vector=options.with_vector,
-            params=qe.SearchParams(
-                hnsw_ef=options.hnsw_ef or self._default_ef,
-                exact=options.exact,
-                quantization=qe.QuantizationSearchParams(rescore=True) if quantized else None,
-            ),
+            params=params,
         )
+
+    def _search_settings(
+        self, spec: CollectionSpec, options: SearchOptions
+    ) -> tuple[Any, qe.SearchParams]:
+        """The payload selector and search parameters of a query."""
+        quantized = spec.quantization != "none"
+        params = qe.SearchParams(
+            hnsw_ef=options.hnsw_ef or self._default_ef,
+            exact=options.exact,
+            quantization=qe.QuantizationSearchParams(rescore=True) if quantized else None,
+        )
+        return (True if options.with_payload else _ID_ONLY), params
 
     def _threshold_points(self, spec: CollectionSpec) -> int:
         return max(1, math.ceil(self._threshold_kb * 1024 / (4 * spec.dimension)))

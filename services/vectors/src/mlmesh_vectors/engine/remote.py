@@ -61,6 +61,7 @@ from qdrant_client.common.client_exceptions import QdrantException
 from qdrant_client.http.exceptions import ApiException, UnexpectedResponse
 
 from mlmesh_vectors.engine.base import (
+    FULL_SCAN_THRESHOLD_KB,
     ID_KEY,
     Batch,
     CollectionExists,
@@ -175,7 +176,11 @@ class RemoteBackend:
                 vectors_config=qm.VectorParams(
                     size=spec.dimension, distance=_DISTANCES[spec.distance]
                 ),
-                hnsw_config=qm.HnswConfigDiff(m=spec.hnsw_m, ef_construct=spec.hnsw_ef_construct),
+                hnsw_config=qm.HnswConfigDiff(
+                    m=spec.hnsw_m,
+                    ef_construct=spec.hnsw_ef_construct,
+                    full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+                ),
                 quantization_config=_quantization(spec.quantization),
             )
             try:
