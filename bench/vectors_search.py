@@ -3,7 +3,8 @@ service through Envoy (keys on) with one process and with read replicas,
 on the same data in one run.
 
     .venv/bin/python bench/vectors_search.py [--points 100000] [--dim 384] \\
-        [--queries 1000] [--replicas 1,2] [--concurrency 1,4] [--ef 64]
+        [--queries 1000] [--replicas 1,2] [--concurrency 1,4] [--ef 64] \\
+        [--batch 16,64] [--batch-concurrency 2,4] [--batch-cases plain,filter10]
 
 Data: ``--points`` clustered unit vectors (100 Gaussian clusters; cosine),
 each with an integer payload ``group`` (0..99, independent of the cluster),
@@ -13,19 +14,28 @@ whose ``group`` is any of 10 values (about 10%), with its own exact top-10.
 
 - ``direct``: one ``qdrant_edge.EdgeShard`` in this process (HNSW m 16,
   ef_construct 100; search ef ``--ef``): build = upsert + optimize; then the
-  queries one after another (one core: the engine holds the GIL).
+  queries one after another (one core: the engine holds the GIL); and, for
+  reference, the same queries in ``query_batch`` calls of each ``--batch``
+  size (``direct`` ``plain batchB``).
 - ``mesh rN cC``: a mesh of the vector service with N processes (the primary
   and N-1 read replicas) and the gateway (keys), through Envoy with an
   application key: build = UpsertPoints (500 per call) until every instance
   reports the whole collection indexed (no index build running on the
-  primary, and every replica holding the primary's index); then the queries with
-  C in flight (Envoy spreads them over the instances), each hit list checked
-  for recall; and once more as SearchBatch calls of 16 queries, 2 in flight
-  (latencies per call).
+  primary, and every replica holding the primary's index), and until the
+  service's processes are idle (the primary's base snapshot taken); then the
+  queries with C in flight (Envoy spreads them over the instances), each hit
+  list checked for recall; and once more as SearchBatch calls of B queries
+  (each ``--batch`` size), C in flight (each ``--batch-concurrency``), for
+  each of ``--batch-cases`` (latencies per call). ``--concurrency ""``
+  leaves out the single-query cases, ``--batch ""`` the batched ones.
 
-Figures: build seconds, recall@10, queries/s, p50 and p99 ms; ratios against
-``direct`` in the same run. The machine's other load shows in the load
-average printed beside them; compare ratios, not absolute numbers.
+Figures: build seconds, recall@10, queries/s, p50 and p99 ms; ratios of
+queries/s against ``direct``'s queries one after another (``plain`` or
+``filter10``) in the same run; ``cpu us/q``: CPU time per query of the
+vector service's processes (all of them; for ``direct``, of this process),
+which the machine's other load disturbs less than queries/s. The machine's
+other load shows in the load average printed beside them; compare ratios,
+not absolute numbers.
 """
 
 from __future__ import annotations
@@ -45,13 +55,12 @@ from mlmesh.gateway.v1 import gateway_pb2
 from mlmesh.vectors.v1 import vectors_pb2 as pb
 from mlmesh.vectors.v1 import vectors_service_pb2 as rpc
 from mlmesh.vectors.v1 import vectors_service_pb2_grpc
+from mlmesh_vectors.engine.base import FULL_SCAN_THRESHOLD_KB
 
 CLUSTERS = 100
 GROUPS = 100
 FILTER_GROUPS = list(range(0, GROUPS, 10))  # 10 values: about 10% of the points
 K = 10
-# Queries per SearchBatch call in the batched case.
-BATCH = 16
 
 
 def dataset(points: int, queries: int, dim: int) -> dict[str, np.ndarray]:
@@ -105,7 +114,10 @@ def run_direct(data: dict[str, np.ndarray], args: Any, truth: dict[str, np.ndarr
     folder = Path(tempfile.mkdtemp(prefix="bench-edge-", dir=args.tmpdir))
     config = qe.EdgeConfig(
         vectors=qe.EdgeVectorParams(size=args.dim, distance=qe.Distance.Cosine),
-        hnsw_config=qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000),
+        # The service's engine settings (its full-scan threshold for filters).
+        hnsw_config=qe.HnswIndexConfig(
+            m=16, ef_construct=100, full_scan_threshold=FULL_SCAN_THRESHOLD_KB
+        ),
     )
     shard = qe.EdgeShard.create(str(folder / "shard"), config)
     started = time.perf_counter()
@@ -130,6 +142,7 @@ def run_direct(data: dict[str, np.ndarray], args: Any, truth: dict[str, np.ndarr
             else None
         )
         latencies, found = [], []
+        cpu_start = time.process_time()
         wall_start = time.perf_counter()
         for query in data["queries"]:
             t0 = time.perf_counter()
@@ -144,6 +157,34 @@ def run_direct(data: dict[str, np.ndarray], args: Any, truth: dict[str, np.ndarr
             latencies.append(time.perf_counter() - t0)
             found.append([int(h.id) for h in hits])
         results[case] = summary(latencies, time.perf_counter() - wall_start, found, truth[case])
+        results[case]["service_cpu_us_per_query"] = (
+            (time.process_time() - cpu_start) / len(data["queries"]) * 1e6
+        )
+    queries = data["queries"]
+    for batch in args.batch:
+        latencies, found = [], []
+        cpu_start = time.process_time()
+        wall_start = time.perf_counter()
+        for start in range(0, len(queries), batch):
+            t0 = time.perf_counter()
+            answers = shard.query_batch(
+                qe.QueryBatchRequest(
+                    [
+                        qe.QueryRequest(
+                            query=qe.Query.Nearest(query.tolist()),
+                            limit=K,
+                            params=qe.SearchParams(hnsw_ef=args.ef),
+                        )
+                        for query in queries[start : start + batch]
+                    ]
+                )
+            )
+            latencies.append(time.perf_counter() - t0)
+            found.extend([int(h.id) for h in hits] for hits in answers)
+        figures = summary(latencies, time.perf_counter() - wall_start, found, truth["plain"])
+        figures["queries_per_s"] = len(queries) / (time.perf_counter() - wall_start)
+        figures["service_cpu_us_per_query"] = (time.process_time() - cpu_start) / len(queries) * 1e6
+        results[f"plain batch{batch}"] = figures
     shard.close()
     return results
 
@@ -192,20 +233,60 @@ async def run_mesh(
             upsert_s = time.perf_counter() - started
             indexed = await indexed_everywhere(mesh, key, len(vectors), sequence)
             build = time.perf_counter() - started
+            meter = common.CpuMeter(common.mesh_pids(mesh))
+            settle_s = await settled(meter)
             results: dict[str, Any] = {
                 "build_s": build,
                 "upsert_s": upsert_s,
                 "indexed_points": indexed,
+                "settle_s": settle_s,
             }
+            queries = len(data["queries"])
             for concurrency in args.concurrency:
                 for case, condition in (("plain", None), ("filter10", FILTER_GROUPS)):
-                    results[f"{case} c{concurrency}"] = await searches(
+                    before = meter.sample()
+                    figures = await searches(
                         stub, data, truth[case], condition, concurrency, args.ef
                     )
-            results[f"plain batch{BATCH} c2"] = await batch_searches(
-                stub, data, truth["plain"], 2, args.ef
-            )
+                    results[f"{case} c{concurrency}"] = _with_cpu(
+                        figures, meter.delta(before, meter.sample()), queries
+                    )
+            for case in args.batch_cases:
+                condition = FILTER_GROUPS if case == "filter10" else None
+                for batch in args.batch:
+                    for concurrency in args.batch_concurrency:
+                        before = meter.sample()
+                        figures = await batch_searches(
+                            stub, data, truth[case], condition, batch, concurrency, args.ef
+                        )
+                        results[f"{case} batch{batch} c{concurrency}"] = _with_cpu(
+                            figures, meter.delta(before, meter.sample()), queries
+                        )
     return results
+
+
+async def settled(meter: Any, limit_s: float = 180.0) -> float:
+    """Waits until the vector service's processes are idle (under 5% of a
+    core for a second, and at least 3 s after the build): the primary takes
+    a base snapshot of a collection once its writes have been quiet for 2 s
+    (replication.py), a tar of the whole shard that would otherwise share
+    the first measured case's time. Returns the seconds waited."""
+    started = time.perf_counter()
+    await asyncio.sleep(3.0)
+    while time.perf_counter() - started < limit_s:
+        before = meter.sample()
+        await asyncio.sleep(1.0)
+        used = meter.delta(before, meter.sample())
+        if sum(v for name, v in used.items() if name.startswith("vectors")) < 0.05:
+            break
+    return time.perf_counter() - started
+
+
+def _with_cpu(figures: dict, cpu: dict[str, float], queries: int) -> dict:
+    """``figures`` with the CPU seconds each process used meanwhile, and the
+    vector service's processes' CPU per query (microseconds)."""
+    service = sum(v for name, v in cpu.items() if name.startswith("vectors"))
+    return figures | {"cpu_s": cpu, "service_cpu_us_per_query": service / queries * 1e6}
 
 
 async def indexed_everywhere(mesh: Any, key: str, points: int, sequence: int) -> dict:
@@ -246,13 +327,7 @@ async def searches(
     concurrency: int,
     ef: int,
 ) -> dict:
-    query_filter = None
-    if groups:
-        query_filter = pb.Filter(
-            must=[
-                pb.Condition(key="group", any_of=pb.ValueList(values=[_number(g) for g in groups]))
-            ]
-        )
+    query_filter = _filter(groups)
     requests = [
         rpc.SearchRequest(
             collection="bench",
@@ -280,17 +355,28 @@ async def searches(
 
 
 async def batch_searches(
-    stub: Any, data: dict[str, np.ndarray], truth: np.ndarray, concurrency: int, ef: int
+    stub: Any,
+    data: dict[str, np.ndarray],
+    truth: np.ndarray,
+    groups: list[int] | None,
+    batch: int,
+    concurrency: int,
+    ef: int,
 ) -> dict:
-    """The same queries, BATCH per SearchBatch call; latencies per call."""
+    """The same queries, ``batch`` per SearchBatch call (each with the
+    filter, if any); latencies per call."""
     queries = data["queries"]
+    query_filter = _filter(groups)
     calls = [
         rpc.SearchBatchRequest(
             collection="bench",
-            queries=[rpc.BatchQuery(vector=q.tolist(), top_k=K) for q in queries[i : i + BATCH]],
+            queries=[
+                rpc.BatchQuery(vector=q.tolist(), top_k=K, filter=query_filter)
+                for q in queries[i : i + batch]
+            ],
             params=rpc.SearchParams(hnsw_ef=ef),
         )
-        for i in range(0, len(queries), BATCH)
+        for i in range(0, len(queries), batch)
     ]
     latencies: list[float] = []
     found: list[list[int]] = [[] for _ in queries]
@@ -302,13 +388,21 @@ async def batch_searches(
             reply = await stub.SearchBatch(calls[i])
             latencies.append(time.perf_counter() - t0)
             for j, result in enumerate(reply.results):
-                found[i * BATCH + j] = [int(p.id) for p in result.points]
+                found[i * batch + j] = [int(p.id) for p in result.points]
 
     wall_start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     figures = summary(latencies, time.perf_counter() - wall_start, found, truth)
-    figures["queries_per_s"] *= BATCH  # calls/s -> queries/s
+    figures["queries_per_s"] = len(queries) / (time.perf_counter() - wall_start)
     return figures
+
+
+def _filter(groups: list[int] | None) -> Any:
+    if not groups:
+        return None
+    return pb.Filter(
+        must=[pb.Condition(key="group", any_of=pb.ValueList(values=[_number(g) for g in groups]))]
+    )
 
 
 def _number(value: int) -> Any:
@@ -333,6 +427,9 @@ async def main(args: Any) -> int:
     direct = results["direct"]
     rows = [["direct", "plain", direct["build_s"], *_row(direct["plain"], direct["plain"])]]
     rows.append(["direct", "filter10", "", *_row(direct["filter10"], direct["filter10"])])
+    for batch in args.batch:
+        figures = direct[f"plain batch{batch}"]
+        rows.append(["direct", f"plain batch{batch}", "", *_row(figures, direct["plain"])])
     for name, result in results.items():
         if name == "direct":
             continue
@@ -342,7 +439,17 @@ async def main(args: Any) -> int:
                 rows.append([name, case, result["build_s"], *_row(figures, base)])
     print(
         common.table(
-            ["target", "case", "build s", "recall@10", "q/s", "p50 ms", "p99 ms", "x direct q/s"],
+            [
+                "target",
+                "case",
+                "build s",
+                "recall@10",
+                "q/s",
+                "p50 ms",
+                "p99 ms",
+                "x direct q/s",
+                "cpu us/q",
+            ],
             rows,
         )
     )
@@ -367,7 +474,12 @@ def _row(figures: dict, base: dict) -> list[Any]:
         figures["p50_ms"],
         figures["p99_ms"],
         figures["queries_per_s"] / base["queries_per_s"],
+        figures.get("service_cpu_us_per_query", float("nan")),
     ]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def parse() -> Any:
@@ -378,9 +490,21 @@ def parse() -> Any:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--ef", type=int, default=64)
-    parser.add_argument("--replicas", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument("--replicas", type=_ints, default=[1, 2])
     parser.add_argument(
-        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4]
+        "--concurrency", type=_ints, default=[1, 4], help="single queries in flight"
+    )
+    parser.add_argument(
+        "--batch", type=_ints, default=[16, 64], help="queries per SearchBatch call"
+    )
+    parser.add_argument(
+        "--batch-concurrency", type=_ints, default=[2, 4], help="SearchBatch calls in flight"
+    )
+    parser.add_argument(
+        "--batch-cases",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["plain", "filter10"],
+        help="batched cases: plain, filter10",
     )
     common.add_common_args(parser)
     parser.set_defaults(max_seconds=3600.0)
