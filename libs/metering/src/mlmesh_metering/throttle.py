@@ -324,14 +324,17 @@ class RedisThrottle:
         violated = violated.decode() if isinstance(violated, bytes) else str(violated)
         return Decision(bool(admitted), int(retry_ms) / 1000, violated, self.name)
 
-    async def settle(self, subject: str, call_id: str, actual: int, wait: bool = True) -> None:
-        """``wait=False``: the settle is written to Redis now and its reply
-        checked later (a request's answer need not wait for it); this
-        replica's later calls run after it, as they share its connection."""
+    async def settle(self, subject: str, call_id: str, actual: int) -> None:
         _, th, _, sz, tt = self._keys(subject)
-        keys, args = [th, sz, tt], [call_id, actual]
-        if wait or not self._fast.post_evalsha(self._settle, keys, args):
-            await self._fast.evalsha(self._settle, keys, args)
+        await self._fast.evalsha(self._settle, [th, sz, tt], [call_id, actual])
+
+    def post_settle(self, subject: str, call_id: str, actual: int) -> bool:
+        """The settle written to Redis now, its reply checked later (a
+        request's answer need not wait for it): this replica's later calls
+        run after it, as they share its connection. False: not written (no
+        connection yet), ``settle`` must be awaited."""
+        _, th, _, sz, tt = self._keys(subject)
+        return self._fast.post_evalsha(self._settle, [th, sz, tt], [call_id, actual])
 
     async def used(self, subject: str) -> int:
         """Tokens reserved in the window (as of the subject's last decision;
@@ -396,17 +399,19 @@ class Throttle:
         return decision
 
     async def settle(self, subject: str, call_id: str, actual: int, wait: bool = True) -> None:
-        """``wait=False``: Redis' reply is not waited for (see RedisThrottle.settle)."""
+        """``wait=False``: Redis' reply is not waited for (RedisThrottle.post_settle)."""
         backend = self._where.pop(call_id, None)
         if backend is None:
             return
         await self.local.settle(subject, call_id, actual)  # (for Redis: the in-process copy)
         if backend is self.local:
             return
+        if not wait and backend.post_settle(subject, call_id, actual):
+            return
         try:
             # (asyncio.timeout, not wait_for: no extra task per call.)
             async with asyncio.timeout(1.0):
-                await backend.settle(subject, call_id, actual, wait)
+                await backend.settle(subject, call_id, actual)
         except Exception as error:  # the reservation expires with its window
             log.warning("could not settle %s: %s", call_id, error)
 

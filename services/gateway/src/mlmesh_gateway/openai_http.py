@@ -232,6 +232,11 @@ class OpenAIHttp:
         self.live = LiveCalls(view)
         self.runner: web.AppRunner | None = None
         self.serving = False
+        # The metrics' children, looked up once per label set (labels() is
+        # a locked dict lookup per call).
+        self._in_flight = metrics.RPC_IN_FLIGHT.labels(SERVICE)
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -303,7 +308,7 @@ class OpenAIHttp:
             deadline_var.set(None),
         )
         principal_token = None
-        metrics.RPC_IN_FLIGHT.labels(SERVICE).inc()
+        self._in_flight.inc()
         code = grpc.StatusCode.OK
         response: web.StreamResponse
         try:
@@ -324,9 +329,8 @@ class OpenAIHttp:
             log.exception("unhandled error in %s", method)
             response, code = error_response(error)
         finally:
-            metrics.RPC_IN_FLIGHT.labels(SERVICE).dec()
-            metrics.RPC_REQUESTS.labels(SERVICE, method, code.name).inc()
-            metrics.RPC_DURATION.labels(SERVICE, method).observe(time.perf_counter() - started)
+            self._in_flight.dec()
+            self._observe(method, code, time.perf_counter() - started)
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, code.name))
@@ -339,6 +343,19 @@ class OpenAIHttp:
         if not response.prepared:  # a stream sent its headers already (with the id)
             response.headers["x-request-id"] = request_id
         return response
+
+    def _observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """The same series as a gRPC call's (``method`` is one of the routes')."""
+        counter = self._requests.get((method, code.name))
+        if counter is None:
+            counter = self._requests[method, code.name] = metrics.RPC_REQUESTS.labels(
+                SERVICE, method, code.name
+            )
+        counter.inc()
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = self._durations[method] = metrics.RPC_DURATION.labels(SERVICE, method)
+        duration.observe(seconds)
 
     async def _authenticate(self, request: web.Request) -> Principal:
         secret = bearer(request.headers.get("authorization", ""))
