@@ -17,7 +17,13 @@ EDGE_INDEXING_THRESHOLD_KB = 128
 
 @pytest.fixture
 def edge_backend(tmp_path) -> Iterator[EdgeBackend]:
-    backend = EdgeBackend(tmp_path / "edge", indexing_threshold_kb=EDGE_INDEXING_THRESHOLD_KB)
+    # Filters and small segments walk the graph too (the service's default
+    # full-scan threshold would search these collections exactly).
+    backend = EdgeBackend(
+        tmp_path / "edge",
+        indexing_threshold_kb=EDGE_INDEXING_THRESHOLD_KB,
+        full_scan_threshold_kb=EDGE_INDEXING_THRESHOLD_KB,
+    )
     yield backend
     backend.close()
 

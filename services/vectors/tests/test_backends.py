@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from mlmesh_vectors.engine.base import (
+    FULL_SCAN_THRESHOLD_KB,
     ID_KEY,
     Batch,
     CollectionExists,
@@ -474,6 +475,41 @@ def test_recall_at_10_after_indexing(backend):
         for expected, hits in zip(truth, results, strict=True)
     )
     assert found / (10 * len(queries)) >= 0.95
+
+
+def test_the_service_searches_small_filters_exactly_by_default(tmp_path):
+    """The default full-scan threshold (engine/base.py) reaches the engine's
+    config, and a filtered search of an indexed collection then finds the
+    exact top 10 of the filter's points."""
+    rng = np.random.default_rng(12)
+    n, dim = 3000, 64
+    centers = rng.standard_normal((20, dim))
+    points = centers[rng.integers(0, 20, n)] + 0.35 * rng.standard_normal((n, dim))
+    points = points.astype(np.float32)
+    groups = rng.integers(0, 10, n)
+    backend = EdgeBackend(tmp_path / "edge", indexing_threshold_kb=128)
+    try:
+        spec = CollectionSpec("scan", dim, Distance.COSINE, payload_indexes=(("group", "integer"),))
+        backend.create_collection(spec)
+        config = backend._config(spec)
+        assert config.hnsw_config.full_scan_threshold == FULL_SCAN_THRESHOLD_KB
+        for start in range(0, n, 500):
+            rows = range(start, start + 500)
+            payloads = [{"group": int(groups[i])} for i in rows]
+            ids = [f"x{i}" for i in rows]
+            backend.upsert("scan", Batch(ids, points[start : start + 500], payloads))
+        assert backend.wait_for_indexing("scan").indexed_point_count > 0
+        queries = centers[rng.integers(0, 20, 30)] + 0.35 * rng.standard_normal((30, dim))
+        queries = queries.astype(np.float32)
+        unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+        keep = Filter(must=(Condition("group", equals=3),))
+        asked = [Query(q, k=10, filter=keep) for q in queries]
+        results = backend.search("scan", asked, SearchOptions())
+        for query, hits in zip(queries, results, strict=True):
+            scores = np.where(groups == 3, unit @ query, -np.inf)
+            assert set(ids_of(hits)) == {f"x{i}" for i in np.argsort(-scores)[:10]}
+    finally:
+        backend.close()
 
 
 def test_the_remote_catalog_is_hidden_and_an_orphan_can_be_deleted(remote_backend):

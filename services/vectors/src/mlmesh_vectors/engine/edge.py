@@ -229,8 +229,10 @@ class EdgeBackend:
     """``VectorBackend`` on qdrant-edge (see the module docstring).
 
     ``indexing_threshold_kb``: unindexed vectors (KB) that start an index
-    build; ``auto_index=False`` never starts one (a read replica, which
-    installs its primary's indexed snapshots).
+    build; ``full_scan_threshold_kb``: filters matching fewer vectors (KB)
+    are searched exactly (engine/base.py ``FULL_SCAN_THRESHOLD_KB``);
+    ``auto_index=False`` never starts one (a read replica, which installs
+    its primary's indexed snapshots).
 
     Test hooks: ``max_points_per_update`` splits a batch into several engine
     operations, and ``fault_hook`` (if set) is called between two of them; an
@@ -244,6 +246,7 @@ class EdgeBackend:
         default_ef: int = 64,
         max_search_threads: int | None = 1,
         indexing_threshold_kb: int = 10_000,
+        full_scan_threshold_kb: int = FULL_SCAN_THRESHOLD_KB,
         auto_index: bool = True,
     ) -> None:
         self._root = Path(root)
@@ -251,6 +254,7 @@ class EdgeBackend:
         self._default_ef = default_ef
         self._max_search_threads = max_search_threads
         self._threshold_kb = indexing_threshold_kb
+        self._full_scan_kb = full_scan_threshold_kb
         self._auto_index = auto_index
         self.max_points_per_update = 1000
         self.fault_hook: Callable[[], None] | None = None
@@ -612,7 +616,7 @@ class EdgeBackend:
                 ef_construct=spec.hnsw_ef_construct,
                 # Filters matching fewer vectors than this are searched
                 # exactly (engine/base.py FULL_SCAN_THRESHOLD_KB).
-                full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+                full_scan_threshold=self._full_scan_kb,
             ),
             quantization_config=_quantization(spec.quantization),
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=self._threshold_kb),
