@@ -4,6 +4,7 @@ the faults a real one won't show on demand, a socket that never answers)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 import redis.asyncio as redis
@@ -135,8 +136,56 @@ async def test_redis_going_away_fails_the_call_and_the_client_reconnects(redis_s
         await fast.close()
 
 
+async def test_calls_queued_behind_a_hanging_connect_fail_with_it():
+    """A server that accepts and never answers AUTH: every call waiting for
+    the connection fails within one bound, not one bound after another."""
+    connections = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fast = RespClient(f"redis://:secret@127.0.0.1:{port}/0", timeout_s=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        failures = await asyncio.gather(
+            *(fast.execute("PING") for _ in range(8)), return_exceptions=True
+        )
+        assert asyncio.get_running_loop().time() - started < 0.6
+        assert all(isinstance(f, TimeoutError) for f in failures)
+    finally:
+        await fast.close()
+        server.close()
+        for writer in connections:
+            writer.close()
+        await server.wait_closed()
+
+
+def test_url_options():
+    assert RespClient("redis://h:6379/1").db == 1
+    assert RespClient("redis://h:6379/1?db=3").db == 3  # the query wins, as in redis-py
+    assert RespClient("unix:///tmp/r.sock?db=4&password=p%20w").password == "p w"
+    plain = RespClient("redis://user:p%40ss@h:7000")
+    assert (plain.username, plain.password, plain.port, plain.ssl) == ("user", "p@ss", 7000, None)
+    secure = RespClient("rediss://h:6380/0")
+    assert secure.ssl is not None and secure.ssl.verify_mode is ssl.CERT_REQUIRED
+    assert secure.ssl.check_hostname
+    lax = RespClient("rediss://h:6380/0?ssl_cert_reqs=none")
+    assert lax.ssl is not None and lax.ssl.verify_mode is ssl.CERT_NONE
+    assert not lax.ssl.check_hostname
+
+
 @pytest.mark.parametrize(
-    "url", ["http://host:6379", "redis://host:6379/zero", "unix:///tmp/r.sock?db=x"]
+    "url",
+    [
+        "http://host:6379",
+        "redis://host:6379/zero",
+        "unix:///tmp/r.sock?db=x",
+        "rediss://host?ssl_cert_reqs=maybe",
+        "rediss://host?ssl_check_hostname=perhaps",
+    ],
 )
 def test_bad_urls_are_refused(url):
     with pytest.raises(ValueError):
@@ -160,6 +209,12 @@ async def test_a_posted_call_is_rerun_when_redis_lacks_the_script(client):
     assert await client.evalsha(script, ["loaded"], [0]) == 0
     await client.execute("SCRIPT", "FLUSH")  # by hand, while connected
     assert client.post_evalsha(script, ["loaded"], [5])
+    url = f"unix://{client.socket}?db={client.db}" if client.socket else None
     await client.close()  # waits for the replies due, the re-run included
-    await client.execute("PING")
-    assert await client.execute("GET", "loaded") == b"5"
+    with pytest.raises(ConnectionError):
+        await client.execute("PING")  # closed
+    again = RespClient(url or f"redis://{client.host}:{client.port}/{client.db}", timeout_s=5.0)
+    try:
+        assert await again.execute("GET", "loaded") == b"5"
+    finally:
+        await again.close()

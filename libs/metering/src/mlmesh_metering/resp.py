@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -108,6 +109,25 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+def _tls(query: dict[str, list[str]]) -> ssl.SSLContext:
+    """The TLS context of a rediss:// URL, with redis-py's query options:
+    ``ssl_ca_certs`` (a CA bundle file), ``ssl_cert_reqs`` (required,
+    optional or none) and ``ssl_check_hostname``."""
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs", [None])[0])
+    check = query.get("ssl_check_hostname", ["true"])[0].lower()
+    if check not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("ssl_check_hostname in a Redis URL is true or false")
+    context.check_hostname = check in ("true", "1", "yes")
+    requirement = query.get("ssl_cert_reqs", ["required"])[0].lower()
+    modes = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    if requirement not in modes:
+        raise ValueError("ssl_cert_reqs in a Redis URL is required, optional or none")
+    if modes[requirement] is ssl.CERT_NONE:
+        context.check_hostname = False
+    context.verify_mode = modes[requirement]
+    return context
+
+
 class RespClient:
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
         parts = urlsplit(url)
@@ -122,16 +142,19 @@ class RespClient:
         self.username = unquote(parts.username) if parts.username else ""
         self.password = unquote(parts.password) if parts.password else ""
         self.password = self.password or query.get("password", [""])[0]
-        db = query.get("db", [""])[0] if self.socket else parts.path.strip("/")
+        # The database: the path (redis://host/3), or ?db=3 (which wins, as
+        # in redis-py; the only way for unix sockets).
+        db = query.get("db", [""])[0] or ("" if self.socket else parts.path.strip("/"))
         if db and not db.isdigit():
             raise ValueError("the Redis database in the URL is a number (redis://host:port/0)")
         self.db = int(db) if db else 0
-        self.ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+        self.ssl = _tls(query) if parts.scheme == "rediss" else None
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
-        self._posted: set[asyncio.Task[Any]] = set()  # NOSCRIPT re-runs of posted calls
+        self._posted: set[asyncio.Task[Any]] = set()  # re-runs of posted calls
+        self._closed = False
 
     async def execute(self, *args: Any) -> Any:
         """One command; its reply (bytes, int, list...); ``RespError`` for an error reply."""
@@ -165,9 +188,9 @@ class RespClient:
         or none that has run this script yet (the caller then awaits
         ``evalsha``). Later calls on this client are written after it on
         the same connection, so Redis runs them after it. A failed reply is
-        logged; ``NOSCRIPT`` (the script cache flushed by hand meanwhile)
-        loads the script and runs the call again, in a task: only then can
-        a later call run first."""
+        logged; ``NOSCRIPT`` (the script cache flushed by hand meanwhile) or
+        a lost connection runs the call again, once, in a task: only then
+        can a later call run first. Only for scripts that may run twice."""
         protocol = self._protocol
         if (
             protocol is None
@@ -184,7 +207,11 @@ class RespClient:
                 return
             error = done.exception()
             reply = None if error is not None else done.result()
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            noscript = isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
+            # Run again (once): the script was flushed meanwhile, or the
+            # connection was lost, with the call's effect unknown (the
+            # throttle's scripts can run twice).
+            if (noscript or isinstance(error, ConnectionError)) and not self._closed:
                 task = asyncio.get_running_loop().create_task(self.evalsha(script, keys, args))
                 self._posted.add(task)
                 task.add_done_callback(self._posted_done)
@@ -211,6 +238,7 @@ class RespClient:
             if not due:
                 break
             await asyncio.wait(due, timeout=deadline - loop.time())
+        self._closed = True
         protocol, self._protocol = self._protocol, None
         if protocol is not None and not protocol.closed and protocol.transport is not None:
             protocol.closed = True
@@ -221,39 +249,42 @@ class RespClient:
         protocol = self._protocol
         if protocol is not None and not protocol.closed and self._loop is loop:
             return protocol
+        if self._closed:
+            raise ConnectionError("the Redis client is closed")
         if self._loop is not loop or self._connecting is None:
             # First use, or a new event loop (tests): the old connection
             # belongs to the old loop.
+            if protocol is not None and protocol.transport is not None:
+                with contextlib.suppress(RuntimeError):  # its loop is closed
+                    protocol.transport.abort()
             self._loop, self._protocol, self._connecting = loop, None, asyncio.Lock()
-        async with self._connecting:
+        # One bound for the wait and the connect: a call queued behind a
+        # connect that hangs fails with it, not after it.
+        async with asyncio.timeout(self.timeout_s), self._connecting:
             protocol = self._protocol
-            if protocol is not None and not protocol.closed:
-                return protocol
-            async with asyncio.timeout(self.timeout_s):
-                if self.socket:
-                    _, protocol = await loop.create_unix_connection(_Protocol, self.socket)
-                else:
-                    _, protocol = await loop.create_connection(
-                        _Protocol, self.host, self.port, ssl=self.ssl
-                    )
-                try:
-                    if self.password:
-                        auth = (
-                            ("AUTH", self.username, self.password)
-                            if self.username
-                            else (
-                                "AUTH",
-                                self.password,
-                            )
-                        )
-                        await self._checked(protocol, auth)
-                    if self.db:
-                        await self._checked(protocol, ("SELECT", self.db))
-                except BaseException:
-                    protocol.abort(ConnectionError("Redis connection set-up failed"))
-                    raise
-            self._protocol = protocol
+            if protocol is None or protocol.closed:
+                protocol = await self._connect(loop)
+                self._protocol = protocol
             return protocol
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
+        """A new connection, authenticated and on the URL's database."""
+        if self.socket:
+            _, protocol = await loop.create_unix_connection(_Protocol, self.socket)
+        else:
+            _, protocol = await loop.create_connection(
+                _Protocol, self.host, self.port, ssl=self.ssl
+            )
+        try:
+            if self.password:
+                user = (self.username,) if self.username else ()
+                await self._checked(protocol, ("AUTH", *user, self.password))
+            if self.db:
+                await self._checked(protocol, ("SELECT", self.db))
+        except BaseException:
+            protocol.abort(ConnectionError("Redis connection set-up failed"))
+            raise
+        return protocol
 
     @staticmethod
     async def _checked(protocol: _Protocol, args: tuple[Any, ...]) -> None:

@@ -200,6 +200,8 @@ def packed_floats(message: Message, name: str = "vector") -> np.ndarray:
         return np.asarray(getattr(message, name), dtype=np.float32)
     chunks = _packed_reader(field.number).FromString(message.SerializeToString()).values
     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(data) % 4:  # not packed floats after all (the parser should refuse those)
+        return np.asarray(getattr(message, name), dtype=np.float32)
     return np.frombuffer(data, dtype="<f4")
 
 
