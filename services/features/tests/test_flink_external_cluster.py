@@ -208,6 +208,8 @@ async def test_the_supervisor_runs_the_job_on_an_external_cluster_and_leaves_it_
     try:
         _wait(lambda: _get(readiness) == 200, "the job to run", 120, logs)
         print(f"job running {time.monotonic() - started:.1f} s after the supervisor started")
+        # The jobs' overview can lag the job's own page, which readiness reads.
+        _wait(lambda: len(_running(client)) == 1, "the job in the overview", 30, logs)
         [job_id] = _running(client)
         assert client.job_running(job_id)
 
@@ -235,6 +237,7 @@ async def test_the_supervisor_runs_the_job_on_an_external_cluster_and_leaves_it_
         supervisor = _supervisor(root, home, client.url, ready, logs, "supervisor-2")
         _wait(lambda: _get(readiness) == 200, "the resumed job to run", 120, logs)
         print(f"resumed {time.monotonic() - started:.1f} s after the first supervisor started")
+        _wait(lambda: len(_running(client)) == 1, "the resumed job in the overview", 30, logs)
         [resumed] = _running(client)
         assert resumed != job_id
         assert client.restored_from(resumed) == f"file:{retained}"
