@@ -400,7 +400,7 @@ class EdgeBackend:
         by the engine); what they share (search parameters, the payload
         selector, a filter object several queries hold) is made once."""
         col = self._get(collection)
-        with_payload, params = self._search_settings(col.spec, options)
+        settings = self._search_settings(col.spec, options)
         # The engine's filter of each distinct Filter object (the servicer
         # hands one object to every query of a batch with the same filter).
         filters: dict[int, qe.Filter | None] = {}
@@ -409,17 +409,7 @@ class EdgeBackend:
             key = id(query.filter)
             if key not in filters:
                 filters[key] = _edge_filter(query.filter)
-            requests.append(
-                qe.QueryRequest(
-                    limit=query.k,
-                    query=qe.Query.Nearest(query.vector.tolist()),
-                    filter=filters[key],
-                    score_threshold=query.score_threshold,
-                    with_payload=with_payload,
-                    with_vector=options.with_vector,
-                    params=params,
-                )
-            )
+            requests.append(_request(query.vector, query, filters[key], settings, options))
         with self._using(col) as shard:
             if len(requests) == 1:
                 results = [shard.query(requests[0])]
@@ -454,7 +444,9 @@ class EdgeBackend:
             target = np.mean([vectors[p] for p in positive], axis=0)
             if negative:
                 target = target + target - np.mean([vectors[n] for n in negative], axis=0)
-            request = self._request(col.spec, target, query, options, exclude=examples.values())
+            edge_filter = _edge_filter(query.filter, examples.values())
+            settings = self._search_settings(col.spec, options)
+            request = _request(target, query, edge_filter, settings, options)
             points = shard.query(request)
         return [_hit(point, options) for point in points]
 
@@ -693,25 +685,6 @@ class EdgeBackend:
         except Exception:
             log.exception("could not undo a failed upsert to %s", col.spec.name)
 
-    def _request(
-        self,
-        spec: CollectionSpec,
-        vector: np.ndarray,
-        query: Query,
-        options: SearchOptions,
-        exclude: Iterable[str] = (),
-    ) -> qe.QueryRequest:
-        with_payload, params = self._search_settings(spec, options)
-        return qe.QueryRequest(
-            limit=query.k,
-            query=qe.Query.Nearest(vector.tolist()),
-            filter=_edge_filter(query.filter, exclude),
-            score_threshold=query.score_threshold,
-            with_payload=with_payload,
-            with_vector=options.with_vector,
-            params=params,
-        )
-
     def _search_settings(
         self, spec: CollectionSpec, options: SearchOptions
     ) -> tuple[Any, qe.SearchParams]:
@@ -876,6 +849,27 @@ def _edge_condition(condition: Condition) -> qe.FieldCondition:
         return qe.FieldCondition(key=key, match=match)
     bounds = qe.RangeFloat(gt=condition.gt, gte=condition.gte, lt=condition.lt, lte=condition.lte)
     return qe.FieldCondition(key=key, range=bounds)
+
+
+def _request(
+    vector: np.ndarray,
+    query: Query,
+    edge_filter: qe.Filter | None,
+    settings: tuple[Any, qe.SearchParams],
+    options: SearchOptions,
+) -> qe.QueryRequest:
+    """The engine's request for one query; ``settings``: the payload
+    selector and search parameters (``EdgeBackend._search_settings``)."""
+    with_payload, params = settings
+    return qe.QueryRequest(
+        limit=query.k,
+        query=qe.Query.Nearest(vector.tolist()),
+        filter=edge_filter,
+        score_threshold=query.score_threshold,
+        with_payload=with_payload,
+        with_vector=options.with_vector,
+        params=params,
+    )
 
 
 def _edge_filter(filter: Filter | None, exclude: Iterable[str] = ()) -> qe.Filter | None:
