@@ -6,18 +6,27 @@ import asyncio
 import time
 
 import pytest
+import redis.asyncio as redis
 from mlmesh_metering.throttle import Limits, LocalThrottle, RedisThrottle, Throttle
 
 
+@pytest.fixture
+async def redis_client(redis_server):
+    """redis-py on the test server: the tests' own view of what the throttle stored."""
+    client = redis.Redis.from_url(redis_server[0])
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(params=["local", "redis"])
-async def throttle(request, redis_server):
+async def throttle(request, redis_server, redis_client):
     url, _stop, _start = redis_server
     if request.param == "local":
         yield Throttle()
     else:
         shared = Throttle(url, redis_timeout_s=5.0)
         try:
-            await shared.redis._redis.flushall()
+            await redis_client.flushall()
             yield shared
         finally:
             await shared.close()
@@ -57,7 +66,7 @@ async def test_requests_and_concurrent_streams(throttle):
     assert not over.admitted and over.violated == "requests_per_minute"
 
 
-async def test_unary_calls_count_requests_but_are_not_streams(throttle):
+async def test_unary_calls_count_requests_but_are_not_streams(throttle, redis_client):
     limits = Limits(requests_per_minute=3, max_concurrent_streams=1, tokens_per_minute=10)
     assert (await throttle.admit("key:u", "stream", 10, limits)).admitted
     # A stream holds the one slot and every token; unary calls still pass,
@@ -69,14 +78,16 @@ async def test_unary_calls_count_requests_but_are_not_streams(throttle):
     assert await throttle.local.used("key:u") == 10
     if throttle.redis is not None:
         assert await throttle.redis.used("key:u") == 10
-        streams = await throttle.redis._redis.zrange(RedisThrottle._keys("key:u")[3], 0, -1)
+        streams = await redis_client.zrange(RedisThrottle._keys("key:u")[3], 0, -1)
         assert streams == [b"stream"]
 
 
-async def test_the_fallback_starts_from_what_this_replica_admitted_through_redis(redis_server):
+async def test_the_fallback_starts_from_what_this_replica_admitted_through_redis(
+    redis_server, redis_client
+):
     url, stop, start = redis_server
     throttle = Throttle(url, replicas=2, redis_timeout_s=5.0)
-    await throttle.redis._redis.flushall()
+    await redis_client.flushall()
     limits = Limits(tokens_per_minute=1000)
     try:
         for i in range(4):  # 400 tokens through Redis: 100 under this replica's share
@@ -92,13 +103,13 @@ async def test_the_fallback_starts_from_what_this_replica_admitted_through_redis
         await throttle.close()
 
 
-async def test_replicas_share_one_budget_through_redis(redis_server):
+async def test_replicas_share_one_budget_through_redis(redis_server, redis_client):
     url, _stop, _start = redis_server
     # A generous timeout: this test is about sharing one budget, not about a
     # slow Redis on a loaded CI machine (the fallback test covers that).
     replicas = [Throttle(url, replicas=3, redis_timeout_s=5.0) for _ in range(3)]
     try:
-        await replicas[0].redis._redis.flushall()
+        await redis_client.flushall()
         limits = Limits(tokens_per_minute=5000)
         decisions = await asyncio.gather(
             *(replicas[i % 3].admit("key:shared", f"r{i}", 100, limits) for i in range(120))
@@ -144,7 +155,7 @@ async def test_local_window_frees_budget_after_a_minute(monkeypatch):
 
 
 @pytest.fixture(params=["local", "redis"])
-async def backend(request, redis_server):
+async def backend(request, redis_server, redis_client):
     """A factory of one backend (LocalThrottle or RedisThrottle) with a given window."""
     url, _stop, _start = redis_server
     made: list[RedisThrottle] = []
@@ -155,7 +166,7 @@ async def backend(request, redis_server):
         shared = RedisThrottle(url, timeout_s=5.0, window_s=window_s)
         made.append(shared)
         if len(made) == 1:
-            await shared._redis.flushall()
+            await redis_client.flushall()
         return shared
 
     yield make
@@ -163,16 +174,14 @@ async def backend(request, redis_server):
         await shared.close()
 
 
-async def _stored(throttle: RedisThrottle, subject: str) -> tuple[int, int]:
+async def _stored(r: redis.Redis, subject: str) -> tuple[int, int]:
     """(running total as stored, sum of the reservations' hash) in Redis."""
     _, th, _, _, tt = RedisThrottle._keys(subject)
-    total = await throttle._redis.get(tt)
-    return int(total) if total is not None else -1, sum(
-        int(v) for v in await throttle._redis.hvals(th)
-    )
+    total = await r.get(tt)
+    return int(total) if total is not None else -1, sum(int(v) for v in await r.hvals(th))
 
 
-async def test_running_total_is_the_exact_sum_after_reservations_and_settles(backend):
+async def test_running_total_is_the_exact_sum_after_reservations_and_settles(backend, redis_client):
     throttle = await backend()
     limits = Limits(tokens_per_minute=10**9)
     expected: dict[str, int] = {}
@@ -194,7 +203,7 @@ async def test_running_total_is_the_exact_sum_after_reservations_and_settles(bac
     expected["r3"] = 7
     assert await throttle.used("key:sum") == sum(expected.values())
     if isinstance(throttle, RedisThrottle):
-        assert await _stored(throttle, "key:sum") == (sum(expected.values()),) * 2
+        assert await _stored(redis_client, "key:sum") == (sum(expected.values()),) * 2
 
 
 def _fake_clock(monkeypatch) -> list[float]:
@@ -206,7 +215,7 @@ def _fake_clock(monkeypatch) -> list[float]:
     return clock
 
 
-async def test_expiry_subtracts_the_expired_reservations(backend, monkeypatch):
+async def test_expiry_subtracts_the_expired_reservations(backend, monkeypatch, redis_client):
     clock = _fake_clock(monkeypatch)
     throttle = await backend(window_s=0.5)
     limits = Limits(tokens_per_minute=1000)
@@ -222,12 +231,12 @@ async def test_expiry_subtracts_the_expired_reservations(backend, monkeypatch):
     assert (await throttle.admit("key:exp", "d", 550, limits)).admitted
     assert await throttle.used("key:exp") == 1000
     if isinstance(throttle, RedisThrottle):
-        assert await _stored(throttle, "key:exp") == (1000, 1000)
+        assert await _stored(redis_client, "key:exp") == (1000, 1000)
     clock[0] += 0.6  # all gone: the next decision starts from nothing
     assert (await throttle.admit("key:exp", "e", 1000, limits)).admitted
     assert await throttle.used("key:exp") == 1000
     if isinstance(throttle, RedisThrottle):
-        assert await _stored(throttle, "key:exp") == (1000, 1000)
+        assert await _stored(redis_client, "key:exp") == (1000, 1000)
 
 
 async def test_rejection_waits_for_the_oldest_reservations(backend, monkeypatch):
@@ -246,22 +255,21 @@ async def test_rejection_waits_for_the_oldest_reservations(backend, monkeypatch)
     assert (await throttle.admit("key:walk", "big", 5000, limits)).admitted
 
 
-async def test_redis_total_heals_when_missing_or_drifted(redis_server):
+async def test_redis_total_heals_when_missing_or_drifted(redis_server, redis_client):
     url, _stop, _start = redis_server
     throttle = RedisThrottle(url, timeout_s=5.0)
     try:
-        await throttle._redis.flushall()
-        await _heals(throttle)
+        await redis_client.flushall()
+        await _heals(throttle, redis_client)
     finally:
         await throttle.close()
 
 
-async def _heals(throttle: RedisThrottle) -> None:
+async def _heals(throttle: RedisThrottle, r: redis.Redis) -> None:
     limits = Limits(tokens_per_minute=1000)
     keys = RedisThrottle._keys("key:heal")
     tt = keys[-1]
     assert len({key.split("}")[0] for key in keys}) == 1  # one hash tag: one cluster slot
-    r = throttle._redis
     for i in range(5):
         assert (await throttle.admit("key:heal", f"r{i}", 100, limits)).admitted
     assert all([await r.pttl(key) > 0 for key in keys])
@@ -271,27 +279,29 @@ async def _heals(throttle: RedisThrottle) -> None:
     assert await r.exists(tt) == 0
     assert await throttle.used("key:heal") == 440  # read from the hash meanwhile
     assert not (await throttle.admit("key:heal", "x", 600, limits)).admitted
-    assert await _stored(throttle, "key:heal") == (440, 440)  # recounted once
+    assert await _stored(r, "key:heal") == (440, 440)  # recounted once
     assert await r.pttl(tt) > 0
 
     await r.set(tt, -7)  # drifted below zero
     assert (await throttle.admit("key:heal", "r5", 60, limits)).admitted
-    assert await _stored(throttle, "key:heal") == (500, 500)
+    assert await _stored(r, "key:heal") == (500, 500)
 
     await r.delete(keys[0], keys[1])  # the reservations are gone, a total is not
     await r.set(tt, 999)
     assert (await throttle.admit("key:heal", "r6", 1000, limits)).admitted
-    assert await _stored(throttle, "key:heal") == (1000, 1000)
+    assert await _stored(r, "key:heal") == (1000, 1000)
     assert await throttle.used("key:heal") == 1000
 
 
-async def test_a_settle_not_waited_for_is_seen_by_the_replicas_next_calls(redis_server):
+async def test_a_settle_not_waited_for_is_seen_by_the_replicas_next_calls(
+    redis_server, redis_client
+):
     """wait=False (what Metering uses): the settle is written before the
     call returns, and this replica's later reads and decisions see it."""
     url, _stop, _start = redis_server
     throttle = Throttle(url, redis_timeout_s=5.0)
     try:
-        await throttle.redis._redis.flushall()
+        await redis_client.flushall()
         limits = Limits(tokens_per_minute=1000)
         assert (await throttle.admit("key:w", "a", 900, limits)).admitted
         await throttle.settle("key:w", "a", 100, wait=False)

@@ -273,25 +273,12 @@ class RedisThrottle:
         stream_lease_s: float = 600.0,
         window_s: float = WINDOW_S,
     ) -> None:
-        import redis.asyncio as redis
-
-        # (Imported here, as redis is: a service without Redis limits, such
-        # as the llm in vLLM's environment, needs neither package.)
+        # (Imported here: a service without Redis limits, such as the llm in
+        # vLLM's environment, needs no hiredis.)
         from mlmesh_metering.resp import RespClient, Script
 
-        # A pool that waits for a free connection (up to the timeout) rather
-        # than failing at once, which would read as an outage under load.
-        self._pool = pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=256,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-        # redis-py for the rare calls (``used``, tests' inspection); the two
-        # calls every request makes go through the lean pipelined client.
-        self._redis = redis.Redis(connection_pool=pool)
-        self._fast = RespClient(url, timeout_s)
+        # One pipelined connection (resp.py) for every call of every request.
+        self._client = RespClient(url, timeout_s)
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
         self.stream_lease_ms = int(stream_lease_s * 1000)
@@ -307,7 +294,7 @@ class RedisThrottle:
         self, subject: str, call_id: str, tokens: int, limits: Limits, stream: bool = True
     ) -> Decision:
         now_ms = int(time.time() * 1000)
-        admitted, retry_ms, violated = await self._fast.evalsha(
+        admitted, retry_ms, violated = await self._client.evalsha(
             self._admit,
             self._keys(subject),
             [
@@ -326,7 +313,7 @@ class RedisThrottle:
 
     async def settle(self, subject: str, call_id: str, actual: int) -> None:
         _, th, _, sz, tt = self._keys(subject)
-        await self._fast.evalsha(self._settle, [th, sz, tt], [call_id, actual])
+        await self._client.evalsha(self._settle, [th, sz, tt], [call_id, actual])
 
     def post_settle(self, subject: str, call_id: str, actual: int) -> bool:
         """The settle written to Redis now, its reply checked later (a
@@ -334,25 +321,23 @@ class RedisThrottle:
         run after it, as they share its connection. False: not written (no
         connection yet), ``settle`` must be awaited."""
         _, th, _, sz, tt = self._keys(subject)
-        return self._fast.post_evalsha(self._settle, [th, sz, tt], [call_id, actual])
+        return self._client.post_evalsha(self._settle, [th, sz, tt], [call_id, actual])
 
     async def used(self, subject: str) -> int:
         """Tokens reserved in the window (as of the subject's last decision;
         read after this replica's settles, on the same connection)."""
         _, th, _, _, tt = self._keys(subject)
         total, present = await asyncio.gather(
-            self._fast.execute("GET", tt), self._fast.execute("EXISTS", th)
+            self._client.execute("GET", tt), self._client.execute("EXISTS", th)
         )
         if not present:
             return 0
         if total is None or int(total) < 0:  # not kept yet: the next decision recounts it
-            return sum(int(v) for v in await self._fast.execute("HVALS", th))
+            return sum(int(v) for v in await self._client.execute("HVALS", th))
         return int(total)
 
     async def close(self) -> None:
-        await self._fast.close()
-        await self._redis.aclose()
-        await self._pool.disconnect()
+        await self._client.close()
 
 
 class Throttle:
