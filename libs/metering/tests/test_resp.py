@@ -89,17 +89,28 @@ async def test_a_wrong_password_fails_the_connect(redis_server):
     await fast.close()
 
 
-async def test_a_call_that_times_out_closes_the_connection_and_the_next_reconnects():
-    """A server that accepts and never answers: the call fails within its
-    bound, and so does every call in flight with it; nothing hangs."""
-    connections = []
+@pytest.fixture
+async def silent():
+    """A server that accepts and never answers (a Redis hung, a path that
+    drops packets): yields (port, the connections it accepted)."""
+    connections: list[asyncio.StreamWriter] = []
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
         await reader.read()  # until the client goes
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], connections
+    server.close()
+    for writer in connections:
+        writer.close()
+    await server.wait_closed()
+
+
+async def test_a_call_that_times_out_closes_the_connection_and_the_next_reconnects(silent):
+    """The call fails within its bound, and so does every call in flight
+    with it; nothing hangs."""
+    port, connections = silent
     fast = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
     try:
         started = asyncio.get_running_loop().time()
@@ -116,10 +127,6 @@ async def test_a_call_that_times_out_closes_the_connection_and_the_next_reconnec
         assert len(connections) == 2  # the timed-out connection was not reused
     finally:
         await fast.close()
-        server.close()
-        for writer in connections:
-            writer.close()
-        await server.wait_closed()
 
 
 async def test_redis_going_away_fails_the_call_and_the_client_reconnects(redis_server):
@@ -136,17 +143,10 @@ async def test_redis_going_away_fails_the_call_and_the_client_reconnects(redis_s
         await fast.close()
 
 
-async def test_calls_queued_behind_a_hanging_connect_fail_with_it():
-    """A server that accepts and never answers AUTH: every call waiting for
-    the connection fails within one bound, not one bound after another."""
-    connections = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        await reader.read()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+async def test_calls_queued_behind_a_hanging_connect_fail_with_it(silent):
+    """A connect that hangs in AUTH: every call waiting for the connection
+    fails within one bound, not one bound after another."""
+    port, _connections = silent
     fast = RespClient(f"redis://:secret@127.0.0.1:{port}/0", timeout_s=0.2)
     try:
         started = asyncio.get_running_loop().time()
@@ -157,10 +157,6 @@ async def test_calls_queued_behind_a_hanging_connect_fail_with_it():
         assert all(isinstance(f, TimeoutError) for f in failures)
     finally:
         await fast.close()
-        server.close()
-        for writer in connections:
-            writer.close()
-        await server.wait_closed()
 
 
 def test_url_options():

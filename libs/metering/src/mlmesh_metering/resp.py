@@ -108,6 +108,16 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
+    def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def _value(reply: Any) -> Any:
+    """The reply, or ``RespError`` for an error reply."""
+    if isinstance(reply, hiredis.ReplyError):
+        raise RespError(str(reply))
+    return reply
+
 
 def _tls(query: dict[str, list[str]]) -> ssl.SSLContext:
     """The TLS context of a rediss:// URL, with redis-py's query options:
@@ -166,18 +176,16 @@ class RespClient:
         except TimeoutError:
             protocol.abort(ConnectionError("a Redis call timed out"))
             raise
-        if isinstance(reply, hiredis.ReplyError):
-            raise RespError(str(reply))
-        return reply
+        return _value(reply)
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply = await self.execute(*script.command(keys, args))
         except RespError as error:
             if not str(error).startswith("NOSCRIPT"):
                 raise
             await self.execute("SCRIPT", "LOAD", script.source)
-            reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply = await self.execute(*script.command(keys, args))
         if self._protocol is not None:
             self._protocol.scripts.add(script.sha)
         return reply
@@ -199,8 +207,7 @@ class RespClient:
             or self._loop is not asyncio.get_running_loop()
         ):
             return False
-        packed = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-        future = protocol.send(packed)
+        future = protocol.send(hiredis.pack_command(script.command(keys, args)))
 
         def checked(done: asyncio.Future[Any]) -> None:
             if done.cancelled():
@@ -288,6 +295,4 @@ class RespClient:
 
     @staticmethod
     async def _checked(protocol: _Protocol, args: tuple[Any, ...]) -> None:
-        reply = await protocol.send(hiredis.pack_command(args))
-        if isinstance(reply, hiredis.ReplyError):
-            raise RespError(str(reply))
+        _value(await protocol.send(hiredis.pack_command(args)))
